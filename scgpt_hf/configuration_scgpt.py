@@ -1,0 +1,138 @@
+"""Configuration of scGPT models: every architecture option of the original `TransformerModel`."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+INPUT_EMB_STYLES = ("continuous", "category", "scaling")
+CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
+MVC_DECODER_STYLES = ("inner product", "concat query", "sum query")
+BATCH_NORM_STYLES = (False, "dsbn", "batchnorm")
+
+
+class ScGPTConfig(PretrainedConfig):
+    """Architecture of an scGPT model.
+
+    Defaults describe the released whole-human checkpoint (`scGPT_human`). Attribute names follow
+    transformers (`hidden_size`, `num_hidden_layers`, ...); the original's names (`d_model`, `nhead`,
+    `d_hid`, `nlayers`, `embsize`) are accepted as aliases.
+
+    Args:
+        vocab_size: Number of gene tokens, special tokens included.
+        hidden_size: Width of the gene, value and cell embeddings (`d_model`).
+        num_hidden_layers: Transformer layers (`nlayers`).
+        num_attention_heads: Attention heads per layer (`nhead`).
+        intermediate_size: Width of each layer's feed-forward block (`d_hid`).
+        dropout: One dropout rate used everywhere, as in the original.
+        layer_norm_eps: Epsilon of the transformer layers' LayerNorms.
+        pad_token_id, cls_token_id, eoc_token_id: Ids of `<pad>`, `<cls>`, `<eoc>`.
+        pad_value: Expression value at padded positions.
+        mask_value: Expression value of masked positions in pretraining.
+        n_bins: Number of expression bins (bin 0 is "not expressed").
+        max_seq_len: Longest cell (genes plus `<cls>`) the model was trained on.
+        input_emb_style: "continuous" (MLP on the value), "category" (embedding per bin) or
+            "scaling" (gene embedding times value).
+        n_input_bins: Rows of the "category" value embedding (default n_bins + 2: bins, pad, mask).
+        max_value: Values are clamped to at most this before the continuous value encoder.
+        cell_emb_style: "cls" (output at `<cls>`), "avg-pool" or "w-pool" (value-weighted sum).
+        pre_norm: Use the original's pre-norm layers instead of post-norm.
+        explicit_zero_prob: Add heads predicting the probability that a gene is not expressed.
+        use_batch_labels: Concatenate a batch embedding to the decoders' input.
+        num_batch_labels: Number of batches (needed with batch labels or batch norm).
+        domain_spec_batchnorm: False, "dsbn" (one BatchNorm per batch) or "batchnorm".
+        do_mvc: Whether the pretraining head has the MVC (gene expression from cell embedding) decoder.
+        mvc_decoder_style: "inner product", "concat query" or "sum query".
+        use_generative_flag: The model carries the generative-pretraining flag embedding.
+        nlayers_cls: Layers of the classification decoder.
+        initializer_range: Std of freshly initialised linear weights.
+    """
+
+    model_type = "scgpt"
+    attribute_map = {
+        "d_model": "hidden_size",
+        "embsize": "hidden_size",
+        "nhead": "num_attention_heads",
+        "d_hid": "intermediate_size",
+        "nlayers": "num_hidden_layers",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 60697,
+        hidden_size: int = 512,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 8,
+        intermediate_size: int = 512,
+        dropout: float = 0.2,
+        layer_norm_eps: float = 1e-5,
+        pad_token_id: int = 60694,
+        cls_token_id: int = 60695,
+        eoc_token_id: int = 60696,
+        pad_value: float = -2.0,
+        mask_value: float = -1.0,
+        n_bins: int = 51,
+        max_seq_len: int = 1200,
+        input_emb_style: str = "continuous",
+        n_input_bins: int | None = None,
+        max_value: float = 512.0,
+        cell_emb_style: str = "cls",
+        pre_norm: bool = False,
+        explicit_zero_prob: bool = False,
+        use_batch_labels: bool = False,
+        num_batch_labels: int | None = None,
+        domain_spec_batchnorm: bool | str = False,
+        do_mvc: bool = True,
+        mvc_decoder_style: str = "inner product",
+        use_generative_flag: bool = False,
+        nlayers_cls: int = 3,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        if domain_spec_batchnorm is True:
+            domain_spec_batchnorm = "dsbn"
+        _check_choice("input_emb_style", input_emb_style, INPUT_EMB_STYLES)
+        _check_choice("cell_emb_style", cell_emb_style, CELL_EMB_STYLES)
+        _check_choice("mvc_decoder_style", mvc_decoder_style, MVC_DECODER_STYLES)
+        _check_choice("domain_spec_batchnorm", domain_spec_batchnorm, BATCH_NORM_STYLES)
+        if hidden_size % num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})."
+            )
+        if (use_batch_labels or domain_spec_batchnorm == "dsbn") and not num_batch_labels:
+            raise ValueError(
+                "num_batch_labels is required when use_batch_labels or domain-specific batch norm is on: "
+                "pass the number of batches in the training data."
+            )
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.dropout = dropout
+        self.layer_norm_eps = layer_norm_eps
+        self.cls_token_id = cls_token_id
+        self.eoc_token_id = eoc_token_id
+        self.pad_value = float(pad_value)
+        self.mask_value = float(mask_value)
+        self.n_bins = n_bins
+        self.max_seq_len = max_seq_len
+        self.input_emb_style = input_emb_style
+        self.n_input_bins = n_input_bins if n_input_bins is not None else n_bins + 2
+        self.max_value = float(max_value)
+        self.cell_emb_style = cell_emb_style
+        self.pre_norm = pre_norm
+        self.explicit_zero_prob = explicit_zero_prob
+        self.use_batch_labels = use_batch_labels
+        self.num_batch_labels = num_batch_labels
+        self.domain_spec_batchnorm = domain_spec_batchnorm
+        self.do_mvc = do_mvc
+        self.mvc_decoder_style = mvc_decoder_style
+        self.use_generative_flag = use_generative_flag
+        self.nlayers_cls = nlayers_cls
+        self.initializer_range = initializer_range
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}.")

@@ -1,0 +1,322 @@
+"""Convert an original scGPT checkpoint folder (`best_model.pt`, `args.json`, `vocab.json`) to this package.
+
+Unlike the original loader (which renames keys and loads with strict=False, silently dropping whatever does
+not fit), every source key is either mapped or reported as deliberately left out, with the reason; a key
+that is not understood, or a shape that does not fit, stops the conversion with an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .configuration_scgpt import ScGPTConfig
+from .modeling_scgpt import ScGPTForPreTraining
+
+SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
+
+# (source pattern, target) applied after attention keys are normalised; first match wins.
+_KEY_RULES: list[tuple[str, str]] = [
+    (r"^encoder\.embedding\.weight$", "scgpt.embeddings.gene_embeddings.weight"),
+    (r"^encoder\.enc_norm\.(weight|bias)$", r"scgpt.embeddings.gene_norm.\1"),
+    (r"^value_encoder\.(linear1|linear2|norm)\.(weight|bias)$", r"scgpt.embeddings.value_encoder.\1.\2"),
+    (r"^value_encoder\.embedding\.weight$", "scgpt.embeddings.value_encoder.embedding.weight"),
+    (r"^value_encoder\.enc_norm\.(weight|bias)$", r"scgpt.embeddings.value_encoder.norm.\1"),
+    (r"^dsbn\.bns\.(\d+)\.(\w+)$", r"scgpt.embeddings.dsbn.bns.\1.\2"),
+    (r"^bn\.(\w+)$", r"scgpt.embeddings.bn.\1"),
+    (r"^flag_encoder\.weight$", "scgpt.embeddings.flag_embeddings.weight"),
+    (r"^batch_encoder\.embedding\.weight$", "scgpt.batch_encoder.embedding.weight"),
+    (r"^batch_encoder\.enc_norm\.(weight|bias)$", r"scgpt.batch_encoder.norm.\1"),
+    (
+        r"^transformer_encoder\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)$",
+        r"scgpt.encoder.layers.\1.self_attn.qkv_proj.\2",
+    ),
+    (
+        r"^transformer_encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)$",
+        r"scgpt.encoder.layers.\1.self_attn.out_proj.\2",
+    ),
+    (
+        r"^transformer_encoder\.layers\.(\d+)\.(linear1|linear2|norm1|norm2)\.(weight|bias)$",
+        r"scgpt.encoder.layers.\1.\2.\3",
+    ),
+    (r"^decoder\.(fc|zero_logit)\.([024])\.(weight|bias)$", r"expression_decoder.\1.\2.\3"),
+    (r"^mvc_decoder\.(gene2query|W|W_zero_logit|fc1|fc2)\.(weight|bias)$", r"mvc_decoder.\1.\2"),
+    (r"^mvc_decoder\.hidden_activation\.weight$", "mvc_decoder.hidden_activation.weight"),
+]
+
+# Source keys the pretraining model has no place for, with the reason given in the report.
+_LEFT_OUT: list[tuple[str, str]] = [
+    (
+        r"^cls_decoder\.",
+        "cell-type classifier of the original training script; the pretraining model has no classifier "
+        "(fine-tuned classifiers belong to ScGPTForCellClassification)",
+    ),
+    (
+        r"^grad_reverse_discriminator\.",
+        "adversarial batch discriminator, used only when training batch integration",
+    ),
+]
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did: each source key's fate and where each config value came from."""
+
+    mapped: dict[str, str] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)
+    config_sources: dict[str, str] = field(default_factory=dict)
+    output_dir: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"Converted {len(self.mapped)} tensors into {self.output_dir}"]
+        lines += [f"  config {name} = {source}" for name, source in self.config_sources.items()]
+        if self.left_out:
+            lines.append(f"Left out {len(self.left_out)} tensors on purpose:")
+            lines += [f"  {key}: {reason}" for key, reason in self.left_out.items()]
+        else:
+            lines.append("No tensor was left out.")
+        return "\n".join(lines)
+
+
+def _normalise_attention_key(key: str) -> str:
+    """Released (`Wqkv`), compat-wrapper (`_impl.Wqkv`) and PyTorch (`in_proj_`) layouts -> PyTorch names."""
+    key = key.replace(".self_attn._impl.", ".self_attn.")
+    return re.sub(r"\.self_attn\.Wqkv\.(weight|bias)$", r".self_attn.in_proj_\1", key)
+
+
+def _map_key(key: str) -> str | None:
+    for pattern, target in _KEY_RULES:
+        if re.match(pattern, key):
+            return re.sub(pattern, target, key)
+    return None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: an original scGPT checkpoint folder holds {what}.")
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object ({what}), got {type(data).__name__}.")
+    return data
+
+
+def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read `best_model.pt` safely (`weights_only=True`) and check it is a plain state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: an original scGPT checkpoint folder holds best_model.pt.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(
+            f"{path} is not a plain state dict that loads with torch.load(weights_only=True) ({err}). "
+            "Save the weights with torch.save(model.state_dict(), path), not the whole model object."
+        ) from err
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict (a mapping of names to tensors).")
+    nested = [k for k in ("state_dict", "model_state_dict", "model") if isinstance(state.get(k), Mapping)]
+    if nested:
+        raise ValueError(
+            f"{path} is a training checkpoint with the weights under {nested[0]!r}; save "
+            f"checkpoint[{nested[0]!r}] on its own with torch.save and convert that."
+        )
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"{path} is not a state dict: entries {not_tensors[:5]} are not tensors.")
+    return dict(state)
+
+
+def check_vocab(vocab: Mapping[str, int], pad_token: str = "<pad>") -> None:
+    """A usable gene vocabulary has the special tokens and distinct ids 0..n-1."""
+    missing = [t for t in dict.fromkeys((pad_token, *SPECIAL_TOKENS)) if t not in vocab]
+    if missing:
+        raise ValueError(
+            f"The vocabulary lacks the special tokens {missing}. Released scGPT vocabularies end with "
+            "<pad>, <cls>, <eoc>; add the missing ones with ids after the last gene."
+        )
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError("Vocabulary ids must be the distinct integers 0..len(vocab)-1.")
+
+
+def _infer_config(
+    state: Mapping[str, torch.Tensor], args: Mapping, vocab: Mapping[str, int], overrides: Mapping
+) -> tuple[ScGPTConfig, dict[str, str]]:
+    """Architecture from the weights; what weights cannot show from args.json, then converter flags."""
+    sources: dict[str, str] = {}
+    values: dict = {}
+
+    def from_weights(name, value):
+        values[name] = value
+        sources[name] = f"{value!r} (weights)"
+
+    def from_args(name, arg_names, default):
+        for arg in arg_names:
+            if arg in args:
+                values[name], sources[name] = args[arg], f"{args[arg]!r} (args.json {arg})"
+                break
+        else:
+            values[name], sources[name] = default, f"{default!r} (default)"
+        if overrides.get(name) is not None:
+            values[name], sources[name] = overrides[name], f"{overrides[name]!r} (converter option)"
+
+    emb = state["encoder.embedding.weight"]
+    from_weights("vocab_size", emb.shape[0])
+    from_weights("hidden_size", emb.shape[1])
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"transformer_encoder\.layers\.(\d+)\.", k))}
+    from_weights("num_hidden_layers", len(layers))
+    from_weights("intermediate_size", state["transformer_encoder.layers.0.linear1.weight"].shape[0])
+    from_weights("explicit_zero_prob", "decoder.zero_logit.0.weight" in state)
+    from_weights("use_generative_flag", "flag_encoder.weight" in state)
+    if "value_encoder.linear1.weight" in state:
+        from_weights("input_emb_style", "continuous")
+    elif "value_encoder.embedding.weight" in state:
+        from_weights("input_emb_style", "category")
+        from_weights("n_input_bins", state["value_encoder.embedding.weight"].shape[0])
+    else:
+        from_weights("input_emb_style", "scaling")
+    dsbn = {int(m.group(1)) for k in state if (m := re.match(r"dsbn\.bns\.(\d+)\.", k))}
+    batch_rows = state["batch_encoder.embedding.weight"].shape[0] if "batch_encoder.embedding.weight" in state else None
+    from_weights("use_batch_labels", batch_rows is not None)
+    from_weights("domain_spec_batchnorm", "dsbn" if dsbn else ("batchnorm" if "bn.running_mean" in state else False))
+    if dsbn or batch_rows:
+        if dsbn and batch_rows and len(dsbn) != batch_rows:
+            raise ValueError(f"dsbn has {len(dsbn)} domains but batch_encoder has {batch_rows} batches.")
+        from_weights("num_batch_labels", batch_rows or len(dsbn))
+    from_weights("do_mvc", "mvc_decoder.gene2query.weight" in state)
+    if values["do_mvc"]:
+        if "mvc_decoder.W.weight" in state:
+            style = "inner product"
+        elif state["mvc_decoder.gene2query.weight"].shape[0] == 64:
+            style = "concat query"
+        else:
+            style = "sum query"
+        from_weights("mvc_decoder_style", style)
+
+    from_args("num_attention_heads", ("nheads", "nhead"), None)
+    if values["num_attention_heads"] is None:
+        raise ValueError(
+            "The number of attention heads cannot be read from the weights and args.json has no 'nheads'; "
+            "pass it (CLI: --nheads, Python: nheads=...)."
+        )
+    from_args("dropout", ("dropout",), 0.2)
+    from_args("pad_value", ("pad_value",), -2)
+    from_args("mask_value", ("mask_value",), -1)
+    from_args("n_bins", ("n_bins",), 51)
+    from_args("max_seq_len", ("max_seq_len",), 1200)
+    from_args("pre_norm", ("pre_norm",), False)
+    from_args("cell_emb_style", ("cell_emb_style",), "cls")
+    pad_token = args.get("pad_token", "<pad>")
+
+    # args.json sizes must agree with the weights: a disagreement means mismatched files.
+    for arg, name in (("embsize", "hidden_size"), ("nlayers", "num_hidden_layers"), ("d_hid", "intermediate_size")):
+        if arg in args and args[arg] != values[name]:
+            raise ValueError(
+                f"args.json says {arg}={args[arg]} but the weights have {name}={values[name]}: "
+                "the args.json does not belong to this best_model.pt."
+            )
+    if len(vocab) != values["vocab_size"]:
+        raise ValueError(
+            f"vocab.json has {len(vocab)} tokens but the gene embedding has {values['vocab_size']} rows: "
+            "the vocabulary does not belong to these weights."
+        )
+    values.update(pad_token_id=vocab[pad_token], cls_token_id=vocab["<cls>"], eoc_token_id=vocab["<eoc>"])
+    return ScGPTConfig(**values), sources
+
+
+def convert_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Rename original keys to ours. Returns (new state dict, mapped source->target, left-out source->reason)."""
+    converted, mapped, left_out, unknown = {}, {}, {}, []
+    for key, tensor in state.items():
+        target = _map_key(_normalise_attention_key(key))
+        if target is not None:
+            converted[target], mapped[key] = tensor, target
+            continue
+        reason = next((why for pattern, why in _LEFT_OUT if re.match(pattern, key)), None)
+        if reason is None:
+            unknown.append(key)
+        else:
+            left_out[key] = reason
+    if unknown:
+        raise ValueError(
+            f"The checkpoint has keys this converter does not understand: {unknown[:10]}"
+            + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            + ". It may come from a modified scGPT; nothing was written."
+        )
+    return converted, mapped, left_out
+
+
+def convert_original_checkpoint(
+    original_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    nheads: int | None = None,
+    pre_norm: bool | None = None,
+    cell_emb_style: str | None = None,
+    pad_value: float | None = None,
+    mask_value: float | None = None,
+    n_bins: int | None = None,
+    max_seq_len: int | None = None,
+    verbose: bool = True,
+) -> ConversionReport:
+    """Convert an original scGPT folder into a `from_pretrained`-ready folder (safetensors, config, tokenizer).
+
+    Keyword options override what args.json says for settings the weights cannot reveal.
+    """
+    from .tokenization_scgpt import ScGPTTokenizer
+
+    original_dir, output_dir = Path(original_dir), Path(output_dir)
+    args = _read_json(original_dir / "args.json", "the training arguments (args.json)")
+    vocab = _read_json(original_dir / "vocab.json", "the gene vocabulary (vocab.json)")
+    check_vocab(vocab, args.get("pad_token", "<pad>"))
+    state = load_original_state_dict(original_dir / "best_model.pt")
+    overrides = dict(
+        num_attention_heads=nheads,
+        pre_norm=pre_norm,
+        cell_emb_style=cell_emb_style,
+        pad_value=pad_value,
+        mask_value=mask_value,
+        n_bins=n_bins,
+        max_seq_len=max_seq_len,
+    )
+    config, sources = _infer_config(state, args, vocab, overrides)
+    converted, mapped, left_out = convert_state_dict(state)
+
+    model = ScGPTForPreTraining(config)
+    expected = model.state_dict()
+    for key, tensor in converted.items():
+        if key not in expected:
+            source = next(s for s, t in mapped.items() if t == key)
+            raise ValueError(f"Checkpoint key {source!r} has no place in a model with the inferred config.")
+        if expected[key].shape != tensor.shape:
+            source = next(s for s, t in mapped.items() if t == key)
+            raise ValueError(
+                f"Checkpoint key {source!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)} "
+                f"for {key!r} under the inferred config."
+            )
+    missing = sorted(set(expected) - set(converted))
+    if missing:
+        raise ValueError(f"The checkpoint lacks weights the model needs: {missing[:10]}.")
+    model.load_state_dict(converted, strict=True)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    tokenizer = ScGPTTokenizer(
+        vocab_file=str(original_dir / "vocab.json"),
+        pad_token=args.get("pad_token", "<pad>"),
+        n_bins=config.n_bins,
+        pad_value=config.pad_value,
+        max_length=config.max_seq_len,
+    )
+    tokenizer.save_pretrained(output_dir)
+    report = ConversionReport(mapped=mapped, left_out=left_out, config_sources=sources, output_dir=str(output_dir))
+    if verbose:
+        print(report)
+    return report

@@ -1,0 +1,573 @@
+"""scGPT models: a cell is a set of (gene, binned expression) tokens read by a transformer encoder.
+
+Numerically faithful to the original `scgpt` `TransformerModel` (see tests/test_parity.py); attention
+runs through transformers' attention interface, so `attn_implementation="eager" | "sdpa" |
+"flash_attention_2"` all work without flash-attn being required.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+try:  # relative when imported as part of scgpt_hf, flat when loaded as Hub remote code
+    from .configuration_scgpt import ScGPTConfig
+except ImportError:  # pragma: no cover
+    from configuration_scgpt import ScGPTConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass
+class ScGPTModelOutput(ModelOutput):
+    """Backbone output.
+
+    Args:
+        last_hidden_state: (batch, seq_len, hidden) transformer output per gene token.
+        cell_embedding: (batch, hidden) cell embedding by `config.cell_emb_style` (not L2-normalised).
+        gene_embeddings: (batch, seq_len, hidden) gene-encoder output (gene identity only, no value),
+            read by the MVC decoder and by gene-network analyses.
+        batch_embedding: (batch, hidden) batch-label embedding when `config.use_batch_labels`.
+        hidden_states: input embeddings plus each layer's output, with `output_hidden_states=True`.
+        attentions: each layer's attention probabilities, with `output_attentions=True` (eager only).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cell_embedding: torch.FloatTensor | None = None
+    gene_embeddings: torch.FloatTensor | None = None
+    batch_embedding: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ScGPTForPreTrainingOutput(ModelOutput):
+    """Pretraining-head output.
+
+    Args:
+        loss: training loss when targets are given (see the heads).
+        expression: (batch, seq_len) expression predicted from each token's hidden state.
+        zero_probs: (batch, seq_len) probability of zero expression (`explicit_zero_prob`).
+        mvc_expression: (batch, seq_len) expression predicted from the cell embedding (MVC/GEPC).
+        mvc_zero_probs: (batch, seq_len) MVC zero probabilities (`explicit_zero_prob`).
+        cell_embedding, last_hidden_state, hidden_states, attentions: as in `ScGPTModelOutput`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    expression: torch.FloatTensor | None = None
+    zero_probs: torch.FloatTensor | None = None
+    mvc_expression: torch.FloatTensor | None = None
+    mvc_zero_probs: torch.FloatTensor | None = None
+    cell_embedding: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Input embeddings
+
+
+class ScGPTContinuousValueEncoder(nn.Module):
+    """Expression value -> vector with a two-layer MLP (values clamped to `max_value` first)."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        self.linear1 = nn.Linear(1, config.hidden_size)
+        self.linear2 = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.max_value = config.max_value
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        x = torch.clamp(values.unsqueeze(-1), max=self.max_value)
+        x = self.linear2(F.relu(self.linear1(x)))
+        return self.dropout(self.norm(x))
+
+
+class ScGPTCategoryValueEncoder(nn.Module):
+    """Expression bin -> vector with one embedding per bin; `pad_value` and `mask_value` are bins of their own."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        rows = config.n_input_bins
+        for name in ("pad_value", "mask_value"):
+            value = getattr(config, name)
+            if value != int(value) or not 0 <= value < rows:
+                raise ValueError(
+                    f"input_emb_style='category' embeds bins 0..{rows - 1}, so {name} must be one of them "
+                    f"(got {value}); the original uses pad_value=n_bins, mask_value=n_bins+1, n_input_bins=n_bins+2."
+                )
+        self.embedding = nn.Embedding(rows, config.hidden_size, padding_idx=int(config.pad_value))
+        self.norm = nn.LayerNorm(config.hidden_size)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.embedding(values.long()))
+
+
+class ScGPTDomainBatchNorm(nn.Module):
+    """One non-affine BatchNorm per batch (domain); each cell is normalised by its own batch's statistics.
+
+    The original picks the domain of the first cell for the whole minibatch; grouping rows by their own
+    label gives the same numbers when a minibatch holds one batch (as the original's sampler ensures) and
+    the right ones otherwise.
+    """
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        self.bns = nn.ModuleList(
+            nn.BatchNorm1d(config.hidden_size, eps=6.1e-5, affine=False) for _ in range(config.num_batch_labels)
+        )
+
+    def forward(self, embeddings: torch.Tensor, batch_labels: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(embeddings)
+        for domain in torch.unique(batch_labels).tolist():
+            rows = batch_labels == domain
+            out[rows] = self.bns[domain](embeddings[rows].transpose(1, 2)).transpose(1, 2)
+        return out
+
+
+class ScGPTLabelEncoder(nn.Module):
+    """Embedding plus LayerNorm, for batch labels."""
+
+    def __init__(self, num_embeddings: int, hidden_size: int):
+        super().__init__()
+        self.embedding = nn.Embedding(num_embeddings, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.embedding(ids))
+
+
+class ScGPTEmbeddings(nn.Module):
+    """Gene-identity embedding combined with the expression-value embedding (no positions: cells are sets)."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        self.input_emb_style = config.input_emb_style
+        self.gene_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.gene_norm = nn.LayerNorm(config.hidden_size)
+        if config.input_emb_style == "continuous":
+            self.value_encoder = ScGPTContinuousValueEncoder(config)
+        elif config.input_emb_style == "category":
+            self.value_encoder = ScGPTCategoryValueEncoder(config)
+        if config.domain_spec_batchnorm == "dsbn":
+            self.dsbn = ScGPTDomainBatchNorm(config)
+        elif config.domain_spec_batchnorm == "batchnorm":
+            self.bn = nn.BatchNorm1d(config.hidden_size, eps=6.1e-5)
+        if config.use_generative_flag:
+            # Marks genes whose expression is to be generated (generative pretraining).
+            self.flag_embeddings = nn.Embedding(2, config.hidden_size)
+
+    def forward(
+        self, input_ids: torch.Tensor, values: torch.Tensor, batch_labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (input embeddings, gene embeddings)."""
+        genes = self.gene_norm(self.gene_embeddings(input_ids))
+        if self.input_emb_style == "scaling":
+            embeddings = genes * values.unsqueeze(-1).to(genes.dtype)
+        else:
+            embeddings = genes + self.value_encoder(values.to(genes.dtype))
+        if hasattr(self, "dsbn"):
+            embeddings = self.dsbn(embeddings, batch_labels)
+        elif hasattr(self, "bn"):
+            embeddings = self.bn(embeddings.transpose(1, 2)).transpose(1, 2)
+        return embeddings, genes
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer encoder
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention; returns (batch, seq, heads, head_dim) output and the probabilities."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = F.dropout(F.softmax(scores, dim=-1), p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+class ScGPTSelfAttention(nn.Module):
+    """Multi-head self-attention with packed [q; k; v] projection, as the original's `Wqkv` / `in_proj`."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.dropout
+        self.is_causal = False
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq_len, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(batch, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, seq, head_dim)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.out_proj(attn_output.reshape(batch, seq_len, -1)), attn_weights
+
+
+class ScGPTLayer(GradientCheckpointingLayer):
+    """Transformer layer: attention and a ReLU feed-forward block, post-norm or the original's pre-norm.
+
+    The original's pre-norm variant normalises the stream itself before each block (the residual is
+    taken from the normalised input); it is reproduced as is so converted pre-norm checkpoints agree.
+    """
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        self.pre_norm = config.pre_norm
+        self.self_attn = ScGPTSelfAttention(config)
+        self.linear1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.linear2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.dropout1 = nn.Dropout(config.dropout)
+        self.dropout2 = nn.Dropout(config.dropout)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.pre_norm:
+            x = self.norm1(hidden_states)
+            attn, weights = self.self_attn(x, attention_mask, **kwargs)
+            x = self.norm2(x + self.dropout1(attn))
+            return x + self._feed_forward(x), weights
+        attn, weights = self.self_attn(hidden_states, attention_mask, **kwargs)
+        x = self.norm1(hidden_states + self.dropout1(attn))
+        return self.norm2(x + self._feed_forward(x)), weights
+
+
+class ScGPTEncoder(nn.Module):
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(ScGPTLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, weights = layer(hidden_states, attention_mask, output_attentions=output_attentions, **kwargs)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if output_attentions:
+                all_attn += (weights,)
+        return hidden_states, all_hidden, all_attn
+
+
+# ----------------------------------------------------------------------------------------------
+# Base class and backbone
+
+
+class ScGPTPreTrainedModel(PreTrainedModel):
+    """Weight initialisation, loading and saving shared by every scGPT model."""
+
+    config_class = ScGPTConfig
+    config: ScGPTConfig
+    base_model_prefix = "scgpt"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ScGPTLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ScGPTEmbeddings):
+            # As the original: gene embeddings start uniform in [-0.1, 0.1].
+            module.gene_embeddings.weight.uniform_(-0.1, 0.1)
+
+
+class ScGPTModel(ScGPTPreTrainedModel):
+    """The scGPT encoder: per-token hidden states and a cell embedding.
+
+    Inputs come from `ScGPTTokenizer`: `input_ids` (gene ids, `<cls>` first), `values` (binned
+    expression), `attention_mask` (1 for real tokens, 0 for padding).
+    """
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__(config)
+        self.embeddings = ScGPTEmbeddings(config)
+        self.encoder = ScGPTEncoder(config)
+        if config.use_batch_labels:
+            self.batch_encoder = ScGPTLabelEncoder(config.num_batch_labels, config.hidden_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.gene_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.gene_embeddings = value
+
+    def _check_batch_labels(self, batch_labels: torch.Tensor | None, batch_size: int) -> None:
+        config = self.config
+        needs = config.use_batch_labels or config.domain_spec_batchnorm == "dsbn"
+        if not needs:
+            if batch_labels is not None:
+                raise ValueError(
+                    "batch_labels were given but this model has no batch embedding or domain-specific batch norm "
+                    "(config.use_batch_labels and config.domain_spec_batchnorm are off); drop them."
+                )
+            return
+        if batch_labels is None:
+            raise ValueError("This model needs batch_labels (one integer batch id per cell); pass batch_labels=...")
+        if batch_labels.shape != (batch_size,):
+            raise ValueError(f"batch_labels must have shape ({batch_size},), got {tuple(batch_labels.shape)}.")
+        if batch_labels.numel() and (batch_labels.min() < 0 or batch_labels.max() >= config.num_batch_labels):
+            raise ValueError(
+                f"batch_labels must lie in [0, {config.num_batch_labels}) (config.num_batch_labels); "
+                f"got values from {int(batch_labels.min())} to {int(batch_labels.max())}."
+            )
+
+    def _cell_embedding(
+        self, hidden: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Pool token states into one vector per cell; padding never contributes.
+
+        "avg-pool" and "w-pool" in the original also pool padded positions, so a cell's embedding there
+        depends on its batch-mates; without padding both definitions agree.
+        """
+        style = self.config.cell_emb_style
+        if style == "cls":
+            return hidden[:, 0, :]
+        keep = (
+            torch.ones_like(values, dtype=hidden.dtype)
+            if attention_mask is None
+            else attention_mask.to(hidden.dtype)
+        )
+        if style == "avg-pool":
+            return (hidden * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+        weighted = (hidden * (values.to(hidden.dtype) * keep).unsqueeze(-1)).sum(1)
+        return F.normalize(weighted, p=2, dim=1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        batch_labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ScGPTModelOutput | tuple:
+        """Encode cells.
+
+        Args:
+            input_ids: (batch, seq_len) gene token ids.
+            values: (batch, seq_len) binned expression values.
+            attention_mask: (batch, seq_len), 1 at real tokens and 0 at padding.
+            batch_labels: (batch,) batch ids, for models with batch embeddings or batch norm.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if input_ids.dim() != 2 or values.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and values must both be (batch, seq_len); got {tuple(input_ids.shape)} and "
+                f"{tuple(values.shape)}."
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}."
+            )
+        self._check_batch_labels(batch_labels, input_ids.shape[0])
+
+        embeddings, gene_embeddings = self.embeddings(input_ids, values, batch_labels)
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=embeddings, attention_mask=attention_mask)
+        hidden, all_hidden, all_attn = self.encoder(
+            embeddings, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions, **kwargs
+        )
+        output = ScGPTModelOutput(
+            last_hidden_state=hidden,
+            cell_embedding=self._cell_embedding(hidden, values, attention_mask),
+            gene_embeddings=gene_embeddings,
+            batch_embedding=self.batch_encoder(batch_labels) if self.config.use_batch_labels else None,
+            hidden_states=all_hidden,
+            attentions=all_attn,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoders and the pretraining head
+
+
+class ScGPTExpressionDecoder(nn.Module):
+    """Per-token expression (and optional zero probability) from the hidden state, as the original `ExprDecoder`."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        d = config.hidden_size
+        d_in = 2 * d if config.use_batch_labels else d
+        self.fc = _leaky_mlp(d_in, d)
+        if config.explicit_zero_prob:
+            self.zero_logit = _leaky_mlp(d_in, d)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pred = self.fc(x).squeeze(-1)
+        zero_probs = torch.sigmoid(self.zero_logit(x).squeeze(-1)) if hasattr(self, "zero_logit") else None
+        return pred, zero_probs
+
+
+def _leaky_mlp(d_in: int, d: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d), nn.LeakyReLU(), nn.Linear(d, d), nn.LeakyReLU(), nn.Linear(d, 1))
+
+
+class ScGPTMVCDecoder(nn.Module):
+    """Masked value prediction from the cell embedding (MVC/GEPC): each gene's query meets the cell vector."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        d = config.hidden_size
+        d_in = 2 * d if config.use_batch_labels else d
+        self.style = config.mvc_decoder_style
+        self.explicit_zero_prob = config.explicit_zero_prob
+        if self.style == "inner product":
+            self.gene2query = nn.Linear(d, d)
+            self.W = nn.Linear(d, d_in, bias=False)
+            if config.explicit_zero_prob:
+                self.W_zero_logit = nn.Linear(d, d_in)
+        else:
+            query_dim = 64 if self.style == "concat query" else d
+            self.gene2query = nn.Linear(d, query_dim)
+            self.fc1 = nn.Linear(d_in + 64 if self.style == "concat query" else d, 64)
+            self.hidden_activation = nn.PReLU()
+            self.fc2 = nn.Linear(64, 1)
+
+    def forward(
+        self, cell_embedding: torch.Tensor, gene_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query = torch.sigmoid(self.gene2query(gene_embeddings))  # (batch, seq, q)
+        if self.style == "inner product":
+            cell = cell_embedding.unsqueeze(2)
+            pred = torch.bmm(self.W(query), cell).squeeze(2)
+            if not self.explicit_zero_prob:
+                return pred, None
+            return pred, torch.sigmoid(torch.bmm(self.W_zero_logit(query), cell).squeeze(2))
+        if self.explicit_zero_prob:
+            raise NotImplementedError(
+                f"explicit_zero_prob with mvc_decoder_style={self.style!r} is not supported (the original raises "
+                "too); use mvc_decoder_style='inner product'."
+            )
+        if self.style == "concat query":
+            cell = cell_embedding.unsqueeze(1).expand(-1, gene_embeddings.shape[1], -1)
+            h = self.hidden_activation(self.fc1(torch.cat([cell, query], dim=2)))
+        else:
+            h = self.hidden_activation(self.fc1(cell_embedding.unsqueeze(1) + query))
+        return self.fc2(h).squeeze(2), None
+
+
+class ScGPTForPreTraining(ScGPTPreTrainedModel):
+    """Backbone plus the expression, MVC and zero-probability decoders of scGPT pretraining.
+
+    Reproduces a released checkpoint's full forward: per-token expression from hidden states, and (with
+    `config.do_mvc`) per-gene expression from the cell embedding alone.
+    """
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__(config)
+        self.scgpt = ScGPTModel(config)
+        self.expression_decoder = ScGPTExpressionDecoder(config)
+        if config.do_mvc:
+            self.mvc_decoder = ScGPTMVCDecoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        batch_labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ScGPTForPreTrainingOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.scgpt(
+            input_ids,
+            values,
+            attention_mask=attention_mask,
+            batch_labels=batch_labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden, cell = out.last_hidden_state, out.cell_embedding
+        if out.batch_embedding is not None:
+            hidden = torch.cat([hidden, out.batch_embedding.unsqueeze(1).expand(-1, hidden.shape[1], -1)], dim=2)
+            cell = torch.cat([cell, out.batch_embedding], dim=1)
+        expression, zero_probs = self.expression_decoder(hidden)
+        mvc_expression = mvc_zero_probs = None
+        if self.config.do_mvc:
+            mvc_expression, mvc_zero_probs = self.mvc_decoder(cell, out.gene_embeddings)
+        output = ScGPTForPreTrainingOutput(
+            expression=expression,
+            zero_probs=zero_probs,
+            mvc_expression=mvc_expression,
+            mvc_zero_probs=mvc_zero_probs,
+            cell_embedding=out.cell_embedding,
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+        return output if return_dict else output.to_tuple()
