@@ -81,7 +81,6 @@ def test_converted_model_matches_original(name, tmp_path, original_scgpt):
         nheads=kwargs["nhead"],
         d_hid=kwargs["d_hid"],
         nlayers=kwargs["nlayers"],
-        n_layers_cls=3,
         dropout=kwargs["dropout"],
         n_bins=51,
         max_seq_len=1200,
