@@ -1,0 +1,1 @@
+"""ONNX export and Triton model-repository building for scGPT models (installed as `scgpt_hf.export`)."""
