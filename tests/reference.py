@@ -235,8 +235,8 @@ class FlashMHA(nn.Module):
     and ``out_proj``. ``key_padding_mask`` follows flash-attn's convention:
     True = KEEP (the original's ``FlashTransformerEncoderLayer`` passes
     ``~src_key_padding_mask``). As in flash-attn, which unpads, attends and
-    re-pads, the attention output at padded query positions is zero, so the
-    layer output there equals ``out_proj.bias``. Attention-probability dropout
+    re-pads, the attention context at padded query positions is zero, so this
+    module returns ``out_proj.bias`` there. Attention-probability dropout
     is applied only in training mode. Runs in any dtype on any device; unlike
     flash-attn it does not require head_dim % 8 == 0.
     """
