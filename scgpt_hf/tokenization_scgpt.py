@@ -1,0 +1,811 @@
+"""Tokenizer for scGPT: turns single-cell expression profiles into model inputs.
+
+A cell is encoded as a set of tokens: ``<cls>`` followed by one token per expressed
+gene of the vocabulary.  Each token carries a gene id (``input_ids``) and an
+expression value (``values``).  With ``do_binning=True`` (the default) the values are
+per-cell expression bins computed exactly like the original scGPT (``scgpt.preprocess``
+``binning``/``_digitize``):
+
+* zero values stay 0 (and the gene is left out unless ``include_zero_genes``);
+* for the cell's non-zero values ``x`` (as float32, like the original embedding path):
+  ``edges = np.quantile(x, np.linspace(0, 1, n_bins - 1))``,
+  ``left = np.digitize(x, edges)``, ``right = np.digitize(x, edges, right=True)``,
+  ``bin = ceil(u * (right - left) + left)`` with ``u`` uniform in [0, 1).
+
+So bins run from 1 to ``n_bins - 1``; a value that equals several edges (ties, which
+are very common in count data) gets a random bin between ``right + 1`` and ``left``.
+
+Reproducibility: the original draws ``u`` (and the genes kept when a cell is longer
+than ``max_length``) from global RNGs, so a cell's tokens depend on everything
+tokenised before it.  Here every random draw for a cell comes from
+``np.random.default_rng([seed, h])`` where ``h`` is a BLAKE2b hash of that cell's
+content (its expressed vocabulary gene ids and their float32 values, taken in gene-id
+order).  The same cell with the same ``seed`` therefore gets the same tokens whatever
+batch, chunk, row position or column order it arrives in; another ``seed`` gives
+another tie-breaking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from transformers import BatchEncoding, PreTrainedTokenizer
+
+logger = logging.getLogger(__name__)
+
+VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
+
+_TRUNCATION_STRATEGIES = ("random", "highest")
+# Upper bound on the number of matrix elements converted per chunk of a dense input.
+_DENSE_CHUNK_ELEMENTS = 1 << 24
+_SPARSE_CHUNK_ROWS = 4096
+_ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+
+
+@dataclass
+class GeneMatch:
+    """Result of matching a dataset's gene names against the vocabulary.
+
+    ``ids[j]`` is the vocabulary id of column ``j`` or -1 when the gene is unknown to
+    the vocabulary or is a repeat of an earlier column with the same name (the first
+    occurrence is used, later ones are left out).
+    """
+
+    ids: np.ndarray
+    n_matched: int
+    n_total: int
+    unmatched: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the given genes that are used."""
+        return self.n_matched / self.n_total if self.n_total else 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"GeneMatch(n_matched={self.n_matched}, n_total={self.n_total}, "
+            f"n_unmatched={len(self.unmatched)}, n_duplicates={len(self.duplicates)})"
+        )
+
+
+def load_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
+    """Read an scGPT ``vocab.json`` (a JSON object mapping gene symbol -> integer id)."""
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab = json.load(f)
+    if not isinstance(vocab, dict):
+        raise ValueError(
+            f"{vocab_file} must hold a JSON object mapping gene symbols to integer ids "
+            f"(the original scGPT vocab.json format), got a {type(vocab).__name__}."
+        )
+    bad = [k for k, v in vocab.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    if bad:
+        raise ValueError(
+            f"{vocab_file}: ids must be non-negative integers; bad entries: "
+            f"{ {k: vocab[k] for k in bad[:5]} }."
+        )
+    return vocab
+
+
+def bin_nonzero_values(values: np.ndarray, n_bins: int, uniform: np.ndarray) -> np.ndarray:
+    """Bin one cell's non-zero values exactly like the original scGPT.
+
+    ``uniform`` holds one draw in [0, 1) per value; it only matters where a value
+    coincides with repeated quantile edges (``left > right``).  Returns int64 bins in
+    ``1 .. n_bins - 1``.
+    """
+    x = np.asarray(values, dtype=np.float32)
+    edges = np.quantile(x, np.linspace(0, 1, n_bins - 1))
+    left = np.digitize(x, edges)
+    right = np.digitize(x, edges, right=True)
+    return np.ceil(uniform * (right - left) + left).astype(np.int64)
+
+
+def cell_hash(gene_ids: np.ndarray, values: np.ndarray) -> int:
+    """Stable 64-bit hash of a cell's content (gene ids and float32 values, in the given order)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.ascontiguousarray(gene_ids, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(values, dtype="<f4").tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def _describe_names(names: Sequence[str]) -> str:
+    """Say what a list of gene names looks like, for error messages."""
+    sample = [str(n) for n in list(names[:5])]
+    strs = [str(n) for n in names[:1000]]
+    if not strs:
+        return "an empty list"
+    if sum(bool(_ENSEMBL_RE.match(s)) for s in strs) > len(strs) / 2:
+        kind = "Ensembl gene IDs"
+    elif sum(s.isdigit() for s in strs) > len(strs) / 2:
+        kind = "numbers (an integer index or Entrez IDs?)"
+    elif sum(s[:1].isupper() and s[1:] != s[1:].upper() for s in strs) > len(strs) / 2:
+        kind = "mouse-style or mixed-case symbols (the vocabulary is case-sensitive human symbols)"
+    else:
+        kind = "names the vocabulary does not know"
+    return f"{kind}, e.g. {sample}"
+
+
+def _to_numpy_1d(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class ScGPTTokenizer(PreTrainedTokenizer):
+    """scGPT gene tokenizer with the original per-cell expression binning.
+
+    Call it on an AnnData (X, a layer or raw; genes from ``var_names`` or a ``var``
+    column), a scipy sparse matrix or a dense 2-D array (with ``gene_names``).  It
+    returns a :class:`~transformers.BatchEncoding` with ``input_ids`` (int64 gene ids,
+    ``<cls>`` first), ``values`` (float32 bins; ``cls_value`` at ``<cls>``) and
+    ``attention_mask`` (1 = real token, 0 = padding).
+
+    Args:
+        vocab_file: ``vocab.json`` in the original scGPT format (symbol -> id), which
+            must contain the special tokens.
+        pad_token, cls_token, eoc_token: special token names in the vocabulary.
+        n_bins: number of value bins including the zero bin (51 in the released models,
+            so non-zero genes get bins 1..50).
+        pad_value: value at padded positions (-2 in the released models).
+        cls_value: value at the ``<cls>`` position.  The original tokenizer uses 0; note
+            that the original zero-shot embedding path (``scgpt.tasks.embed_data``)
+            puts ``pad_value`` (-2) there.
+        max_length: maximum number of tokens per cell, ``<cls>`` included (1200).
+        truncation_strategy: ``"random"`` keeps ``<cls>`` and ``max_length - 1`` genes
+            drawn at random (the original behaviour, made reproducible per cell);
+            ``"highest"`` keeps the ``max_length - 1`` most highly expressed genes
+            (ties broken by vocabulary id), deterministically.
+        include_zero_genes: also emit the vocabulary genes with zero expression (bin 0).
+        do_binning: bin values per cell; set False for input that is already binned.
+    """
+
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "values", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab_file: str | os.PathLike,
+        pad_token: str = "<pad>",
+        cls_token: str = "<cls>",
+        eoc_token: str = "<eoc>",
+        n_bins: int = 51,
+        pad_value: float = -2.0,
+        cls_value: float = 0.0,
+        max_length: int = 1200,
+        truncation_strategy: str = "random",
+        include_zero_genes: bool = False,
+        do_binning: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        # from_pretrained hands special tokens back as AddedToken objects.
+        pad_token, cls_token, eoc_token = str(pad_token), str(cls_token), str(eoc_token)
+        vocab = load_vocab(vocab_file)
+        missing = [t for t in (pad_token, cls_token, eoc_token) if t not in vocab]
+        if missing:
+            raise ValueError(
+                f"The vocabulary {vocab_file} lacks the special token(s) {missing}. scGPT "
+                f"vocabularies hold them as ordinary entries (the released ones end with "
+                f"'<pad>', '<cls>', '<eoc>'). Add them to vocab.json with unused ids (e.g. "
+                f"{max(vocab.values(), default=-1) + 1} onwards; the model's embedding must "
+                f"have a row for each), or pass pad_token=/cls_token=/eoc_token= naming the "
+                f"entries your vocabulary uses."
+            )
+        ids = np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
+        if len(np.unique(ids)) != len(ids):
+            uniq, counts = np.unique(ids, return_counts=True)
+            dup = uniq[counts > 1][:5].tolist()
+            raise ValueError(f"The vocabulary {vocab_file} gives the same id to several genes (ids {dup}).")
+        if int(n_bins) < 2:
+            raise ValueError(f"n_bins must be at least 2, got {n_bins}.")
+        if int(max_length) < 1:
+            raise ValueError(f"max_length must be at least 1 (room for <cls>), got {max_length}.")
+        if truncation_strategy not in _TRUNCATION_STRATEGIES:
+            raise ValueError(
+                f"truncation_strategy must be one of {_TRUNCATION_STRATEGIES}, got {truncation_strategy!r}."
+            )
+
+        self.vocab = vocab
+        self.ids_to_tokens = {i: t for t, i in vocab.items()}
+        self.n_bins = int(n_bins)
+        self.pad_value = float(pad_value)
+        self.cls_value = float(cls_value)
+        self.max_length = int(max_length)
+        self.truncation_strategy = truncation_strategy
+        self.include_zero_genes = bool(include_zero_genes)
+        self.do_binning = bool(do_binning)
+        self._warned_non_integer = False
+        kwargs.setdefault("model_max_length", self.max_length)
+        super().__init__(
+            pad_token=pad_token,
+            cls_token=cls_token,
+            eoc_token=eoc_token,
+            n_bins=self.n_bins,
+            pad_value=self.pad_value,
+            cls_value=self.cls_value,
+            max_length=self.max_length,
+            truncation_strategy=truncation_strategy,
+            include_zero_genes=self.include_zero_genes,
+            do_binning=self.do_binning,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ vocabulary
+    @property
+    def vocab_size(self) -> int:
+        """Number of entries in the vocabulary (special tokens included)."""
+        return len(self.vocab)
+
+    def get_vocab(self) -> dict[str, int]:
+        """The gene symbol -> id mapping (a copy)."""
+        return dict(self.vocab)
+
+    def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        return text.split()
+
+    def _convert_token_to_id(self, token: str) -> int | None:
+        # No unknown token exists in scGPT: a gene not in the vocabulary has no id.
+        return self.vocab.get(token)
+
+    def _convert_id_to_token(self, index: int) -> str | None:
+        return self.ids_to_tokens.get(int(index))
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        """Write ``vocab.json`` in the original scGPT format (symbol -> id, ordered by id)."""
+        if not os.path.isdir(save_directory):
+            raise ValueError(f"Vocabulary path ({save_directory}) should be a directory.")
+        path = os.path.join(
+            save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
+        )
+        ordered = dict(sorted(self.vocab.items(), key=lambda kv: kv[1]))
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(ordered, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        return (path,)
+
+    # ------------------------------------------------------------------ gene matching
+    def match_genes(self, gene_names: Sequence[str] | np.ndarray) -> GeneMatch:
+        """Map gene names to vocabulary ids (-1 where unknown) and report how many matched.
+
+        Repeated names use their first column only (later ones get -1 and are listed in
+        ``duplicates``).  Logs the count; raises ``ValueError`` if no gene matches.
+        """
+        names = ["" if n is None or (isinstance(n, float) and np.isnan(n)) else str(n) for n in gene_names]
+        ids = np.full(len(names), -1, dtype=np.int64)
+        seen: set[str] = set()
+        unmatched: list[str] = []
+        duplicates: list[str] = []
+        specials = {self.pad_token, self.cls_token, self.eoc_token}
+        for j, name in enumerate(names):
+            if name in seen:
+                duplicates.append(name)
+                continue
+            seen.add(name)
+            idx = self.vocab.get(name)
+            if idx is None or name in specials:
+                unmatched.append(name)
+            else:
+                ids[j] = idx
+        n_matched = int((ids >= 0).sum())
+        match = GeneMatch(ids=ids, n_matched=n_matched, n_total=len(names), unmatched=unmatched, duplicates=duplicates)
+        if n_matched == 0:
+            example = [g for g in ("CD3E", "GAPDH", "MS4A1") if g in self.vocab] or list(self.vocab)[:3]
+            raise ValueError(
+                f"None of the {len(names)} gene names matches the vocabulary ({len(self.vocab)} entries). "
+                f"The vocabulary expects gene symbols such as {example}; the given names look like "
+                f"{_describe_names(names)}. Pass gene symbols (for AnnData, gene_column= names a var "
+                f"column holding them) or map your IDs to symbols first."
+            )
+        logger.info(
+            "Matched %d of %d genes to the vocabulary (%d not in it, %d repeated names ignored).",
+            n_matched, len(names), len(unmatched), len(duplicates),
+        )
+        if duplicates:
+            logger.warning(
+                "%d gene names occur more than once (e.g. %s); only the first column of each is used. "
+                "Aggregate repeated genes (e.g. sum their counts) beforehand if that is what you want.",
+                len(duplicates), sorted(set(duplicates))[:5],
+            )
+        if n_matched < 0.5 * len(names):
+            logger.warning(
+                "Only %d of %d genes (%.0f%%) are in the vocabulary; the rest are left out (e.g. %s).",
+                n_matched, len(names), 100.0 * match.fraction, unmatched[:5],
+            )
+        return match
+
+    # ------------------------------------------------------------------ input resolution
+    def _resolve_input(
+        self,
+        data: Any,
+        gene_names: Sequence[str] | None,
+        layer: str | None,
+        use_raw: bool,
+        gene_column: str | None,
+    ) -> tuple[Any, list[str], Any]:
+        """Return (matrix, gene names, var frame or None) for any supported input."""
+        try:
+            import anndata
+        except ImportError:  # pragma: no cover - anndata is a dependency
+            anndata = None
+        if gene_names is not None and gene_column is not None:
+            raise ValueError("Give either gene_names or gene_column, not both.")
+        if anndata is not None and isinstance(data, anndata.AnnData):
+            if layer is not None and use_raw:
+                raise ValueError("Give either layer= or use_raw=True, not both.")
+            if use_raw:
+                if data.raw is None:
+                    raise ValueError("use_raw=True but this AnnData has no .raw; use X or a layer instead.")
+                matrix, var = data.raw.X, data.raw.var
+            elif layer is not None:
+                if layer not in data.layers:
+                    raise ValueError(f"Layer {layer!r} not found; available layers: {list(data.layers.keys())}.")
+                matrix, var = data.layers[layer], data.var
+            else:
+                matrix, var = data.X, data.var
+            if matrix is None:
+                raise ValueError("The chosen AnnData matrix is empty (X is None); pass layer= or use_raw=True.")
+            if gene_names is None:
+                if gene_column is not None:
+                    if gene_column not in var.columns:
+                        raise ValueError(
+                            f"gene_column {gene_column!r} not in var; available columns: {list(var.columns)}."
+                        )
+                    gene_names = var[gene_column].tolist()
+                else:
+                    gene_names = var.index.tolist()
+            return matrix, list(gene_names), var
+        if layer is not None or use_raw or gene_column is not None:
+            raise ValueError("layer=, use_raw= and gene_column= only apply to AnnData input.")
+        try:
+            import pandas as pd
+        except ImportError:  # pragma: no cover
+            pd = None
+        if pd is not None and isinstance(data, pd.DataFrame):
+            if gene_names is None:
+                gene_names = [str(c) for c in data.columns]
+            data = data.to_numpy()
+        if sp.issparse(data) or isinstance(data, np.ndarray):
+            if data.ndim != 2:
+                raise ValueError(
+                    f"Expected a 2-D cells x genes matrix, got {data.ndim}-D; for one cell use x.reshape(1, -1)."
+                )
+            if gene_names is None:
+                raise ValueError(
+                    "gene_names is required for a matrix input: one gene symbol per column "
+                    f"({data.shape[1]} columns)."
+                )
+            return data, list(gene_names), None
+        raise TypeError(
+            f"Unsupported input type {type(data).__name__}: pass an AnnData, a scipy sparse matrix, "
+            "a dense 2-D numpy array or a pandas DataFrame (cells x genes)."
+        )
+
+    @staticmethod
+    def _iter_csr_chunks(matrix: Any) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """Yield (first row, CSR chunk) without ever densifying the whole matrix."""
+        n_rows, n_cols = matrix.shape
+        if sp.issparse(matrix):
+            csr = matrix.tocsr() if matrix.format != "csr" else matrix
+            for start in range(0, n_rows, _SPARSE_CHUNK_ROWS):
+                yield start, csr[start : start + _SPARSE_CHUNK_ROWS]
+            return
+        step = max(1, _DENSE_CHUNK_ELEMENTS // max(1, n_cols))
+        if not isinstance(matrix, np.ndarray):
+            # Backed/on-disk matrices (h5py datasets, anndata sparse datasets): read row slices.
+            step = min(step, _SPARSE_CHUNK_ROWS)
+        for start in range(0, n_rows, step):
+            chunk = matrix[start : start + step]
+            if sp.issparse(chunk):
+                chunk = chunk.tocsr()
+            else:
+                chunk = sp.csr_matrix(np.asarray(chunk))
+            yield start, chunk
+
+    @staticmethod
+    def _check_dtype(matrix: Any) -> None:
+        dtype = getattr(matrix, "dtype", None)
+        if dtype is None or np.dtype(dtype).kind not in "biuf":
+            raise ValueError(
+                f"Expression values must be numeric (int, float or bool), got dtype {dtype}. "
+                "Convert the matrix, e.g. X.astype(np.float32), after checking it holds counts."
+            )
+
+    # ------------------------------------------------------------------ encoding
+    def __call__(
+        self,
+        data: Any,
+        gene_names: Sequence[str] | None = None,
+        *,
+        layer: str | None = None,
+        use_raw: bool = False,
+        gene_column: str | None = None,
+        max_length: int | None = None,
+        truncation: bool | str = True,
+        padding: bool | str = True,
+        pad_to_multiple_of: int | None = None,
+        return_tensors: str | None = None,
+        seed: int | None = 0,
+        cls_value: float | None = None,
+        return_n_genes: bool = False,
+        **kwargs: Any,
+    ) -> BatchEncoding:
+        """Tokenise cells (rows) of an AnnData, sparse matrix, dense array or DataFrame.
+
+        Args:
+            data: AnnData (also a view or a backed row slice), scipy sparse matrix,
+                dense 2-D numpy array or DataFrame, cells x genes, with raw counts or
+                normalised/log1p values (binning is rank-based per cell).
+            gene_names: one gene symbol per column; required for matrices, optional for
+                AnnData (defaults to ``var_names``, or ``var[gene_column]``).
+            layer / use_raw: take the matrix from ``adata.layers[layer]`` or ``adata.raw``
+                instead of ``adata.X``; only that matrix is read.
+            gene_column: ``var`` column holding gene symbols.
+            max_length: tokens per cell including ``<cls>`` (default: the tokenizer's).
+            truncation: True uses ``truncation_strategy``; "random" or "highest" choose
+                it for this call; False keeps every gene.
+            padding: True/"longest" pads to the longest cell, "max_length" to
+                ``max_length``, False leaves cells unpadded.
+            pad_to_multiple_of: round the padded length up to a multiple of this.
+            return_tensors: "pt", "np" or None.  With None each key holds a list with
+                one 1-D numpy array per cell (padded or not), so callers can group cells
+                by length and later call :meth:`pad`.
+            seed: seed for tie-breaking and random truncation, combined with a hash of
+                each cell's content (see module docstring); None draws fresh entropy.
+            cls_value: value at ``<cls>`` for this call (default: the tokenizer's).
+            return_n_genes: add ``n_genes``: each cell's number of expressed vocabulary
+                genes before truncation (0 for a cell encoded as just ``<cls>``).
+        """
+        if isinstance(data, (str, bytes)) or (
+            isinstance(data, (list, tuple)) and data and isinstance(data[0], str)
+        ):
+            raise TypeError(
+                "ScGPTTokenizer tokenises expression matrices, not text: pass an AnnData, a sparse "
+                "matrix or an array of cells x genes (with gene_names)."
+            )
+        if kwargs:
+            raise TypeError(f"Unexpected arguments: {sorted(kwargs)}.")
+        matrix, names, var = self._resolve_input(data, gene_names, layer, use_raw, gene_column)
+        if len(names) != matrix.shape[1]:
+            raise ValueError(
+                f"Shape mismatch: the matrix has {matrix.shape[1]} gene columns but {len(names)} gene names "
+                "were given; pass exactly one name per column."
+            )
+        try:
+            match = self.match_genes(names)
+        except ValueError as err:
+            hint = self._suggest_gene_column(var) if var is not None and gene_column is None else None
+            if hint:
+                raise ValueError(f"{err} var[{hint!r}] holds matching symbols: try gene_column={hint!r}.") from None
+            raise
+        return self.encode_with_ids(
+            matrix,
+            match.ids,
+            max_length=max_length,
+            truncation=truncation,
+            padding=padding,
+            pad_to_multiple_of=pad_to_multiple_of,
+            return_tensors=return_tensors,
+            seed=seed,
+            cls_value=cls_value,
+            return_n_genes=return_n_genes,
+            gene_names=names,
+        )
+
+    def _suggest_gene_column(self, var: Any) -> str | None:
+        for col in var.columns:
+            values = var[col]
+            if values.dtype.kind in "OSU" or str(values.dtype) in ("category", "string"):
+                sample = values.astype(str).tolist()[:2000]
+                if sum(s in self.vocab for s in sample) > 0.1 * len(sample):
+                    return str(col)
+        return None
+
+    def encode_with_ids(
+        self,
+        matrix: Any,
+        gene_ids: np.ndarray | Sequence[int],
+        *,
+        max_length: int | None = None,
+        truncation: bool | str = True,
+        padding: bool | str = True,
+        pad_to_multiple_of: int | None = None,
+        return_tensors: str | None = None,
+        seed: int | None = 0,
+        cls_value: float | None = None,
+        return_n_genes: bool = False,
+        gene_names: Sequence[str] | None = None,
+    ) -> BatchEncoding:
+        """Tokenise a cells x genes matrix whose columns are already matched to vocabulary ids.
+
+        ``gene_ids`` holds one id per column, -1 for columns to leave out (e.g.
+        ``tokenizer.match_genes(names).ids``), so streaming callers match names once and
+        then pass chunk after chunk.  ``matrix`` may be scipy sparse, dense numpy or a
+        backed/on-disk matrix supporting row slices.  Other arguments as in ``__call__``.
+        """
+        max_length = self.max_length if max_length is None else int(max_length)
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1 (room for <cls>), got {max_length}.")
+        if truncation is True:
+            strategy: str | None = self.truncation_strategy
+        elif truncation is False or truncation is None:
+            strategy = None
+        elif truncation in _TRUNCATION_STRATEGIES:
+            strategy = truncation
+        else:
+            raise ValueError(f"truncation must be True, False, 'random' or 'highest', got {truncation!r}.")
+        cls_value = self.cls_value if cls_value is None else float(cls_value)
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (1 << 63))
+        elif not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}.")
+
+        if not (sp.issparse(matrix) or hasattr(matrix, "shape")) or len(matrix.shape) != 2:
+            raise TypeError(f"Expected a 2-D cells x genes matrix, got {type(matrix).__name__}.")
+        self._check_dtype(matrix)
+        gene_ids = np.asarray(gene_ids, dtype=np.int64)
+        n_rows, n_cols = matrix.shape
+        if gene_ids.shape != (n_cols,):
+            raise ValueError(
+                f"Shape mismatch: the matrix has {n_cols} gene columns but {gene_ids.size} gene ids were given."
+            )
+        used = gene_ids[gene_ids >= 0]
+        if len(np.unique(used)) != len(used):
+            raise ValueError(
+                "gene_ids maps several columns to the same vocabulary id; use match_genes(), which keeps "
+                "the first column of each repeated gene, or aggregate the columns first."
+            )
+        if used.size == 0:
+            raise ValueError("No column has a vocabulary id (all gene_ids are -1).")
+        unknown = ~np.isin(used, np.fromiter(self.ids_to_tokens, dtype=np.int64))
+        if unknown.any():
+            raise ValueError(f"gene_ids contains ids not in the vocabulary, e.g. {used[unknown][:5].tolist()}.")
+
+        cls_id = self.cls_token_id
+        matched_cols = np.flatnonzero(gene_ids >= 0)
+        col_pos = np.full(n_cols, -1, dtype=np.int64)
+        col_pos[matched_cols] = np.arange(matched_cols.size)
+
+        all_ids: list[np.ndarray] = []
+        all_values: list[np.ndarray] = []
+        n_genes = np.zeros(n_rows, dtype=np.int64)
+        for start, chunk in self._iter_csr_chunks(matrix):
+            self._validate_chunk(chunk, start, gene_names)
+            indptr, indices, data = chunk.indptr, chunk.indices, chunk.data
+            for r in range(chunk.shape[0]):
+                cols = indices[indptr[r] : indptr[r + 1]]
+                vals = data[indptr[r] : indptr[r + 1]]
+                keep = (gene_ids[cols] >= 0) & (vals != 0)
+                cols, vals = cols[keep], vals[keep].astype(np.float32)
+                order = np.argsort(cols, kind="stable")  # column order (CSR may be unsorted)
+                cols, vals = cols[order], vals[order]
+                n_genes[start + r] = cols.size
+                if self.include_zero_genes:
+                    raw = np.zeros(matched_cols.size, dtype=np.float32)
+                    raw[col_pos[cols]] = vals
+                    ids = gene_ids[matched_cols]
+                else:
+                    raw, ids = vals, gene_ids[cols]
+                tok_ids, tok_vals = self._encode_cell(ids, raw, seed, strategy, max_length)
+                all_ids.append(np.concatenate(([cls_id], tok_ids)).astype(np.int64))
+                all_values.append(np.concatenate(([cls_value], tok_vals)).astype(np.float32))
+
+        n_empty = int((n_genes == 0).sum())
+        if n_empty:
+            logger.warning(
+                "%d of %d cells express no vocabulary gene; each is encoded as just <cls> (n_genes == 0). "
+                "Filter such cells out (e.g. with return_n_genes=True) if their embeddings are meaningless to you.",
+                n_empty, n_rows,
+            )
+        encoded: dict[str, Any] = {
+            "input_ids": all_ids,
+            "values": all_values,
+            "attention_mask": [np.ones(len(x), dtype=np.int64) for x in all_ids],
+        }
+        if return_n_genes:
+            encoded["n_genes"] = n_genes
+        return self.pad(
+            encoded,
+            padding=padding,
+            max_length=max_length if padding == "max_length" else None,
+            pad_to_multiple_of=pad_to_multiple_of,
+            return_tensors=return_tensors,
+        )
+
+    def _validate_chunk(self, chunk: sp.csr_matrix, start: int, gene_names: Sequence[str] | None) -> None:
+        data = chunk.data
+        if data.dtype.kind not in "biuf":
+            raise ValueError(f"Expression values must be numeric, got dtype {data.dtype}.")
+        if data.dtype.kind == "f":
+            bad = ~np.isfinite(data)
+            if bad.any():
+                raise ValueError(
+                    f"Expression values contain NaN or infinity ({self._where(chunk, start, bad, gene_names)}). "
+                    "Fix or drop these entries (e.g. np.nan_to_num on counts) before tokenising."
+                )
+        neg = data < 0
+        if neg.any():
+            raise ValueError(
+                f"Expression values must be non-negative, found {data[neg].min()} "
+                f"({self._where(chunk, start, neg, gene_names)}). This looks like scaled/centred data "
+                "(e.g. after sc.pp.scale), which scGPT cannot use: pass raw counts or normalised/log1p "
+                "values (e.g. layer='counts' or use_raw=True)."
+            )
+        if not self._warned_non_integer and data.dtype.kind == "f" and data.size:
+            if np.any(data != np.floor(data)):
+                self._warned_non_integer = True
+                logger.warning(
+                    "Expression values are not integers (normalised or log1p data?). That is fine: "
+                    "binning is rank-based within each cell, so log-normalised input gets the same bins "
+                    "as raw counts (up to random tie-breaking). Scaled data (negative values) is invalid."
+                )
+
+    @staticmethod
+    def _where(chunk: sp.csr_matrix, start: int, bad: np.ndarray, gene_names: Sequence[str] | None) -> str:
+        pos = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(chunk.indptr, pos, side="right") - 1) + start
+        col = int(chunk.indices[pos])
+        gene = f", gene {gene_names[col]!r}" if gene_names is not None else ""
+        return f"first at cell {row}, column {col}{gene}; {int(bad.sum())} entries in rows {start}-{start + chunk.shape[0] - 1}"
+
+    def _encode_cell(
+        self, ids: np.ndarray, raw: np.ndarray, seed: int, strategy: str | None, max_length: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Bin and truncate one cell's gene tokens (without <cls>), in column order."""
+        n = ids.size
+        need_trunc = strategy is not None and n > max_length - 1
+        nonzero = raw != 0
+        needs_rng = (self.do_binning and nonzero.any()) or (need_trunc and strategy == "random")
+        if self.do_binning:
+            values = np.zeros(n, dtype=np.float32)
+        else:
+            values = raw.astype(np.float32)
+        if needs_rng:
+            canon = np.argsort(ids, kind="stable")  # gene-id order: independent of column order
+            nz_canon = canon[nonzero[canon]]
+            rng = np.random.default_rng([int(seed), cell_hash(ids[nz_canon], raw[nz_canon])])
+            if self.do_binning and nz_canon.size:
+                uniform = rng.random(nz_canon.size)
+                values[nz_canon] = bin_nonzero_values(raw[nz_canon], self.n_bins, uniform)
+        if need_trunc:
+            k = max_length - 1
+            if strategy == "random":
+                keep = canon[rng.permutation(n)[:k]]
+            else:
+                # Highest raw value first; ties go to the smaller vocabulary id.
+                keep = np.lexsort((ids, -raw))[:k]
+            keep = np.sort(keep)
+            return ids[keep], values[keep]
+        return ids, values
+
+    # ------------------------------------------------------------------ padding
+    def pad(
+        self,
+        encoded_inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+        padding: bool | str = True,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool | None = None,
+        return_tensors: str | None = None,
+        verbose: bool = True,
+        **kwargs: Any,
+    ) -> BatchEncoding:
+        """Pad cells to a common length: ``input_ids`` with the pad id, ``values`` with
+        ``pad_value`` and ``attention_mask`` with 0.
+
+        Accepts a BatchEncoding/dict whose keys hold one sequence per cell (lists, numpy
+        arrays or tensors, e.g. the unpadded output of ``__call__``), a dict of 2-D
+        padded arrays (their padding is stripped via ``attention_mask`` and redone), or
+        a list of per-cell dicts (as a DataLoader ``collate_fn`` gets).  ``padding``:
+        True/"longest", "max_length" (needs ``max_length``) or False.  Keys that hold
+        one scalar per cell (``n_genes``) are passed through.  Only right padding.
+        """
+        if padding_side not in (None, "right"):
+            raise ValueError("ScGPTTokenizer pads on the right only.")
+        if isinstance(encoded_inputs, Sequence) and encoded_inputs and isinstance(encoded_inputs[0], Mapping):
+            encoded_inputs = {k: [ex[k] for ex in encoded_inputs] for k in encoded_inputs[0]}
+        if "input_ids" not in encoded_inputs:
+            raise ValueError(f"pad() needs 'input_ids'; got keys {list(encoded_inputs.keys())}.")
+
+        def as_rows(x: Any) -> list[np.ndarray]:
+            if isinstance(x, (list, tuple)):
+                return [_to_numpy_1d(r) for r in x]
+            arr = _to_numpy_1d(x)
+            return list(arr) if arr.ndim == 2 else [arr]
+
+        first = encoded_inputs["input_ids"]
+        single = len(first) > 0 and _to_numpy_1d(first[0]).ndim == 0
+        src = {k: ([v] if single else v) for k, v in encoded_inputs.items()}
+        ids = as_rows(src["input_ids"])
+        values = as_rows(src["values"]) if "values" in src else None
+        if "attention_mask" in src:
+            masks = as_rows(src["attention_mask"])
+            lengths = [int(m.sum()) for m in masks]  # strips earlier right padding
+        else:
+            lengths = [len(r) for r in ids]
+        ids = [r[:n].astype(np.int64) for r, n in zip(ids, lengths)]
+        if values is not None:
+            if [len(v) for v in values] != [len(r) for r in as_rows(src["input_ids"])]:
+                raise ValueError("'values' and 'input_ids' must have the same length for every cell.")
+            values = [v[:n].astype(np.float32) for v, n in zip(values, lengths)]
+
+        longest = max(lengths, default=0)
+        if padding is True or padding == "longest":
+            target: int | None = longest
+        elif padding == "max_length":
+            if max_length is None:
+                max_length = self.max_length
+            target = max_length
+        elif padding is False or padding == "do_not_pad" or padding is None:
+            target = None
+        else:
+            raise ValueError(f"padding must be True, 'longest', 'max_length' or False, got {padding!r}.")
+        if target is not None and pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        if target is not None and longest > target:
+            raise ValueError(
+                f"A cell has {longest} tokens, more than the padding length {target}; tokenise with "
+                "truncation=True and a max_length <= the padding length."
+            )
+
+        out: dict[str, Any] = {}
+        if target is not None:
+            n = len(ids)
+            pid = np.full((n, target), self.pad_token_id, dtype=np.int64)
+            pval = np.full((n, target), self.pad_value, dtype=np.float32)
+            pmask = np.zeros((n, target), dtype=np.int64)
+            for i, r in enumerate(ids):
+                pid[i, : len(r)] = r
+                pmask[i, : len(r)] = 1
+                if values is not None:
+                    pval[i, : len(r)] = values[i]
+            out["input_ids"], out["attention_mask"] = pid, pmask
+            if values is not None:
+                out["values"] = pval
+        else:
+            out["input_ids"] = ids
+            out["attention_mask"] = [np.ones(len(r), dtype=np.int64) for r in ids]
+            if values is not None:
+                out["values"] = values
+        if return_attention_mask is False:
+            out.pop("attention_mask")
+        out = {k: out[k] for k in self.model_input_names if k in out}
+        for k, v in src.items():
+            if k not in ("input_ids", "values", "attention_mask"):
+                out[k] = np.asarray([_to_numpy_1d(x) for x in v]) if isinstance(v, (list, tuple)) else _to_numpy_1d(v)
+
+        if return_tensors is None:
+            for k in ("input_ids", "values", "attention_mask"):
+                if k in out and not isinstance(out[k], list):
+                    out[k] = list(out[k])
+        elif return_tensors in ("np", "pt"):
+            for k in ("input_ids", "values", "attention_mask"):
+                if k in out and isinstance(out[k], list):
+                    if len({len(r) for r in out[k]}) > 1:
+                        raise ValueError(
+                            f"Cannot make a {return_tensors!r} tensor from cells of different lengths; "
+                            "use padding=True/'longest' or 'max_length'."
+                        )
+                    dtype = np.float32 if k == "values" else np.int64
+                    out[k] = np.stack(out[k]).astype(dtype) if out[k] else np.zeros((0, 0), dtype=dtype)
+            if return_tensors == "pt":
+                import torch
+
+                out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+        else:
+            raise ValueError(f"return_tensors must be None, 'np' or 'pt', got {return_tensors!r}.")
+        if single:
+            out = {k: v[0] for k, v in out.items()}
+        return BatchEncoding(out)
+
+
+__all__ = ["ScGPTTokenizer", "GeneMatch", "bin_nonzero_values", "cell_hash", "load_vocab"]
