@@ -1,8 +1,9 @@
 """scgpt-hf: the scGPT single-cell foundation model as a Hugging Face model family."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoTokenizer
 
 from .configuration_scgpt import ScGPTConfig
+from .convert import ConversionReport, convert_original_checkpoint
 from .modeling_scgpt import (
     ScGPTForPreTraining,
     ScGPTForPreTrainingOutput,
@@ -10,18 +11,24 @@ from .modeling_scgpt import (
     ScGPTModelOutput,
     ScGPTPreTrainedModel,
 )
+from .tokenization_scgpt import GeneMatch, ScGPTTokenizer
 
 __version__ = "0.1.0"
 
 AutoConfig.register(ScGPTConfig.model_type, ScGPTConfig)
 AutoModel.register(ScGPTConfig, ScGPTModel)
 AutoModelForPreTraining.register(ScGPTConfig, ScGPTForPreTraining)
+AutoTokenizer.register(ScGPTConfig, tokenizer_class=ScGPTTokenizer)
 
 __all__ = [
+    "ConversionReport",
+    "GeneMatch",
     "ScGPTConfig",
     "ScGPTForPreTraining",
     "ScGPTForPreTrainingOutput",
     "ScGPTModel",
     "ScGPTModelOutput",
     "ScGPTPreTrainedModel",
+    "ScGPTTokenizer",
+    "convert_original_checkpoint",
 ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
 import io
 import json
@@ -308,8 +309,12 @@ def _make_flash_attn() -> dict[str, types.ModuleType]:
         root.__doc__ = "scgpt-hf test stand-in for flash-attn 1.x (FlashMHA only)."
         root.__path__ = []  # type: ignore[attr-defined]  # a package
         root.__version__ = "1.0.9+standin"  # type: ignore[attr-defined]
+        # A spec lets importlib.util.find_spec (used by transformers' availability checks) see it
+        # without raising; there is no flash_attn distribution, so transformers never picks it.
+        root.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None, is_package=True)
         modules["flash_attn"] = root
     sub = types.ModuleType("flash_attn.flash_attention")
+    sub.__spec__ = importlib.machinery.ModuleSpec("flash_attn.flash_attention", None)
     sub.FlashMHA = FlashMHA  # type: ignore[attr-defined]
     modules["flash_attn.flash_attention"] = sub
     return modules

@@ -36,7 +36,7 @@ CONFIGS = {
             explicit_zero_prob=True,
             do_mvc=True,
         ),
-        args=dict(pad_value=51, mask_value=52),
+        args=dict(mask_value=52),
     ),
     "batch labels dsbn zero-prob mvc": dict(
         flash=True,
@@ -90,8 +90,8 @@ def test_converted_model_matches_original(name, tmp_path, original_scgpt):
         mask_value=-1,
         pre_norm=kwargs.get("pre_norm", False),
         cell_emb_style=kwargs.get("cell_emb_style", "cls"),
-        **spec.get("args", {}),
     )
+    args.update(spec.get("args", {}))
     save_original_checkpoint(original, tmp_path / "orig", args=args, vocab=vocab, layout=spec["layout"])
     report = convert_original_checkpoint(tmp_path / "orig", tmp_path / "hf", verbose=False)
     assert set(report.left_out) == {k for k in original.state_dict() if k.startswith("cls_decoder.")}
