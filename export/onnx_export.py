@@ -1,0 +1,1067 @@
+"""Export scGPT models to validated, optimised ONNX graphs, and run them with ONNX Runtime.
+
+Pipeline of :func:`export_onnx` (every step is reported in ``export_report.json`` beside the model):
+
+1. Load the model for the task (``embedding``: `ScGPTModel`; ``expression``: `ScGPTForPreTraining`) and
+   export it with torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``) with dynamic batch and
+   sequence axes, attention through SDPA. The legacy TorchScript exporter is not used: it hard-codes the
+   sequence length in attention reshapes.
+2. Fuse with onnxscript's ``optimize_for_ort``: SDPA -> ``MultiHeadAttention`` and Add+LayerNorm ->
+   ``SkipLayerNormalization``. This is not optional on CPU: unfused, ONNX Runtime materialises each
+   attention matrix and is slower than PyTorch (see REFERENCE.md section 8).
+3. Precision: ``fp32``; ``fp16`` (weights and compute in half, float32 inputs/outputs, meant for CUDA
+   hosts); ``int8`` (``onnxruntime.quantization.quantize_dynamic``: int8 weights, dynamic int8
+   activations, for CPU hosts).
+4. Validate: PyTorch (fp32) against ONNX Runtime on real cells (scirpy's wu2020 through the tokenizer when
+   its genes match the vocabulary, else synthetic cells) at several (batch, length) shapes with padding;
+   compare only non-padded positions. fp32 must agree within ``1e-4`` (max abs); fp16 / int8 cell
+   embeddings need cosine >= 0.999 / 0.99. A failing export raises :class:`ExportValidationError` and the
+   graph is kept only as ``model.failed.onnx``.
+5. ``metadata_props``: config, vocabulary hash, package version, opset, task, precision, input/output
+   contract and the preprocessing contract (n_bins, pad/cls values and ids, max length).
+
+:class:`OnnxScGPT` loads an exported graph with clear errors for missing, truncated or corrupted files and
+checks what it is fed (names, dtypes, shapes, id ranges) before ONNX Runtime sees it.
+
+New heads register a :class:`TaskSpec` with :func:`register_task`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from scgpt_hf.configuration_scgpt import ScGPTConfig
+from scgpt_hf.modeling_scgpt import ScGPTForPreTraining, ScGPTModel, ScGPTPreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ExportReport",
+    "ExportValidationError",
+    "OnnxInputError",
+    "OnnxModelError",
+    "OnnxScGPT",
+    "PRECISIONS",
+    "TASKS",
+    "TaskSpec",
+    "export_onnx",
+    "read_onnx_metadata",
+    "register_task",
+    "vocab_sha256",
+]
+
+MODEL_FILE = "model.onnx"
+FAILED_MODEL_FILE = "model.failed.onnx"
+REPORT_FILE = "export_report.json"
+METADATA_PREFIX = "scgpt_hf."
+PRECISIONS = ("fp32", "fp16", "int8")
+# Validation thresholds (issue 4).
+FP32_MAX_ABS = 1e-4
+MIN_COSINE = {"fp16": 0.999, "int8": 0.99}
+# Outputs with one row per cell; every other output has one value (or vector) per token.
+PER_CELL_OUTPUTS = {"cell_embedding", "batch_embedding", "logits"}
+DEFAULT_VALIDATION_SHAPES: tuple[tuple[int, int | None], ...] = ((1, None), (4, None), (8, 48))
+
+
+class ExportValidationError(RuntimeError):
+    """ONNX Runtime disagreed with PyTorch beyond the precision's bound; the report says where."""
+
+
+class OnnxModelError(ValueError):
+    """An ONNX file is missing, truncated, corrupted or not an scgpt-hf export."""
+
+
+class OnnxInputError(ValueError):
+    """Inputs fed to :class:`OnnxScGPT` have the wrong names, dtypes, shapes or values."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What one export task exports.
+
+    Args:
+        name: CLI/API task name.
+        description: one line for help texts.
+        load: loads the model for this task from a local folder or Hub id.
+        adapt: turns a model object given by the user into the one to export (or raises with the fix).
+        outputs: candidate output fields, in graph order; those the model returns as None are dropped.
+        extra_inputs: config -> names of inputs beyond input_ids / values / attention_mask.
+    """
+
+    name: str
+    description: str
+    load: Callable[[str], nn.Module]
+    adapt: Callable[[nn.Module], nn.Module]
+    outputs: tuple[str, ...]
+    extra_inputs: Callable[[ScGPTConfig], tuple[str, ...]] = lambda config: _batch_label_inputs(config)
+
+
+def _batch_label_inputs(config: ScGPTConfig) -> tuple[str, ...]:
+    needs = config.use_batch_labels or config.domain_spec_batchnorm == "dsbn"
+    return ("batch_labels",) if needs else ()
+
+
+def _adapt_backbone(model: nn.Module) -> nn.Module:
+    if isinstance(model, ScGPTModel):
+        return model
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if isinstance(model, ScGPTPreTrainedModel) and isinstance(base, ScGPTModel):
+        return base
+    raise TypeError(
+        f"task 'embedding' exports an ScGPTModel backbone; got {type(model).__name__}. Pass an ScGPTModel, a "
+        "model with an scGPT backbone (e.g. ScGPTForPreTraining) or a model folder / Hub id."
+    )
+
+
+def _adapt_pretraining(model: nn.Module) -> nn.Module:
+    if isinstance(model, ScGPTForPreTraining):
+        return model
+    raise TypeError(
+        f"task 'expression' exports the pretraining head (ScGPTForPreTraining); got {type(model).__name__}. "
+        "Load it with ScGPTForPreTraining.from_pretrained(...) or pass the model folder / Hub id."
+    )
+
+
+TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec) -> None:
+    """Make a task exportable (`export_onnx(task=spec.name)` and the CLI's --task); heads call this as they land."""
+    TASKS[spec.name] = spec
+
+
+register_task(
+    TaskSpec(
+        name="embedding",
+        description="backbone: cell_embedding (batch, hidden) and last_hidden_state (batch, seq, hidden)",
+        load=lambda path: ScGPTModel.from_pretrained(path),
+        adapt=_adapt_backbone,
+        outputs=("cell_embedding", "last_hidden_state"),
+    )
+)
+register_task(
+    TaskSpec(
+        name="expression",
+        description="pretraining head: expression (+ zero_probs, mvc_expression, mvc_zero_probs) and cell_embedding",
+        load=lambda path: ScGPTForPreTraining.from_pretrained(path),
+        adapt=_adapt_pretraining,
+        outputs=("expression", "zero_probs", "mvc_expression", "mvc_zero_probs", "cell_embedding"),
+    )
+)
+
+
+class _ExportWrapper(nn.Module):
+    """Positional inputs and a tuple of named outputs, the form the ONNX exporter needs."""
+
+    def __init__(self, model: nn.Module, input_names: Sequence[str], output_names: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.input_names = tuple(input_names)
+        self.output_names = tuple(output_names)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(**dict(zip(self.input_names, inputs)), return_dict=True)
+        return tuple(getattr(out, name) for name in self.output_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+@dataclass
+class ExportReport:
+    """Everything an export did and measured; written as ``export_report.json`` beside the model."""
+
+    task: str
+    precision: str
+    opset: int
+    model_path: str
+    source: str
+    inputs: list[dict] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)
+    fusion_rewrites: dict[str, int] = field(default_factory=dict)
+    fused_ops: dict[str, int] = field(default_factory=dict)
+    ort_session_ops: dict[str, int] = field(default_factory=dict)
+    op_counts: dict[str, int] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    passed: bool | None = None
+    file_size: int = 0
+    sha256: str = ""
+    vocab_sha256: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The report as indented JSON."""
+        return json.dumps(dataclasses.asdict(self), indent=2, default=_json_default)
+
+    def summary(self) -> str:
+        """A few human-readable lines: what was fused and how validation went."""
+        lines = [f"scGPT {self.task} -> {self.model_path} ({self.precision}, opset {self.opset}, "
+                 f"{self.file_size / 2**20:.1f} MiB)"]
+        lines.append("  inputs:  " + ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in self.inputs))
+        lines.append("  outputs: " + ", ".join(f"{o['name']} {o['shape']}" for o in self.outputs))
+        if self.fusion_rewrites:
+            lines.append("  fused (onnxscript optimize_for_ort): "
+                         + ", ".join(f"{k} x{v}" for k, v in self.fusion_rewrites.items() if v))
+        if self.fused_ops:
+            lines.append("  fused ops in the saved graph: " + ", ".join(f"{k} x{v}" for k, v in self.fused_ops.items()))
+        if self.ort_session_ops:
+            lines.append("  further fused by ONNX Runtime at load: "
+                         + ", ".join(f"{k} x{v}" for k, v in self.ort_session_ops.items()))
+        val = self.validation
+        if val.get("skipped"):
+            lines.append("  validation: skipped")
+        elif val:
+            lines.append(f"  validation on {val.get('data')} ({val.get('criterion')}):")
+            for case in val.get("cases", []):
+                figures = ", ".join(
+                    f"{name} max|d|={o['max_abs_diff']:.2e}" + (f" cos>={o['min_cosine']:.6f}" if "min_cosine" in o else "")
+                    for name, o in case["outputs"].items()
+                )
+                lines.append(f"    batch {case['batch']} x len {case['length']} (padded tokens {case['padded_tokens']}): "
+                             f"{figures} -> {'ok' if case['passed'] else 'FAIL'}")
+            lines.append(f"  validation {'PASSED' if self.passed else 'FAILED'}")
+        return "\n".join(lines)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def vocab_sha256(vocab: Mapping[str, int]) -> str:
+    """sha256 of the vocabulary sorted by token: ``json.dumps(sorted(vocab.items()))`` compact, UTF-8.
+
+    A server computes the same from its tokenizer's vocabulary to check it feeds the ids the graph expects.
+    """
+    items = sorted((str(k), int(v)) for k, v in vocab.items())
+    payload = json.dumps(items, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    from scgpt_hf import __version__
+
+    out = {"scgpt_hf": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    with contextlib.suppress(Exception):
+        import onnxscript
+
+        out["onnxscript"] = onnxscript.__version__
+    return out
+
+
+@contextlib.contextmanager
+def _sdpa_attention(model: ScGPTPreTrainedModel) -> Iterator[None]:
+    """Export with SDPA attention (what the fusion pass turns into MultiHeadAttention), then restore."""
+    previous = model.config._attn_implementation
+    if previous != "sdpa":
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if previous != "sdpa" and previous is not None:
+            model.set_attn_implementation(previous)
+
+
+@contextlib.contextmanager
+def _skip_value_checks(model: nn.Module) -> Iterator[None]:
+    """Skip ScGPTModel's batch_labels range check while tracing.
+
+    The check branches on tensor values (`batch_labels.min() < 0`), which torch.export cannot trace
+    (GuardOnDataDependentSymNode). OnnxScGPT checks the range before running the graph instead.
+    """
+    backbones = [m for m in model.modules() if isinstance(m, ScGPTModel)]
+    for backbone in backbones:
+        backbone._check_batch_labels = lambda batch_labels, batch_size: None  # instance attribute shadows method
+    try:
+        yield
+    finally:
+        for backbone in backbones:
+            backbone.__dict__.pop("_check_batch_labels", None)
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Silence the exporter's progress lines and known-harmless warnings unless verbose."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "root")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _load_vocab(model: nn.Module, source: str | None, tokenizer: Any, vocab: Mapping[str, int] | None) -> dict | None:
+    if vocab is not None:
+        return dict(vocab)
+    if tokenizer is not None:
+        return dict(tokenizer.get_vocab())
+    for candidate in (source, getattr(model, "name_or_path", None)):
+        if candidate and (Path(candidate) / "vocab.json").is_file():
+            with open(Path(candidate) / "vocab.json") as f:
+                return json.load(f)
+    return None
+
+
+def _load_tokenizer(source: str | None, vocab: Mapping[str, int] | None, config: ScGPTConfig) -> Any:
+    """The tokenizer saved with the model, or one built from `vocab`; None when neither exists."""
+    from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
+
+    if source is not None and (Path(source) / "vocab.json").is_file():
+        return ScGPTTokenizer.from_pretrained(source)
+    if source is not None and not Path(source).exists():
+        with contextlib.suppress(Exception):  # Hub id without a tokenizer: validate on synthetic cells
+            return ScGPTTokenizer.from_pretrained(source)
+    if vocab is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "vocab.json"
+            path.write_text(json.dumps(dict(vocab)))
+            return ScGPTTokenizer(vocab_file=str(path), n_bins=config.n_bins, pad_value=config.pad_value,
+                                  max_length=config.max_seq_len)
+    return None
+
+
+def _preprocessing_contract(config: ScGPTConfig, tokenizer: Any, task: str) -> dict[str, Any]:
+    """What a client must feed: how cells are tokenised and padded for this graph."""
+    return {
+        "n_bins": int(config.n_bins),
+        "pad_value": float(config.pad_value),
+        # The zero-shot embedding path (scgpt_hf.embedding.embed, the original embed_data) puts pad_value at
+        # <cls>; pretraining-style inputs use the tokenizer's cls_value (0 in the original tokenizer).
+        "cls_value": float(config.pad_value) if task == "embedding" else float(getattr(tokenizer, "cls_value", 0.0)),
+        "mask_value": float(config.mask_value),
+        "pad_token_id": int(config.pad_token_id),
+        "cls_token_id": int(config.cls_token_id),
+        "eoc_token_id": int(config.eoc_token_id),
+        "max_length": int(getattr(tokenizer, "max_length", config.max_seq_len) or config.max_seq_len),
+        "vocab_size": int(config.vocab_size),
+        "input_emb_style": config.input_emb_style,
+        "binning": "per-cell quantile bins 1..n_bins-1 of non-zero values (ScGPTTokenizer, do_binning=True)",
+        "layout": "<cls> first, then expressed genes; padding at the end with pad_token_id / pad_value and "
+                  "attention_mask 0",
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation data
+
+
+def _synthetic_cells(config: ScGPTConfig, n_cells: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    specials = {config.pad_token_id, config.cls_token_id, config.eoc_token_id}
+    genes = np.array([i for i in range(config.vocab_size) if i not in specials], dtype=np.int64)
+    cells = []
+    for _ in range(n_cells):
+        n = int(rng.integers(2, max(3, min(config.max_seq_len, len(genes) + 1))))
+        ids = np.concatenate([[config.cls_token_id], rng.choice(genes, size=n - 1, replace=False)])
+        vals = np.concatenate([[config.pad_value], rng.integers(1, config.n_bins, size=n - 1)]).astype(np.float32)
+        cells.append((ids.astype(np.int64), vals))
+    return cells
+
+
+def _real_cells(tokenizer: Any, config: ScGPTConfig, n_cells: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Cells of scirpy's wu2020 through the tokenizer, or None when unavailable or no gene matches."""
+    if tokenizer is None:
+        return None
+    try:
+        import anndata
+        import importlib.util
+
+        spec = importlib.util.find_spec("scirpy")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = next((Path(p) / "tests/data/wu2020_200_v0_11.h5ad" for p in spec.submodule_search_locations
+                     if (Path(p) / "tests/data/wu2020_200_v0_11.h5ad").is_file()), None)
+        if path is None:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adata = anndata.read_h5ad(path)
+        rows = np.random.default_rng(seed).permutation(adata.n_obs)[:n_cells]
+        tok_logger = logging.getLogger(type(tokenizer).__module__)
+        level = tok_logger.level
+        tok_logger.setLevel(logging.ERROR)  # a small vocabulary matching few genes is fine for validation
+        try:
+            enc = tokenizer(adata[np.sort(rows)], padding=False, return_tensors=None, seed=seed,
+                            max_length=config.max_seq_len, cls_value=config.pad_value)
+        finally:
+            tok_logger.setLevel(level)
+    except (ValueError, OSError, ImportError) as err:  # no gene matches, unreadable file ...
+        logger.info("real validation cells unavailable (%s); using synthetic cells", err)
+        return None
+    cells = [(np.asarray(i, dtype=np.int64), np.asarray(v, dtype=np.float32))
+             for i, v in zip(enc["input_ids"], enc["values"]) if len(i) >= 2]
+    return cells or None
+
+
+def pad_cells(cells: Sequence[tuple[np.ndarray, np.ndarray]], pad_token_id: int, pad_value: float,
+              max_length: int | None = None) -> dict[str, np.ndarray]:
+    """Stack (input_ids, values) cells into a padded batch (truncated to `max_length` tokens, `<cls>` kept)."""
+    cells = [(i[:max_length], v[:max_length]) if max_length else (i, v) for i, v in cells]
+    length = max(len(i) for i, _ in cells)
+    ids = np.full((len(cells), length), pad_token_id, dtype=np.int64)
+    vals = np.full((len(cells), length), pad_value, dtype=np.float32)
+    mask = np.zeros((len(cells), length), dtype=np.int64)
+    for row, (i, v) in enumerate(cells):
+        ids[row, : len(i)], vals[row, : len(v)], mask[row, : len(i)] = i, v, 1
+    return {"input_ids": ids, "values": vals, "attention_mask": mask}
+
+
+def _validation_batches(cells: list, config: ScGPTConfig, shapes: Sequence[tuple[int, int | None]],
+                        extra_inputs: Sequence[str], seed: int) -> list[dict[str, np.ndarray]]:
+    """One padded batch per (batch size, max length); cells of mixed lengths so padding is exercised."""
+    order = sorted(range(len(cells)), key=lambda k: len(cells[k][0]))
+    batches = []
+    for n, (batch, max_len) in enumerate(shapes):
+        # spread picks over the length range (shortest to longest) so each batch mixes lengths
+        picks = [order[int(round(x))] for x in np.linspace(0, len(order) - 1, batch)] if batch > 1 else \
+            [order[(len(order) // 2 + n) % len(order)]]
+        feed = pad_cells([cells[k] for k in picks], config.pad_token_id, config.pad_value, max_len)
+        if "batch_labels" in extra_inputs:
+            feed["batch_labels"] = (np.arange(batch) % config.num_batch_labels).astype(np.int64)
+        batches.append(feed)
+    return batches
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
+def _compare(name: str, ref: np.ndarray, got: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """Max abs difference (non-padded positions only) and, for cell-level outputs, the per-cell cosine."""
+    if got.shape != ref.shape:
+        raise ExportValidationError(f"output {name!r}: ONNX shape {got.shape} != PyTorch shape {ref.shape}")
+    got = got.astype(np.float64)
+    ref = ref.astype(np.float64)
+    if name in PER_CELL_OUTPUTS:
+        diff = np.abs(got - ref)
+        out = {"max_abs_diff": float(diff.max()), "min_cosine": float(_cosine_rows(ref, got).min())}
+    else:
+        keep = mask.astype(bool)
+        diff = np.abs(got[keep] - ref[keep])  # (n_real_tokens, ...) : padded positions never compared
+        a, b = ref[keep].ravel(), got[keep].ravel()
+        out = {"max_abs_diff": float(diff.max()),
+               "cosine": float((a @ b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))}
+    out["max_abs_ref"] = float(np.abs(ref).max())
+    out["finite"] = bool(np.isfinite(got).all())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Graph steps
+
+
+def _op_counts(model: Any) -> Counter:
+    """Op type counts of an onnx.ModelProto (main graph; fused contrib ops prefixed by nothing)."""
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def _fused(counts: Mapping[str, int], domain_ops: set[str]) -> dict[str, int]:
+    return {op: n for op, n in sorted(counts.items()) if op in domain_ops}
+
+
+def _contrib_ops(model: Any) -> set[str]:
+    return {node.op_type for node in model.graph.node if node.domain == "com.microsoft"}
+
+
+def _ort_session_ops(path: Path, saved_counts: Mapping[str, int]) -> dict[str, int]:
+    """Ops ONNX Runtime adds when it optimises the graph at load (e.g. DynamicQuantizeMatMul, FusedMatMul)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(Path(tmp) / "ort_optimized.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(so.optimized_model_filepath, load_external_data=False)
+    counts = Counter(n.op_type for n in optimized.graph.node if n.domain == "com.microsoft")
+    return {op: n for op, n in sorted(counts.items()) if op not in saved_counts}
+
+
+def _save(model: Any, path: Path) -> None:
+    import onnx
+
+    if model.ByteSize() > 1_800_000_000:  # protobuf's 2 GiB limit
+        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _to_fp16(model: Any) -> Any:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with _quiet(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert_float_to_float16(model, keep_io_types=True)
+
+
+def _to_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint that does not apply here
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
+
+
+def _set_metadata(model: Any, entries: Mapping[str, str]) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in entries.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            prop = model.metadata_props.add()
+            prop.key, prop.value = key, value
+
+
+def _dim_names(value_info: Any) -> list:
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
+
+
+def _rename_dynamic_dims(model: Any, per_token: set[str]) -> None:
+    """Name the dynamic axes 'batch' and 'sequence' on every graph input and output."""
+    for vi in list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if axis == 0:
+                dim.dim_param = "batch"
+            elif axis == 1 and (vi.name in per_token or vi.name in {"input_ids", "values", "attention_mask"}):
+                dim.dim_param = "sequence"
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def export_onnx(
+    model_or_path: nn.Module | str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    task: str = "embedding",
+    opset: int = 18,
+    precision: str = "fp32",
+    validate: bool = True,
+    optimize: bool = True,
+    tokenizer: Any = None,
+    vocab: Mapping[str, int] | None = None,
+    validation_cells: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    validation_shapes: Sequence[tuple[int, int | None]] = DEFAULT_VALIDATION_SHAPES,
+    providers: Sequence[str] | None = None,
+    seed: int = 0,
+    verbose: bool = True,
+) -> ExportReport:
+    """Export an scGPT model to ``output_dir/model.onnx`` (dynamic batch and sequence), optimise and validate it.
+
+    Args:
+        model_or_path: a model object or a local folder / Hub id (loaded with the task's model class).
+        output_dir: folder for ``model.onnx``, ``export_report.json``, ``config.json`` and the tokenizer files.
+        task: one of `TASKS` ("embedding", "expression", and heads registered later).
+        opset: ONNX opset of the exported graph (>= 18; the dynamo exporter's floor).
+        precision: "fp32", "fp16" (for CUDA hosts) or "int8" (dynamic quantisation, for CPU hosts).
+        validate: compare with PyTorch on real cells; raise `ExportValidationError` if out of bounds.
+        optimize: fuse attention and layer norms (leave on: unfused graphs are slow on CPU).
+        tokenizer: `ScGPTTokenizer` for real validation cells and the preprocessing contract
+            (default: the one saved with the model).
+        vocab: gene vocabulary (token -> id) for the metadata hash when no tokenizer is available.
+        validation_cells: (input_ids, values) per cell to validate on instead of wu2020 / synthetic cells.
+        validation_shapes: (batch size, max tokens or None for the cells' own lengths) per validation case.
+        providers: ONNX Runtime execution providers for validation (default CPU).
+        seed: seed for the choice of validation cells and tokenizer tie-breaking.
+        verbose: print what was fused and the validation figures.
+
+    Returns:
+        The `ExportReport` (also written to ``output_dir/export_report.json``).
+    """
+    import onnx
+
+    from scgpt_hf import __version__
+
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASKS)}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}; choose one of {list(PRECISIONS)}.")
+    if int(opset) < 18:
+        raise ValueError(f"opset {opset} is too old: torch's dynamo exporter emits opset 18 or newer.")
+    spec = TASKS[task]
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    source = None
+    if isinstance(model_or_path, (str, os.PathLike)):
+        source = str(model_or_path)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # loading a backbone from a pretraining checkpoint lists the heads
+        try:
+            model = spec.load(source)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    elif isinstance(model_or_path, nn.Module):
+        model = spec.adapt(model_or_path)
+        name = getattr(model, "name_or_path", "") or getattr(model_or_path, "name_or_path", "")
+        source = name if name and Path(name).is_dir() else None
+    else:
+        raise TypeError(f"model_or_path must be a model or a folder / Hub id, got {type(model_or_path).__name__}.")
+    model = spec.adapt(model)
+    config: ScGPTConfig = model.config
+    if config.domain_spec_batchnorm == "dsbn":
+        raise NotImplementedError(
+            "Models with domain-specific batch norm (dsbn) pick a BatchNorm per batch label with data-dependent "
+            "Python control flow, which has no static ONNX graph; export is not supported for them yet."
+        )
+    vocab = _load_vocab(model, source, tokenizer, vocab)
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(source, vocab, config)
+        if vocab is None and tokenizer is not None:
+            vocab = dict(tokenizer.get_vocab())
+    if vocab is None:
+        raise ValueError(
+            "No gene vocabulary found: the ONNX metadata records its hash so servers can check their tokenizer. "
+            "Pass tokenizer=ScGPTTokenizer(...) or vocab={gene: id}, or export from a folder that holds vocab.json."
+        )
+    if len(vocab) != config.vocab_size:
+        raise ValueError(f"The vocabulary has {len(vocab)} entries but the model embeds {config.vocab_size} tokens: "
+                         "it does not belong to this model.")
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final_path = output_dir / MODEL_FILE
+    failed_path = output_dir / FAILED_MODEL_FILE
+    for stale in (final_path, failed_path, output_dir / (MODEL_FILE + ".data")):
+        stale.unlink(missing_ok=True)
+
+    was_training = model.training
+    model.eval()
+    input_names = ("input_ids", "values", "attention_mask") + tuple(spec.extra_inputs(config))
+    example = {
+        "input_ids": torch.tensor([[config.cls_token_id] + [1, 2, 3, 4, 5, 6, 7],
+                                   [config.cls_token_id] + [8, 9, 10, 11, 12] + [config.pad_token_id] * 2]),
+        "values": torch.tensor([[config.pad_value, 1, 5, 9, 2, 3, 4, 1],
+                                [config.pad_value, 2, 2, 7, 1, 1, config.pad_value, config.pad_value]]),
+        "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2]),
+        "batch_labels": torch.tensor([0, min(1, (config.num_batch_labels or 1) - 1)]),
+    }
+    example["input_ids"] = example["input_ids"].clamp(max=config.vocab_size - 1)
+    args = tuple(example[n] for n in input_names)
+    try:
+        with _sdpa_attention(model), torch.no_grad():
+            probe = model(**dict(zip(input_names, args)), return_dict=True)
+            output_names = tuple(n for n in spec.outputs if getattr(probe, n, None) is not None)
+            wrapper = _ExportWrapper(model, input_names, output_names).eval()
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+            dynamic = {n: ({0: batch} if n == "batch_labels" else {0: batch, 1: seq}) for n in input_names}
+            t0 = time.perf_counter()
+            with _quiet(False), _skip_value_checks(model):
+                program = torch.onnx.export(
+                    wrapper, args, dynamo=True, opset_version=int(opset), input_names=list(input_names),
+                    output_names=list(output_names), dynamic_shapes={"inputs": tuple(dynamic[n] for n in input_names)},
+                    optimize=True, verbose=False, external_data=False,
+                )
+            timings["torch_export"] = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+
+    t0 = time.perf_counter()
+    rewrites: dict[str, int] = {}
+    ir_model = program.model
+    if optimize:
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        with _quiet(False):
+            ir_model, rewrites = optimize_for_ort(ir_model)
+        rewrites = {k: int(v) for k, v in rewrites.items() if v}
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(ir_model)
+    timings["fusion"] = time.perf_counter() - t0
+    per_token = {n for n in output_names if n not in PER_CELL_OUTPUTS}
+    _rename_dynamic_dims(proto, per_token)
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        _save(proto, fp32_path)
+        if precision == "int8":
+            _to_int8(fp32_path, Path(tmp) / "int8.onnx")
+            proto = onnx.load(str(Path(tmp) / "int8.onnx"))
+        elif precision == "fp16":
+            proto = _to_fp16(proto)
+    timings["precision"] = time.perf_counter() - t0
+
+    contract = _preprocessing_contract(config, tokenizer, task)
+    inputs_meta = [{"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name,
+                    "shape": _dim_names(vi)} for vi in proto.graph.input]
+    outputs_meta = [{"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name,
+                     "shape": _dim_names(vi), "per": "cell" if vi.name in PER_CELL_OUTPUTS else "token"}
+                    for vi in proto.graph.output]
+    vhash = vocab_sha256(vocab)
+    _set_metadata(proto, {
+        METADATA_PREFIX + "task": task,
+        METADATA_PREFIX + "precision": precision,
+        METADATA_PREFIX + "opset": str(int(opset)),
+        METADATA_PREFIX + "version": __version__,
+        METADATA_PREFIX + "config": config.to_json_string(use_diff=False),
+        METADATA_PREFIX + "vocab_sha256": vhash,
+        METADATA_PREFIX + "vocab_size": str(len(vocab)),
+        METADATA_PREFIX + "preprocessing": json.dumps(contract),
+        METADATA_PREFIX + "inputs": json.dumps(inputs_meta),
+        METADATA_PREFIX + "outputs": json.dumps(outputs_meta),
+    })
+    proto.producer_name = "scgpt-hf"
+    proto.producer_version = __version__
+    proto.doc_string = f"scGPT {task} graph ({precision}) exported by scgpt-hf {__version__}"
+    counts = _op_counts(proto)
+    contrib = _contrib_ops(proto)
+    work_path = output_dir / (MODEL_FILE + ".tmp")
+    _save(proto, work_path)
+
+    report = ExportReport(
+        task=task, precision=precision, opset=int(opset), model_path=str(final_path),
+        source=source or type(model_or_path).__name__, inputs=inputs_meta, outputs=outputs_meta,
+        fusion_rewrites=rewrites, fused_ops=_fused(counts, contrib), op_counts=dict(sorted(counts.items())),
+        vocab_sha256=vhash, versions=_versions(),
+    )
+    with contextlib.suppress(Exception):
+        report.ort_session_ops = _ort_session_ops(work_path, counts)
+
+    if validate:
+        t0 = time.perf_counter()
+        report.validation = _validate(model, work_path, spec, config, tokenizer, input_names, output_names,
+                                      precision, validation_cells, validation_shapes, providers, seed)
+        report.passed = bool(report.validation["passed"])
+        timings["validation"] = time.perf_counter() - t0
+    else:
+        report.validation = {"skipped": True}
+
+    keep_path = final_path if report.passed is not False else failed_path
+    os.replace(work_path, keep_path)
+    report.model_path = str(keep_path)
+    report.file_size = keep_path.stat().st_size
+    report.sha256 = _file_sha256(keep_path)
+    timings["total"] = time.perf_counter() - start
+    report.timings_s = {k: round(v, 3) for k, v in timings.items()}
+    (output_dir / REPORT_FILE).write_text(report.to_json() + "\n")
+    config.save_pretrained(output_dir)
+    if tokenizer is not None:
+        with contextlib.suppress(Exception):
+            tokenizer.save_pretrained(output_dir)
+    if verbose:
+        print(report.summary())
+    if report.passed is False:
+        raise ExportValidationError(
+            f"ONNX Runtime disagrees with PyTorch beyond the {precision} bound "
+            f"({report.validation['criterion']}); the graph was kept as {failed_path} and the figures are in "
+            f"{output_dir / REPORT_FILE}:\n{report.summary()}"
+        )
+    return report
+
+
+def _validate(model: nn.Module, path: Path, spec: TaskSpec, config: ScGPTConfig, tokenizer: Any,
+              input_names: Sequence[str], output_names: Sequence[str], precision: str,
+              cells: list | None, shapes: Sequence[tuple[int, int | None]], providers: Sequence[str] | None,
+              seed: int) -> dict[str, Any]:
+    """PyTorch (fp32, eval) vs ONNX Runtime on padded batches of real (or synthetic) cells."""
+    import onnxruntime as ort
+
+    data = "given cells"
+    if cells is None:
+        n_needed = max(b for b, _ in shapes) * 2
+        cells = _real_cells(tokenizer, config, max(n_needed, 16), seed)
+        data = "scirpy wu2020 cells via ScGPTTokenizer" if cells is not None else "synthetic cells"
+        if cells is None:
+            cells = _synthetic_cells(config, max(n_needed, 16), seed)
+    batches = _validation_batches(cells, config, shapes, input_names[3:], seed)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(path), so, providers=list(providers or ["CPUExecutionProvider"]))
+    criterion = (f"max |onnx - torch| <= {FP32_MAX_ABS:g} at non-padded positions" if precision == "fp32"
+                 else f"cell_embedding cosine >= {MIN_COSINE[precision]} per cell")
+    cases = []
+    was_training = model.training
+    model.eval()
+    try:
+        for feed in batches:
+            with torch.no_grad():
+                out = model(**{n: torch.from_numpy(feed[n]) for n in input_names}, return_dict=True)
+            ref = {n: getattr(out, n).float().numpy() for n in output_names}
+            got = dict(zip(output_names, session.run(list(output_names), {n: feed[n] for n in input_names})))
+            figures = {n: _compare(n, ref[n], got[n], feed["attention_mask"]) for n in output_names}
+            if precision == "fp32":
+                ok = all(f["max_abs_diff"] <= FP32_MAX_ABS and f["finite"] for f in figures.values())
+            else:
+                cell = figures.get("cell_embedding")
+                ok = all(f["finite"] for f in figures.values()) and (
+                    cell is None or cell["min_cosine"] >= MIN_COSINE[precision])
+            cases.append({"batch": int(feed["input_ids"].shape[0]), "length": int(feed["input_ids"].shape[1]),
+                          "padded_tokens": int((feed["attention_mask"] == 0).sum()), "outputs": figures,
+                          "passed": bool(ok)})
+    finally:
+        model.train(was_training)
+    return {"data": data, "criterion": criterion, "providers": session.get_providers(), "cases": cases,
+            "passed": all(c["passed"] for c in cases)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and running
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``scgpt_hf.*`` metadata of an exported graph, JSON values decoded (no weights are read)."""
+    import onnx
+
+    path = _resolve_model_path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf raises several types
+        raise _corrupt_error(path, err) from err
+    out: dict[str, Any] = {}
+    for prop in model.metadata_props:
+        if prop.key.startswith(METADATA_PREFIX):
+            key = prop.key[len(METADATA_PREFIX):]
+            try:
+                out[key] = json.loads(prop.value) if key in {"config", "preprocessing", "inputs", "outputs"} else prop.value
+            except json.JSONDecodeError:
+                out[key] = prop.value
+    return out
+
+
+def _resolve_model_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / MODEL_FILE
+        if not candidate.is_file():
+            failed = " (a failed export left model.failed.onnx; see export_report.json)" if (path / FAILED_MODEL_FILE).is_file() else ""
+            raise OnnxModelError(f"{path} holds no {MODEL_FILE}{failed}; export one with "
+                                 f"`scgpt-hf export onnx MODEL {path}`.")
+        return candidate
+    if not path.is_file():
+        raise OnnxModelError(f"{path} does not exist; export a model with `scgpt-hf export onnx MODEL OUTPUT_DIR`.")
+    return path
+
+
+def _corrupt_error(path: Path, err: BaseException) -> OnnxModelError:
+    size = path.stat().st_size if path.exists() else 0
+    expected = ""
+    report = path.parent / REPORT_FILE
+    if report.is_file():
+        with contextlib.suppress(Exception):
+            info = json.loads(report.read_text())
+            if Path(info.get("model_path", "")).name == path.name and info.get("file_size"):
+                expected = f" (the export wrote {info['file_size']} bytes)"
+    return OnnxModelError(
+        f"{path} ({size} bytes{expected}) is not a readable ONNX model: the file looks truncated or corrupted "
+        f"({type(err).__name__}: {str(err).strip()[:300]}). Copy or download it again, or re-export it with "
+        "`scgpt-hf export onnx MODEL OUTPUT_DIR`."
+    )
+
+
+_NP_DTYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(float16)": np.float16,
+              "tensor(int32)": np.int32, "tensor(double)": np.float64}
+
+
+class OnnxScGPT:
+    """An exported scGPT graph in an ONNX Runtime session, with checked inputs and named outputs.
+
+    Loading checks the file (missing, truncated, corrupted, not an scgpt-hf export; and, when
+    ``export_report.json`` lies beside it, that its size and sha256 match what the export wrote). Calls check
+    input names, dtypes, shapes and id ranges and say how to fix them, instead of ONNX Runtime's terse errors.
+
+    Args:
+        path: ``model.onnx`` or the folder holding it.
+        providers: execution providers (default CPU; e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]).
+        intra_op_num_threads: CPU threads for ONNX Runtime (default: its own choice).
+        session_options: a prepared `onnxruntime.SessionOptions` (overrides intra_op_num_threads).
+        verify_checksum: compare the file with the sha256 in ``export_report.json`` when present.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, providers: Sequence[str] | None = None,
+                 intra_op_num_threads: int | None = None, session_options: Any = None,
+                 verify_checksum: bool = True) -> None:
+        import onnxruntime as ort
+
+        self.path = _resolve_model_path(path)
+        if verify_checksum:
+            self._verify_against_report()
+        so = session_options
+        if so is None:
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            if intra_op_num_threads:
+                so.intra_op_num_threads = int(intra_op_num_threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), so,
+                                                providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as err:  # noqa: BLE001 - ORT raises InvalidProtobuf, Fail, InvalidGraph ...
+            if "InvalidProtobuf" in type(err).__name__ or "protobuf" in str(err).lower() \
+                    or "INVALID_PROTOBUF" in str(err) or "Load model" in str(err):
+                raise _corrupt_error(self.path, err) from err
+            raise OnnxModelError(f"ONNX Runtime cannot load {self.path}: {err}. If the file was copied, it may be "
+                                 "incomplete; re-export it with `scgpt-hf export onnx MODEL OUTPUT_DIR`.") from err
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_PREFIX + "task" not in meta:
+            raise OnnxModelError(f"{self.path} is an ONNX model but not an scgpt-hf export (no {METADATA_PREFIX}* "
+                                 "metadata); export it with `scgpt-hf export onnx`.")
+        self.metadata: dict[str, Any] = {}
+        for key, value in meta.items():
+            if key.startswith(METADATA_PREFIX):
+                short = key[len(METADATA_PREFIX):]
+                self.metadata[short] = json.loads(value) if short in {"config", "preprocessing", "inputs", "outputs"} else value
+        self.task: str = self.metadata["task"]
+        self.precision: str = self.metadata.get("precision", "fp32")
+        self.config: dict = self.metadata.get("config", {})
+        self.preprocessing: dict = self.metadata.get("preprocessing", {})
+        self.vocab_sha256: str = self.metadata.get("vocab_sha256", "")
+        self._inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names: list[str] = list(self._inputs)
+        self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
+
+    def _verify_against_report(self) -> None:
+        report = self.path.parent / REPORT_FILE
+        if not report.is_file():
+            return
+        try:
+            info = json.loads(report.read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+        if Path(info.get("model_path", "")).name != self.path.name or not info.get("sha256"):
+            return
+        size = self.path.stat().st_size
+        if info.get("file_size") and size != info["file_size"]:
+            raise OnnxModelError(
+                f"{self.path} is {size} bytes but the export wrote {info['file_size']} (per {report.name}): the file "
+                "is truncated or was overwritten. Copy it again or re-export with `scgpt-hf export onnx`.")
+        if _file_sha256(self.path) != info["sha256"]:
+            raise OnnxModelError(
+                f"{self.path} does not match the sha256 recorded in {report.name}: the file is corrupted or was "
+                "modified after export. Copy it again or re-export with `scgpt-hf export onnx` "
+                "(or pass verify_checksum=False if you changed it on purpose).")
+
+    def check_vocab(self, vocab: Mapping[str, int]) -> None:
+        """Raise if `vocab` (e.g. `tokenizer.get_vocab()`) is not the vocabulary the graph was exported with."""
+        got = vocab_sha256(vocab)
+        if self.vocab_sha256 and got != self.vocab_sha256:
+            raise OnnxInputError(
+                f"The tokenizer's vocabulary (sha256 {got[:12]}..., {len(vocab)} tokens) is not the one this graph "
+                f"was exported with (sha256 {self.vocab_sha256[:12]}..., {self.metadata.get('vocab_size')} tokens); "
+                "use the tokenizer saved beside the ONNX model.")
+
+    def _prepare(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        feeds = {k: v for k, v in feeds.items() if v is not None}
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            hint = " (one integer batch id per cell, shape (batch,))" if "batch_labels" in missing else ""
+            raise OnnxInputError(f"Missing input(s) {missing}{hint}; this graph takes {self.input_names}.")
+        extra = [n for n in feeds if n not in self._inputs]
+        if extra:
+            raise OnnxInputError(f"Unexpected input(s) {extra}; this graph takes only {self.input_names}.")
+        out: dict[str, np.ndarray] = {}
+        for name in self.input_names:
+            value = feeds[name]
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            value = np.asarray(value)
+            want = _NP_DTYPES.get(self._inputs[name].type)
+            if want is not None and value.dtype != want:
+                raise OnnxInputError(
+                    f"Input {name!r} must be {np.dtype(want).name}, got {value.dtype.name}; convert it with "
+                    f"np.asarray({name}, dtype=np.{np.dtype(want).name}) (or tokenizer(..., return_tensors='np')).")
+            out[name] = value
+        ids = out["input_ids"]
+        if ids.ndim != 2:
+            raise OnnxInputError(f"input_ids must be 2-D (batch, sequence), got shape {ids.shape}; for one cell use "
+                                 "input_ids[None, :].")
+        for name in ("values", "attention_mask"):
+            if name in out and out[name].shape != ids.shape:
+                raise OnnxInputError(f"{name} must have the shape of input_ids {ids.shape}, got {out[name].shape}.")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise OnnxInputError(f"Empty batch: input_ids has shape {ids.shape}; feed at least one cell with <cls>.")
+        vocab_size = int(self.config.get("vocab_size", 0))
+        if vocab_size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise OnnxInputError(f"input_ids must lie in [0, {vocab_size}) (the vocabulary size); got values from "
+                                 f"{ids.min()} to {ids.max()}. Tokenise with the tokenizer saved beside the model.")
+        mask = out.get("attention_mask")
+        if mask is not None and not np.isin(mask, (0, 1)).all():
+            raise OnnxInputError("attention_mask must hold only 0 (padding) and 1 (real token).")
+        if "batch_labels" in out:
+            labels = out["batch_labels"]
+            if labels.shape != (ids.shape[0],):
+                raise OnnxInputError(f"batch_labels must have shape ({ids.shape[0]},), got {labels.shape}.")
+            n = int(self.config.get("num_batch_labels") or 0)
+            if n and labels.size and (labels.min() < 0 or labels.max() >= n):
+                raise OnnxInputError(f"batch_labels must lie in [0, {n}); got {labels.min()}..{labels.max()}.")
+        return out
+
+    def __call__(self, encoding: Mapping[str, Any] | None = None, /, **inputs: Any) -> dict[str, np.ndarray]:
+        """Run the graph on a tokenizer output (`BatchEncoding` / dict) or keyword arrays; returns {output: array}."""
+        # A tokenizer output may carry extra keys (e.g. n_genes); keyword inputs are taken strictly.
+        feeds = {k: v for k, v in (encoding or {}).items() if k in self._inputs or k == "batch_labels"}
+        feeds.update(inputs)
+        prepared = self._prepare(feeds)
+        results = self.session.run(self.output_names, prepared)
+        return dict(zip(self.output_names, results))
+
+    def __repr__(self) -> str:
+        return (f"OnnxScGPT({str(self.path)!r}, task={self.task!r}, precision={self.precision!r}, "
+                f"inputs={self.input_names}, outputs={self.output_names}, providers={self.session.get_providers()})")
