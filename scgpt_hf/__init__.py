@@ -1,10 +1,20 @@
 """scgpt-hf: the scGPT single-cell foundation model as a Hugging Face model family."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from .configuration_scgpt import ScGPTConfig
 from .convert import ConversionReport, convert_original_checkpoint
 from .modeling_scgpt import (
+    ScGPTForBatchIntegration,
+    ScGPTForBatchIntegrationOutput,
+    ScGPTForCellClassification,
+    ScGPTForCellClassificationOutput,
     ScGPTForPreTraining,
     ScGPTForPreTrainingOutput,
     ScGPTModel,
@@ -18,12 +28,17 @@ __version__ = "0.1.0"
 AutoConfig.register(ScGPTConfig.model_type, ScGPTConfig)
 AutoModel.register(ScGPTConfig, ScGPTModel)
 AutoModelForPreTraining.register(ScGPTConfig, ScGPTForPreTraining)
+AutoModelForSequenceClassification.register(ScGPTConfig, ScGPTForCellClassification)
 AutoTokenizer.register(ScGPTConfig, tokenizer_class=ScGPTTokenizer)
 
 __all__ = [
     "ConversionReport",
     "GeneMatch",
     "ScGPTConfig",
+    "ScGPTForBatchIntegration",
+    "ScGPTForBatchIntegrationOutput",
+    "ScGPTForCellClassification",
+    "ScGPTForCellClassificationOutput",
     "ScGPTForPreTraining",
     "ScGPTForPreTrainingOutput",
     "ScGPTModel",

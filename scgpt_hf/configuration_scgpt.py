@@ -44,6 +44,9 @@ class ScGPTConfig(PretrainedConfig):
         mvc_decoder_style: "inner product", "concat query" or "sum query".
         use_generative_flag: The model carries the generative-pretraining flag embedding.
         nlayers_cls: Layers of the classification decoder.
+        do_dab: Batch integration trains an adversarial batch discriminator (needs num_batch_labels).
+        ecs_threshold: Elastic cell similarity target in batch integration (0 turns ECS off).
+        ecs_weight, dab_weight: Weights of the ECS and discriminator losses (the original's 10 and 1).
         initializer_range: Std of freshly initialised linear weights.
     """
 
@@ -85,6 +88,10 @@ class ScGPTConfig(PretrainedConfig):
         mvc_decoder_style: str = "inner product",
         use_generative_flag: bool = False,
         nlayers_cls: int = 3,
+        do_dab: bool = False,
+        ecs_threshold: float = 0.3,
+        ecs_weight: float = 10.0,
+        dab_weight: float = 1.0,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -98,9 +105,10 @@ class ScGPTConfig(PretrainedConfig):
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})."
             )
-        if (use_batch_labels or domain_spec_batchnorm == "dsbn") and not num_batch_labels:
+        if (use_batch_labels or do_dab or domain_spec_batchnorm == "dsbn") and not num_batch_labels:
             raise ValueError(
-                "num_batch_labels is required when use_batch_labels or domain-specific batch norm is on: "
+                "num_batch_labels is required with batch labels, the batch discriminator or domain-specific "
+                "batch norm: "
                 "pass the number of batches in the training data."
             )
         self.vocab_size = vocab_size
@@ -129,6 +137,10 @@ class ScGPTConfig(PretrainedConfig):
         self.mvc_decoder_style = mvc_decoder_style
         self.use_generative_flag = use_generative_flag
         self.nlayers_cls = nlayers_cls
+        self.do_dab = do_dab
+        self.ecs_threshold = ecs_threshold
+        self.ecs_weight = ecs_weight
+        self.dab_weight = dab_weight
         self.initializer_range = initializer_range
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .configuration_scgpt import ScGPTConfig
-from .modeling_scgpt import ScGPTForPreTraining
+from .modeling_scgpt import ScGPTForBatchIntegration, ScGPTForCellClassification, ScGPTForPreTraining
 
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 
@@ -49,20 +49,39 @@ _KEY_RULES: list[tuple[str, str]] = [
     (r"^decoder\.(fc|zero_logit)\.([024])\.(weight|bias)$", r"expression_decoder.\1.\2.\3"),
     (r"^mvc_decoder\.(gene2query|W|W_zero_logit|fc1|fc2)\.(weight|bias)$", r"mvc_decoder.\1.\2"),
     (r"^mvc_decoder\.hidden_activation\.weight$", "mvc_decoder.hidden_activation.weight"),
+    (r"^cls_decoder\._decoder\.(\d+)\.(weight|bias)$", r"classifier.layers.\1.\2"),
+    (r"^cls_decoder\.out_layer\.(weight|bias)$", r"classifier.out_layer.\1"),
+    (r"^grad_reverse_discriminator\._decoder\.(\d+)\.(weight|bias)$", r"discriminator.layers.\1.\2"),
+    (r"^grad_reverse_discriminator\.out_layer\.(weight|bias)$", r"discriminator.out_layer.\1"),
 ]
 
-# Source keys the pretraining model has no place for, with the reason given in the report.
-_LEFT_OUT: list[tuple[str, str]] = [
-    (
-        r"^cls_decoder\.",
-        "cell-type classifier of the original training script; the pretraining model has no classifier "
-        "(fine-tuned classifiers belong to ScGPTForCellClassification)",
+_EXPRESSION_HEADS = r"^(decoder|mvc_decoder)\."
+_CLASSIFIER = r"^cls_decoder\."
+_DISCRIMINATOR = r"^grad_reverse_discriminator\."
+
+# task -> (model class, {source pattern: why the task's model has no place for it})
+TASKS: dict[str, tuple[type, dict[str, str]]] = {
+    "pretraining": (
+        ScGPTForPreTraining,
+        {
+            _CLASSIFIER: "cell-type classifier of the original training script; the pretraining model has none "
+            "(convert a fine-tuned annotation checkpoint with task='annotation')",
+            _DISCRIMINATOR: "adversarial batch discriminator, used only by batch integration (task='integration')",
+        },
     ),
-    (
-        r"^grad_reverse_discriminator\.",
-        "adversarial batch discriminator, used only when training batch integration",
+    "annotation": (
+        ScGPTForCellClassification,
+        {
+            _EXPRESSION_HEADS: "expression decoders; the annotation model predicts cell types only "
+            "(task='pretraining' keeps them)",
+            _DISCRIMINATOR: "adversarial batch discriminator, used only by batch integration (task='integration')",
+        },
     ),
-]
+    "integration": (
+        ScGPTForBatchIntegration,
+        {_CLASSIFIER: "cell-type classifier; the integration model has none (task='annotation' keeps it)"},
+    ),
+}
 
 
 @dataclass
@@ -200,6 +219,16 @@ def _infer_config(
             style = "sum query"
         from_weights("mvc_decoder_style", style)
 
+    classifier_linears = {int(m.group(1)) for k in state if (m := re.match(r"cls_decoder\._decoder\.(\d+)\.weight$", k))}
+    classifier_linears = {i for i in classifier_linears if state[f"cls_decoder._decoder.{i}.weight"].dim() == 2}
+    if "cls_decoder.out_layer.weight" in state:
+        from_weights("nlayers_cls", len(classifier_linears) + 1)
+        from_weights("num_labels", state["cls_decoder.out_layer.weight"].shape[0])
+    if "grad_reverse_discriminator.out_layer.weight" in state:
+        from_weights("do_dab", True)
+        if "num_batch_labels" not in values:
+            from_weights("num_batch_labels", state["grad_reverse_discriminator.out_layer.weight"].shape[0])
+
     from_args("num_attention_heads", ("nheads", "nhead"), None)
     if values["num_attention_heads"] is None:
         raise ValueError(
@@ -231,19 +260,27 @@ def _infer_config(
     return ScGPTConfig(**values), sources
 
 
-def convert_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """Rename original keys to ours. Returns (new state dict, mapped source->target, left-out source->reason)."""
+def convert_state_dict(
+    state: Mapping[str, torch.Tensor], task: str = "pretraining"
+) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Rename original keys to ours for `task`'s model.
+
+    Returns (new state dict, mapped source->target, left-out source->reason).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not supported; choose one of {sorted(TASKS)}.")
+    not_for_task = TASKS[task][1]
     converted, mapped, left_out, unknown = {}, {}, {}, []
     for key, tensor in state.items():
-        target = _map_key(_normalise_attention_key(key))
-        if target is not None:
-            converted[target], mapped[key] = tensor, target
+        reason = next((why for pattern, why in not_for_task.items() if re.match(pattern, key)), None)
+        if reason is not None:
+            left_out[key] = reason
             continue
-        reason = next((why for pattern, why in _LEFT_OUT if re.match(pattern, key)), None)
-        if reason is None:
+        target = _map_key(_normalise_attention_key(key))
+        if target is None:
             unknown.append(key)
         else:
-            left_out[key] = reason
+            converted[target], mapped[key] = tensor, target
     if unknown:
         raise ValueError(
             f"The checkpoint has keys this converter does not understand: {unknown[:10]}"
@@ -264,11 +301,16 @@ def convert_original_checkpoint(
     mask_value: float | None = None,
     n_bins: int | None = None,
     max_seq_len: int | None = None,
+    task: str = "pretraining",
+    labels: list[str] | None = None,
     verbose: bool = True,
 ) -> ConversionReport:
     """Convert an original scGPT folder into a `from_pretrained`-ready folder (safetensors, config, tokenizer).
 
-    Keyword options override what args.json says for settings the weights cannot reveal.
+    `task` picks the model: "pretraining" (`ScGPTForPreTraining`, for released foundation checkpoints),
+    "annotation" (`ScGPTForCellClassification`, for fine-tuned annotation checkpoints; `labels` names
+    the classes in output order) or "integration" (`ScGPTForBatchIntegration`). Keyword options
+    override what args.json says for settings the weights cannot reveal.
     """
     from .tokenization_scgpt import ScGPTTokenizer
 
@@ -287,9 +329,20 @@ def convert_original_checkpoint(
         max_seq_len=max_seq_len,
     )
     config, sources = _infer_config(state, args, vocab, overrides)
-    converted, mapped, left_out = convert_state_dict(state)
+    converted, mapped, left_out = convert_state_dict(state, task)
+    if task == "annotation":
+        if "num_labels" not in sources:
+            raise ValueError("task='annotation' needs a checkpoint with a cell-type classifier (cls_decoder.*).")
+        if labels is not None:
+            if len(labels) != config.num_labels:
+                raise ValueError(f"{len(labels)} labels given but the classifier has {config.num_labels} outputs.")
+            config.id2label = dict(enumerate(labels))
+            config.label2id = {label: i for i, label in enumerate(labels)}
+            sources["id2label"] = "labels option"
+        else:
+            sources["id2label"] = "LABEL_0.. (no labels option: pass the class names in training order)"
 
-    model = ScGPTForPreTraining(config)
+    model = TASKS[task][0](config)
     expected = model.state_dict()
     for key, tensor in converted.items():
         if key not in expected:

@@ -519,7 +519,9 @@ class ScGPTForPreTraining(ScGPTPreTrainedModel):
     """Backbone plus the expression, MVC and zero-probability decoders of scGPT pretraining.
 
     Reproduces a released checkpoint's full forward: per-token expression from hidden states, and (with
-    `config.do_mvc`) per-gene expression from the cell embedding alone.
+    `config.do_mvc`) per-gene expression from the cell embedding alone. Given `labels` (the true
+    expression values), the loss is the original's: MSE on the masked positions (`values ==
+    config.mask_value`), plus the MVC and zero-probability terms where the model has those heads.
     """
 
     def __init__(self, config: ScGPTConfig):
@@ -530,17 +532,40 @@ class ScGPTForPreTraining(ScGPTPreTrainedModel):
             self.mvc_decoder = ScGPTMVCDecoder(config)
         self.post_init()
 
+    def _decode(self, out: ScGPTModelOutput) -> ScGPTForPreTrainingOutput:
+        hidden, cell = out.last_hidden_state, out.cell_embedding
+        if out.batch_embedding is not None:
+            hidden = torch.cat([hidden, out.batch_embedding.unsqueeze(1).expand(-1, hidden.shape[1], -1)], dim=2)
+            cell = torch.cat([cell, out.batch_embedding], dim=1)
+        expression, zero_probs = self.expression_decoder(hidden)
+        mvc_expression = mvc_zero_probs = None
+        if self.config.do_mvc:
+            mvc_expression, mvc_zero_probs = self.mvc_decoder(cell, out.gene_embeddings)
+        return ScGPTForPreTrainingOutput(
+            expression=expression,
+            zero_probs=zero_probs,
+            mvc_expression=mvc_expression,
+            mvc_zero_probs=mvc_zero_probs,
+            cell_embedding=out.cell_embedding,
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+
     def forward(
         self,
         input_ids: torch.LongTensor,
         values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         batch_labels: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ScGPTForPreTrainingOutput | tuple:
+        """`labels`: (batch, seq_len) true expression values; positions whose input value is
+        `config.mask_value` are the ones scored."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.scgpt(
             input_ids,
@@ -552,22 +577,241 @@ class ScGPTForPreTraining(ScGPTPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        hidden, cell = out.last_hidden_state, out.cell_embedding
-        if out.batch_embedding is not None:
-            hidden = torch.cat([hidden, out.batch_embedding.unsqueeze(1).expand(-1, hidden.shape[1], -1)], dim=2)
-            cell = torch.cat([cell, out.batch_embedding], dim=1)
-        expression, zero_probs = self.expression_decoder(hidden)
-        mvc_expression = mvc_zero_probs = None
-        if self.config.do_mvc:
-            mvc_expression, mvc_zero_probs = self.mvc_decoder(cell, out.gene_embeddings)
-        output = ScGPTForPreTrainingOutput(
-            expression=expression,
-            zero_probs=zero_probs,
-            mvc_expression=mvc_expression,
-            mvc_zero_probs=mvc_zero_probs,
+        output = self._decode(out)
+        if labels is not None:
+            output.loss = expression_losses(output, labels, self._masked_positions(values, labels))
+        return output if return_dict else output.to_tuple()
+
+    def _masked_positions(self, values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.shape != values.shape:
+            raise ValueError(f"labels must have the shape of values {tuple(values.shape)}, got {tuple(labels.shape)}.")
+        masked = values == self.config.mask_value
+        if not masked.any():
+            raise ValueError(
+                f"No input value equals config.mask_value={self.config.mask_value}, so there is nothing to "
+                "score: mask some values (e.g. with ScGPTDataCollatorForMaskedExpression) before computing the loss."
+            )
+        return masked
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses shared by the heads (the original's definitions)
+
+
+def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over masked positions only."""
+    masked = masked.to(pred.dtype)
+    return F.mse_loss(pred * masked, target * masked, reduction="sum") / masked.sum().clamp(min=1)
+
+
+def masked_zero_nll(zero_probs: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Bernoulli negative log-likelihood that a masked gene is expressed (target > 0)."""
+    masked = masked.to(zero_probs.dtype)
+    expressed = (target > 0).to(zero_probs.dtype)
+    # zero_probs is the probability of a NON-zero value in the original's Bernoulli (sampled values
+    # are bernoulli * pred), so log p(expressed) uses it directly.
+    log_probs = torch.distributions.Bernoulli(probs=zero_probs).log_prob(expressed) * masked
+    return -log_probs.sum() / masked.sum().clamp(min=1)
+
+
+def elastic_cell_similarity_loss(cell_embedding: torch.Tensor, threshold: float) -> torch.Tensor:
+    """ECS: pushes cosine similarities of distinct cells away from `threshold` (positive pairs only)."""
+    normed = F.normalize(cell_embedding, p=2, dim=1)
+    cos = normed @ normed.t()
+    cos = F.relu(cos.masked_fill(torch.eye(cos.shape[0], dtype=torch.bool, device=cos.device), 0.0))
+    return torch.mean(1 - (cos - threshold) ** 2)
+
+
+def expression_losses(
+    output: ScGPTForPreTrainingOutput, labels: torch.Tensor, masked: torch.Tensor
+) -> torch.Tensor:
+    """Masked expression MSE, plus MVC and zero-probability terms where the model predicts them."""
+    loss = masked_mse_loss(output.expression, labels, masked)
+    if output.zero_probs is not None:
+        loss = loss + masked_zero_nll(output.zero_probs, labels, masked)
+    if output.mvc_expression is not None:
+        loss = loss + masked_mse_loss(output.mvc_expression, labels, masked)
+    if output.mvc_zero_probs is not None:
+        loss = loss + masked_zero_nll(output.mvc_zero_probs, labels, masked)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification heads
+
+
+class _GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.scale * grad, None
+
+
+class ScGPTClassifier(nn.Module):
+    """MLP on the cell embedding: (Linear, activation, LayerNorm) x (num_layers - 1), then the output layer.
+
+    The original's `ClsDecoder` (ReLU) and adversarial batch discriminator (LeakyReLU, behind gradient
+    reversal) share this layout.
+    """
+
+    def __init__(
+        self, hidden_size: int, num_outputs: int, num_layers: int, activation: type[nn.Module], reverse_gradient: bool
+    ):
+        super().__init__()
+        self.reverse_gradient = reverse_gradient
+        self.layers = nn.ModuleList()
+        for _ in range(num_layers - 1):
+            self.layers.extend([nn.Linear(hidden_size, hidden_size), activation(), nn.LayerNorm(hidden_size)])
+        self.out_layer = nn.Linear(hidden_size, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reverse_gradient:
+            x = _GradientReversal.apply(x, 1.0)
+        for layer in self.layers:
+            x = layer(x)
+        return self.out_layer(x)
+
+
+@dataclass
+class ScGPTForCellClassificationOutput(ModelOutput):
+    """Cell-type classification output: `loss` (cross-entropy, with labels), `logits` (batch, num_labels)."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cell_embedding: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class ScGPTForCellClassification(ScGPTPreTrainedModel):
+    """Cell-type annotation: the original classification decoder on the cell embedding.
+
+    Labels live in `config.id2label` / `config.label2id`; `num_labels` sets the output size.
+    """
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__(config)
+        self.scgpt = ScGPTModel(config)
+        self.classifier = ScGPTClassifier(config.hidden_size, config.num_labels, config.nlayers_cls, nn.ReLU, False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        batch_labels: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ScGPTForCellClassificationOutput | tuple:
+        """`labels`: (batch,) class ids in [0, num_labels); gives the cross-entropy `loss`."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.scgpt(
+            input_ids,
+            values,
+            attention_mask=attention_mask,
+            batch_labels=batch_labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.classifier(out.cell_embedding)
+        loss = None
+        if labels is not None:
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.config.num_labels):
+                raise ValueError(
+                    f"labels must be class ids in [0, {self.config.num_labels}); got {int(labels.min())}.."
+                    f"{int(labels.max())}. Map cell types to ids with config.label2id."
+                )
+            loss = F.cross_entropy(logits, labels)
+        output = ScGPTForCellClassificationOutput(
+            loss=loss,
+            logits=logits,
             cell_embedding=out.cell_embedding,
-            last_hidden_state=out.last_hidden_state,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
+        return output if return_dict else output.to_tuple()
+
+
+@dataclass
+class ScGPTForBatchIntegrationOutput(ModelOutput):
+    """Batch-integration output: the pretraining outputs plus `batch_logits` from the adversarial
+    discriminator (`config.do_dab`) and the elastic cell similarity loss `ecs_loss` (training)."""
+
+    loss: torch.FloatTensor | None = None
+    expression: torch.FloatTensor | None = None
+    zero_probs: torch.FloatTensor | None = None
+    mvc_expression: torch.FloatTensor | None = None
+    mvc_zero_probs: torch.FloatTensor | None = None
+    batch_logits: torch.FloatTensor | None = None
+    ecs_loss: torch.FloatTensor | None = None
+    cell_embedding: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class ScGPTForBatchIntegration(ScGPTForPreTraining):
+    """Batch integration (scGPT's fine-tuning recipe): masked expression + MVC, elastic cell similarity,
+    and an adversarial batch discriminator behind gradient reversal, with batch embeddings and
+    domain-specific batch norm from the config. The cell embeddings are the integrated representation.
+
+    loss = expression terms + `ecs_weight` * ECS (when `ecs_threshold` > 0) + `dab_weight` * batch CE.
+    """
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__(config)
+        if config.do_dab:
+            self.discriminator = ScGPTClassifier(
+                config.hidden_size, config.num_batch_labels, 3, nn.LeakyReLU, reverse_gradient=True
+            )
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        batch_labels: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ScGPTForBatchIntegrationOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        base = super().forward(
+            input_ids,
+            values,
+            attention_mask=attention_mask,
+            batch_labels=batch_labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        output = ScGPTForBatchIntegrationOutput(**{k: v for k, v in base.items()})
+        config = self.config
+        if config.do_dab:
+            output.batch_logits = self.discriminator(output.cell_embedding)
+        if config.ecs_threshold > 0:
+            output.ecs_loss = elastic_cell_similarity_loss(output.cell_embedding, config.ecs_threshold)
+        if labels is not None:
+            loss = output.loss
+            if output.ecs_loss is not None:
+                loss = loss + config.ecs_weight * output.ecs_loss
+            if config.do_dab:
+                if batch_labels is None:
+                    raise ValueError("The adversarial batch discriminator needs batch_labels to compute the loss.")
+                loss = loss + config.dab_weight * F.cross_entropy(output.batch_logits, batch_labels)
+            output.loss = loss
         return output if return_dict else output.to_tuple()

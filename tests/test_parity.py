@@ -148,3 +148,75 @@ def test_flag_encoder_is_kept(tmp_path, original_scgpt):
     ours = ScGPTForPreTraining.from_pretrained(tmp_path / "hf")
     assert ours.config.use_generative_flag
     torch.testing.assert_close(ours.scgpt.embeddings.flag_embeddings.weight.detach(), flag, atol=0, rtol=0)
+
+
+def _converted_pair(tmp_path, task, seed=3, **kwargs):
+    vocab = make_vocab(N_GENES, None)
+    kwargs = {**BASE, **kwargs}
+    original = build_original_model(flash=True, seed=seed, ntoken=len(vocab), vocab=vocab, **kwargs)
+    args = dict(embsize=D_MODEL, nheads=4, d_hid=48, nlayers=2, pad_value=-2, mask_value=-1, n_bins=51)
+    save_original_checkpoint(original, tmp_path / "orig", args=args, vocab=vocab, layout="released")
+    report = convert_original_checkpoint(tmp_path / "orig", tmp_path / task, task=task, verbose=False)
+    return original, vocab, report
+
+
+def test_annotation_head_matches_original(tmp_path, original_scgpt):
+    from scgpt_hf import ScGPTForCellClassification
+
+    original, vocab, report = _converted_pair(tmp_path, "annotation", n_cls=7, nlayers_cls=3, do_mvc=True)
+    assert all(k.startswith(("decoder.", "mvc_decoder.")) for k in report.left_out)
+    ours = ScGPTForCellClassification.from_pretrained(tmp_path / "annotation").eval()
+    assert ours.config.num_labels == 7 and ours.config.nlayers_cls == 3
+    ids, values, mask = _inputs(vocab, False, -2, padded=True)
+    ref = original_forward(original, ids, values, mask, CLS=True)
+    with torch.no_grad():
+        out = ours(ids, values, mask, labels=torch.tensor([0, 3, 6, 2]))
+    torch.testing.assert_close(out.logits, ref["cls_output"], atol=TOL, rtol=0)
+    expected = torch.nn.functional.cross_entropy(ref["cls_output"], torch.tensor([0, 3, 6, 2]))
+    torch.testing.assert_close(out.loss, expected, atol=TOL, rtol=0)
+
+
+def test_integration_head_matches_original(tmp_path, original_scgpt):
+    from scgpt_hf import ScGPTForBatchIntegration
+
+    original, vocab, _ = _converted_pair(
+        tmp_path, "integration", use_batch_labels=True, num_batch_labels=3, domain_spec_batchnorm=True,
+        do_dab=True, do_mvc=True, ecs_threshold=0.6, explicit_zero_prob=True,
+    )
+    ours = ScGPTForBatchIntegration.from_pretrained(tmp_path / "integration", ecs_threshold=0.6).eval()
+    ids, values, mask = _inputs(vocab, False, -2, padded=True)
+    batch_labels = torch.full((4,), 1, dtype=torch.long)
+    ref = original_forward(original, ids, values, mask, batch_labels=batch_labels, MVC=True, ECS=True)
+    with torch.no_grad():
+        out = ours(ids, values, mask, batch_labels=batch_labels)
+    real = mask.bool()
+    torch.testing.assert_close(out.batch_logits, ref["dab_output"], atol=TOL, rtol=0)
+    torch.testing.assert_close(out.ecs_loss, ref["loss_ecs"], atol=TOL, rtol=0)
+    torch.testing.assert_close(out.mvc_expression[real], ref["mvc_output"][real], atol=TOL, rtol=0)
+    torch.testing.assert_close(out.expression[real], ref["mlm_output"][real], atol=TOL, rtol=0)
+
+
+def test_training_losses_match_original_loss_functions(tmp_path, original_scgpt):
+    """Masked MSE and zero-probability NLL equal scgpt.loss on the same outputs and masks."""
+    from scgpt_hf import ScGPTForPreTraining
+
+    original, vocab, _ = _converted_pair(tmp_path, "pretraining", explicit_zero_prob=True, do_mvc=True)
+    ours = ScGPTForPreTraining.from_pretrained(tmp_path / "pretraining").eval()
+    ids, values, mask = _inputs(vocab, False, -2, padded=True)
+    labels = values.clone()
+    masked_values = values.clone()
+    masked = torch.zeros_like(mask, dtype=torch.bool)
+    masked[:, 2:5] = True
+    masked &= mask.bool()
+    masked_values[masked] = -1.0
+    ref = original_forward(original, ids, masked_values, mask, MVC=True)
+    loss_fns = original_scgpt.loss
+    expected = (
+        loss_fns.masked_mse_loss(ref["mlm_output"], labels, masked)
+        + loss_fns.criterion_neg_log_bernoulli(ref["mlm_zero_probs"], labels, masked)
+        + loss_fns.masked_mse_loss(ref["mvc_output"], labels, masked)
+        + loss_fns.criterion_neg_log_bernoulli(ref["mvc_zero_probs"], labels, masked)
+    )
+    with torch.no_grad():
+        out = ours(ids, masked_values, mask, labels=labels)
+    torch.testing.assert_close(out.loss, expected, atol=TOL, rtol=0)
