@@ -27,7 +27,6 @@ another tie-breaking.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,11 +39,13 @@ import numpy as np
 import scipy.sparse as sp
 from transformers import BatchEncoding, PreTrainedTokenizer
 
+from .cell_encoding import TRUNCATION_STRATEGIES as _TRUNCATION_STRATEGIES
+from .cell_encoding import bin_nonzero_values, cell_hash, encode_cell, match_gene_names
+
 logger = logging.getLogger(__name__)
 
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
 
-_TRUNCATION_STRATEGIES = ("random", "highest")
 # Upper bound on the number of matrix elements converted per chunk of a dense input.
 _DENSE_CHUNK_ELEMENTS = 1 << 24
 _SPARSE_CHUNK_ROWS = 4096
@@ -94,28 +95,6 @@ def load_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
             f"{ {k: vocab[k] for k in bad[:5]} }."
         )
     return vocab
-
-
-def bin_nonzero_values(values: np.ndarray, n_bins: int, uniform: np.ndarray) -> np.ndarray:
-    """Bin one cell's non-zero values exactly like the original scGPT.
-
-    ``uniform`` holds one draw in [0, 1) per value; it only matters where a value
-    coincides with repeated quantile edges (``left > right``).  Returns int64 bins in
-    ``1 .. n_bins - 1``.
-    """
-    x = np.asarray(values, dtype=np.float32)
-    edges = np.quantile(x, np.linspace(0, 1, n_bins - 1))
-    left = np.digitize(x, edges)
-    right = np.digitize(x, edges, right=True)
-    return np.ceil(uniform * (right - left) + left).astype(np.int64)
-
-
-def cell_hash(gene_ids: np.ndarray, values: np.ndarray) -> int:
-    """Stable 64-bit hash of a cell's content (gene ids and float32 values, in the given order)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(np.ascontiguousarray(gene_ids, dtype="<i8").tobytes())
-    h.update(np.ascontiguousarray(values, dtype="<f4").tobytes())
-    return int.from_bytes(h.digest(), "little")
 
 
 def _describe_names(names: Sequence[str]) -> str:
@@ -280,21 +259,9 @@ class ScGPTTokenizer(PreTrainedTokenizer):
         ``duplicates``).  Logs the count; raises ``ValueError`` if no gene matches.
         """
         names = ["" if n is None or (isinstance(n, float) and np.isnan(n)) else str(n) for n in gene_names]
-        ids = np.full(len(names), -1, dtype=np.int64)
-        seen: set[str] = set()
-        unmatched: list[str] = []
-        duplicates: list[str] = []
-        specials = {self.pad_token, self.cls_token, self.eoc_token}
-        for j, name in enumerate(names):
-            if name in seen:
-                duplicates.append(name)
-                continue
-            seen.add(name)
-            idx = self.vocab.get(name)
-            if idx is None or name in specials:
-                unmatched.append(name)
-            else:
-                ids[j] = idx
+        ids, unmatched, duplicates = match_gene_names(
+            names, self.vocab, (self.pad_token, self.cls_token, self.eoc_token)
+        )
         n_matched = int((ids >= 0).sum())
         match = GeneMatch(ids=ids, n_matched=n_matched, n_total=len(names), unmatched=unmatched, duplicates=duplicates)
         if n_matched == 0:
@@ -659,32 +626,11 @@ class ScGPTTokenizer(PreTrainedTokenizer):
     def _encode_cell(
         self, ids: np.ndarray, raw: np.ndarray, seed: int, strategy: str | None, max_length: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Bin and truncate one cell's gene tokens (without <cls>), in column order."""
-        n = ids.size
-        need_trunc = strategy is not None and n > max_length - 1
-        nonzero = raw != 0
-        needs_rng = (self.do_binning and nonzero.any()) or (need_trunc and strategy == "random")
-        if self.do_binning:
-            values = np.zeros(n, dtype=np.float32)
-        else:
-            values = raw.astype(np.float32)
-        if needs_rng:
-            canon = np.argsort(ids, kind="stable")  # gene-id order: independent of column order
-            nz_canon = canon[nonzero[canon]]
-            rng = np.random.default_rng([int(seed), cell_hash(ids[nz_canon], raw[nz_canon])])
-            if self.do_binning and nz_canon.size:
-                uniform = rng.random(nz_canon.size)
-                values[nz_canon] = bin_nonzero_values(raw[nz_canon], self.n_bins, uniform)
-        if need_trunc:
-            k = max_length - 1
-            if strategy == "random":
-                keep = canon[rng.permutation(n)[:k]]
-            else:
-                # Highest raw value first; ties go to the smaller vocabulary id.
-                keep = np.lexsort((ids, -raw))[:k]
-            keep = np.sort(keep)
-            return ids[keep], values[keep]
-        return ids, values
+        """Bin and truncate one cell's gene tokens (without <cls>), in column order (see cell_encoding)."""
+        return encode_cell(
+            ids, raw, seed=seed, strategy=strategy, max_length=max_length, n_bins=self.n_bins,
+            do_binning=self.do_binning,
+        )
 
     # ------------------------------------------------------------------ padding
     def pad(

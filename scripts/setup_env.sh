@@ -6,13 +6,16 @@
 # 1. a Python 3.11 venv;
 # 2. torch==2.13.0 first, pinned: pip takes the CPU wheel from the local
 #    find-links here, instead of resolving "torch>=2.4" to a multi-GB CUDA build;
-# 3. the project itself, editable, with its test, demo and export extras;
+# 3. the project itself, editable, with its test, demo, export and serve (tritonclient) extras;
 # 4. the ORIGINAL scGPT 0.2.4 (reference for parity tests) and scirpy 0.22.5
 #    (only for its bundled real data file), both --no-deps: their dependency
 #    pins (torchtext, old numpy, mudata, ...) do not install on torch 2.13;
 #    tests/reference.py stands in for torchtext, IPython, datasets and
 #    flash-attn instead. What scgpt imports at module level beyond that
-#    (networkx, seaborn, typing_extensions) is installed explicitly.
+#    (networkx, seaborn, typing_extensions) is installed explicitly;
+# 5. the Triton server environment .venv-triton (scripts/setup_triton_server.sh: nvidia-pytriton's
+#    real Triton server with numpy<2) for tests/test_triton.py and `scgpt-hf serve`; only for the
+#    default VENV_DIR (SKIP_TRITON_SERVER=1 skips it).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,8 +46,8 @@ PIP=("$VPY" -m pip --disable-pip-version-check --no-input -q)
 log "installing $TORCH_SPEC"
 "${PIP[@]}" install "$TORCH_SPEC"
 
-log "installing the project (editable) with extras test,demo,export"
-"${PIP[@]}" install -e "$REPO_ROOT[test,demo,export]" "$TORCH_SPEC"
+log "installing the project (editable) with extras test,demo,export,serve"
+"${PIP[@]}" install -e "$REPO_ROOT[test,demo,export,serve]" "$TORCH_SPEC"
 
 log "installing reference code and data: ${REFERENCE_SPECS[*]} (--no-deps)"
 "${PIP[@]}" install "${REFERENCE_IMPORT_DEPS[@]}" "$TORCH_SPEC"
@@ -63,3 +66,7 @@ for name in ("scgpt", "scirpy"):
         sys.exit(f"[setup_env] ERROR: {name} is not importable after install")
 print(f"[setup_env] ready: python {sys.version.split()[0]}, torch {torch.__version__}")
 PY
+
+if [[ -z "${1:-}" && "${SKIP_TRITON_SERVER:-0}" != "1" ]]; then
+    bash "$REPO_ROOT/scripts/setup_triton_server.sh"
+fi

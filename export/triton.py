@@ -1,0 +1,722 @@
+"""Build a Triton Inference Server model repository for an scGPT model (`scgpt-hf export triton`).
+
+Layout written by :func:`export_triton` (``R`` = the repository folder)::
+
+    R/README.md                 model card: models, wire format, how to serve and query
+    R/export_report.json        the ONNX export report (fusion, precision, validation vs PyTorch)
+    R/triton_report.json        what this builder did: settings, models, files, ONNX sha256
+    R/scgpt_vocab/              python backend: gene names -> vocabulary ids (once per dataset)
+    R/scgpt_tokenizer/          python backend: counts of cells -> input_ids / values / attention_mask
+    R/scgpt_encoder/            the ONNX graph: native onnxruntime backend (gpu) or python backend (cpu)
+    R/scgpt_embed/              ensemble: tokenizer -> encoder; counts in, cell_embedding out
+    R/scgpt_labels/ (head)      python backend: logits -> label, probability, probabilities
+    R/scgpt_annotate/ (head)    ensemble: tokenizer -> encoder -> labels
+
+Wire format of ``scgpt_embed`` / ``scgpt_annotate`` / ``scgpt_tokenizer`` (cells are the batch
+dimension; a request pads its cells to its own widest cell):
+
+* ``gene_ids`` INT64 [batch, n]: vocabulary ids of a cell's measured genes in column order, -1 for
+  an unused slot (padding, unknown gene); ``scgpt_vocab`` maps a dataset's gene names to ids once.
+* ``counts``   FP32  [batch, n]: expression values (raw counts or normalised/log1p).
+
+The tokenizer model loads ``cell_encoding.py``, the same file `ScGPTTokenizer` imports, copied
+beside its ``model.py``: one implementation, numpy only (runs in a stock Triton container's Python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ANNOTATE_MODEL",
+    "EMBED_MODEL",
+    "ENCODER_MODEL",
+    "LABELS_MODEL",
+    "TOKENIZER_MODEL",
+    "VOCAB_MODEL",
+    "TritonExportReport",
+    "add_parser",
+    "export_triton",
+    "parse_model_config",
+    "validate_repository",
+]
+
+VOCAB_MODEL = "scgpt_vocab"
+TOKENIZER_MODEL = "scgpt_tokenizer"
+ENCODER_MODEL = "scgpt_encoder"
+EMBED_MODEL = "scgpt_embed"
+LABELS_MODEL = "scgpt_labels"
+ANNOTATE_MODEL = "scgpt_annotate"
+DEVICES = ("cpu", "gpu")
+REPORT_FILE = "triton_report.json"
+_HERE = Path(__file__).resolve().parent
+_TEMPLATES = {
+    "tokenizer": _HERE / "triton_backend_tokenizer.py",
+    "vocab": _HERE / "triton_backend_vocab.py",
+    "encoder": _HERE / "triton_backend_encoder.py",
+    "labels": _HERE / "triton_backend_labels.py",
+}
+_DEFAULTS = {  # device -> (max batch size, precision, pad_to_multiple_of, queue delay in microseconds)
+    "cpu": (16, "fp32", 8, 2000),
+    "gpu": (64, "fp16", 64, 1000),
+}
+ANNOTATION_TASK = "annotation"
+
+
+@dataclass
+class TritonExportReport:
+    """What :func:`export_triton` built; written as ``triton_report.json`` in the repository."""
+
+    repository: str
+    device: str
+    precision: str
+    task: str
+    max_batch_size: int
+    instances: int
+    preferred_batch_sizes: list[int]
+    max_queue_delay_microseconds: int
+    pad_to_multiple_of: int
+    tensorrt: bool
+    models: list[str]
+    ensembles: dict[str, str]
+    tokenizer: dict[str, Any]
+    encoder_outputs: dict[str, list[int]]
+    labels: list[str] | None
+    onnx_sha256: str
+    onnx_validation_passed: bool | None
+    files: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        """The report as indented JSON (stable key order: the committed triton_repo diffs cleanly)."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        return (
+            f"Triton repository {self.repository} ({self.device}, {self.precision}, max batch {self.max_batch_size}, "
+            f"{self.instances} instance(s)): models {', '.join(self.models)}; "
+            + "; ".join(f"{k}: {v}" for k, v in self.ensembles.items())
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# config.pbtxt writing
+
+
+def _dims(dims: Sequence[int]) -> str:
+    return "[ " + ", ".join(str(int(d)) for d in dims) + " ]"
+
+
+def _tensor(name: str, dtype: str, dims: Sequence[int], *, ragged: bool = False, optional: bool = False) -> str:
+    extra = "\n    allow_ragged_batch: true" if ragged else ""
+    extra += "\n    optional: true" if optional else ""
+    return f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: {_dims(dims)}{extra}\n  }}'
+
+
+def _io(kind: str, tensors: Sequence[str]) -> str:
+    return f"{kind} [\n" + ",\n".join(tensors) + "\n]\n"
+
+
+def _parameters(params: dict[str, Any]) -> str:
+    return "".join(
+        f'parameters {{\n  key: "{k}"\n  value: {{ string_value: {json.dumps(str(v))} }}\n}}\n' for k, v in params.items()
+    )
+
+
+def _dynamic_batching(preferred: Sequence[int], delay_us: int) -> str:
+    return (
+        "dynamic_batching {\n"
+        f"  preferred_batch_size: {_dims(preferred)}\n"
+        f"  max_queue_delay_microseconds: {int(delay_us)}\n"
+        "}\n"
+    )
+
+
+def _instances(count: int, kind: str) -> str:
+    return f"instance_group [\n  {{\n    count: {int(count)}\n    kind: {kind}\n  }}\n]\n"
+
+
+def _header(name: str, comment: str, *, backend: str | None = None, platform: str | None = None,
+            max_batch_size: int) -> str:
+    lines = [f"# {line}" if line else "#" for line in comment.strip().splitlines()]
+    out = "\n".join(lines) + f'\nname: "{name}"\n'
+    if platform:
+        out += f'platform: "{platform}"\n'
+    if backend:
+        out += f'backend: "{backend}"\n'
+    return out + f"max_batch_size: {int(max_batch_size)}\n"
+
+
+def _ensemble_step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+    maps = "".join(f'      input_map {{\n        key: "{k}"\n        value: "{v}"\n      }}\n' for k, v in inputs.items())
+    maps += "".join(f'      output_map {{\n        key: "{k}"\n        value: "{v}"\n      }}\n' for k, v in outputs.items())
+    return f'    {{\n      model_name: "{model}"\n      model_version: -1\n{maps}    }}'
+
+
+def _ensemble(steps: Sequence[str]) -> str:
+    return "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+
+
+def parse_model_config(text: str) -> Any:
+    """Parse config.pbtxt text with Triton's own ``ModelConfig`` protobuf (tritonclient's model_config_pb2)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def validate_repository(repository: str | os.PathLike) -> dict[str, Any]:
+    """Parse every ``*/config.pbtxt`` of a repository with Triton's ModelConfig; check names and ensemble wiring.
+
+    Returns {model name: parsed ModelConfig}; raises ValueError naming the file and the problem.
+    """
+    repository = Path(repository)
+    configs: dict[str, Any] = {}
+    for path in sorted(repository.glob("*/config.pbtxt")):
+        try:
+            cfg = parse_model_config(path.read_text())
+        except Exception as err:  # noqa: BLE001 - text_format.ParseError and friends
+            raise ValueError(f"{path} does not parse as a Triton ModelConfig: {err}") from err
+        if cfg.name != path.parent.name:
+            raise ValueError(f"{path}: name {cfg.name!r} differs from its folder {path.parent.name!r}")
+        if not any(p.is_dir() and p.name.isdigit() for p in path.parent.iterdir()):
+            raise ValueError(f"{path.parent} has no version folder (e.g. 1/)")
+        configs[cfg.name] = cfg
+    for name, cfg in configs.items():
+        if cfg.platform != "ensemble":
+            continue
+        produced = {i.name for i in cfg.input}
+        for step in cfg.ensemble_scheduling.step:
+            target = configs.get(step.model_name)
+            if target is None:
+                raise ValueError(f"ensemble {name} calls {step.model_name}, which the repository lacks")
+            inputs = {i.name for i in target.input}
+            outputs = {o.name for o in target.output}
+            for key, value in step.input_map.items():
+                if key not in inputs or value not in produced:
+                    raise ValueError(f"ensemble {name}: step {step.model_name} input {key} <- {value} is not wired")
+            for key, value in step.output_map.items():
+                if key not in outputs:
+                    raise ValueError(f"ensemble {name}: {step.model_name} has no output {key}")
+                produced.add(value)
+        missing = [o.name for o in cfg.output if o.name not in produced]
+        if missing:
+            raise ValueError(f"ensemble {name}: outputs {missing} are produced by no step")
+    return configs
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+
+
+def _annotation_task() -> str | None:
+    """Name of an ONNX export task with a ``logits`` output; registers one for cell classification if none."""
+    from .onnx_export import TASKS, TaskSpec, register_task
+
+    for name, spec in TASKS.items():
+        if "logits" in spec.outputs:
+            return name
+    try:
+        from scgpt_hf.modeling_scgpt import ScGPTForCellClassification
+    except ImportError:  # pragma: no cover - the head has not landed
+        return None
+
+    def adapt(model: Any) -> Any:
+        if isinstance(model, ScGPTForCellClassification):
+            return model
+        raise TypeError(f"task {ANNOTATION_TASK!r} exports ScGPTForCellClassification; got {type(model).__name__}.")
+
+    register_task(TaskSpec(
+        name=ANNOTATION_TASK,
+        description="cell-type classification: logits (batch, num_labels) and cell_embedding (batch, hidden)",
+        load=lambda path: ScGPTForCellClassification.from_pretrained(path),
+        adapt=adapt,
+        outputs=("logits", "cell_embedding"),
+    ))
+    return ANNOTATION_TASK
+
+
+def _is_classifier(model_or_path: Any) -> bool:
+    try:
+        from scgpt_hf.modeling_scgpt import ScGPTForCellClassification
+    except ImportError:  # pragma: no cover
+        return False
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        import scgpt_hf  # noqa: F401 - registers the config class
+
+        config = AutoConfig.from_pretrained(os.fspath(model_or_path))
+        return "ScGPTForCellClassification" in (getattr(config, "architectures", None) or [])
+    return isinstance(model_or_path, ScGPTForCellClassification)
+
+
+def _preferred(max_batch_size: int) -> list[int]:
+    sizes = [s for s in (4, 8, 16, 32, 64, 128, 256) if s <= max_batch_size]
+    if max_batch_size not in sizes:
+        sizes.append(max_batch_size)
+    return sizes[-3:]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _labels_from_config(config: dict[str, Any]) -> list[str]:
+    id2label = config.get("id2label") or {}
+    n = int(config.get("num_labels") or len(id2label))
+    return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
+
+
+def export_triton(
+    model_or_path: Any,
+    repository_dir: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    max_batch_size: int | None = None,
+    instances: int = 1,
+    precision: str | None = None,
+    tensorrt: bool = False,
+    tokenizer: Any = None,
+    onnx_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    max_length: int | None = None,
+    truncation: str | None = None,
+    pad_to_multiple_of: int | None = None,
+    preferred_batch_sizes: Sequence[int] | None = None,
+    max_queue_delay_microseconds: int | None = None,
+    tokenizer_instances: int = 1,
+    intra_op_num_threads: int = 0,
+    validate: bool = True,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> TritonExportReport:
+    """Export an scGPT model to ONNX and write a complete Triton model repository around it.
+
+    Args:
+        model_or_path: model object, local folder or Hub id.  A cell-classification model
+            (``ScGPTForCellClassification``) also gets ``scgpt_labels`` and the ``scgpt_annotate`` ensemble.
+        repository_dir: output folder (must be empty or absent unless ``overwrite``).
+        device: "gpu" (native onnxruntime backend, KIND_GPU, fp16 by default) or "cpu" (python backend
+            running ONNX Runtime on the same file, fp32 by default).
+        max_batch_size: cells per request and per encoder batch (default 64 gpu, 16 cpu).
+        instances: encoder instances (instance_group count).
+        precision: ONNX precision, "fp32", "fp16" or "int8" (default fp16 on gpu, fp32 on cpu).
+        tensorrt: add the TensorRT execution accelerator (FP16) to the gpu encoder.
+        tokenizer: `ScGPTTokenizer` (default: the one saved with the model).
+        onnx_dir: reuse a folder written by `export_onnx` (model.onnx, export_report.json) instead of exporting.
+        seed, max_length, truncation: the server tokenizer's settings (default: seed 0, the tokenizer's
+            max_length and truncation strategy); cls value, bins and padding come from the ONNX contract.
+        pad_to_multiple_of: round each request's token length up to this (default 64 gpu, 8 cpu): requests of
+            one length bucket can share a batch on the native backend, which batches equal shapes only.
+        preferred_batch_sizes, max_queue_delay_microseconds: dynamic batching of the encoder.
+        tokenizer_instances: instances of the tokenizer and vocab models (CPU).
+        intra_op_num_threads: ONNX Runtime threads per cpu encoder instance (0: ONNX Runtime decides).
+        validate: validate the ONNX export against PyTorch.
+        overwrite: replace an existing repository folder.
+        verbose: print the ONNX export summary.
+    """
+    from scgpt_hf import cell_encoding
+    from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
+
+    from .onnx_export import PRECISIONS, export_onnx, read_onnx_metadata
+
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}.")
+    default_batch, default_precision, default_multiple, default_delay = _DEFAULTS[device]
+    max_batch_size = int(max_batch_size or default_batch)
+    precision = precision or default_precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if device == "gpu" and precision == "int8":
+        raise ValueError("int8 (dynamic quantisation) is for CPU hosts; use fp16 on gpu.")
+    if max_batch_size < 1 or int(instances) < 1 or int(tokenizer_instances) < 1:
+        raise ValueError("max_batch_size, instances and tokenizer_instances must be at least 1.")
+    if tensorrt and device != "gpu":
+        raise ValueError("tensorrt applies to --device gpu only.")
+    pad_multiple = int(pad_to_multiple_of or default_multiple)
+    delay = int(default_delay if max_queue_delay_microseconds is None else max_queue_delay_microseconds)
+    preferred = sorted({int(s) for s in (preferred_batch_sizes or _preferred(max_batch_size))})
+    if any(s < 1 or s > max_batch_size for s in preferred):
+        raise ValueError(f"preferred batch sizes {preferred} must lie in 1..max_batch_size={max_batch_size}.")
+
+    repo = Path(repository_dir)
+    if repo.exists() and any(repo.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{repo} is not empty; pass overwrite=True (--overwrite) to replace it.")
+        shutil.rmtree(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+
+    # 1. ONNX graph (export, or reuse one).
+    classifier = onnx_dir is None and _is_classifier(model_or_path)
+    task = _annotation_task() if classifier else "embedding"
+    if classifier and task is None:  # pragma: no cover
+        raise RuntimeError("The model is a classifier but no ONNX export task produces logits.")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(onnx_dir) if onnx_dir is not None else Path(tmp)
+        if onnx_dir is None:
+            export_onnx(model_or_path, src, task=task, precision=precision, validate=validate,
+                        tokenizer=tokenizer, seed=seed, verbose=verbose)
+        meta = read_onnx_metadata(src / "model.onnx")
+        task = meta.get("task", task)
+        if tokenizer is None:
+            for candidate in (src, model_or_path if isinstance(model_or_path, (str, os.PathLike)) else None):
+                if candidate is not None and Path(candidate, "vocab.json").is_file():
+                    tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(candidate))
+                    break
+            else:
+                if isinstance(model_or_path, (str, os.PathLike)):
+                    tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(model_or_path))
+                else:
+                    raise ValueError("No tokenizer found beside the model; pass tokenizer=ScGPTTokenizer(...).")
+        if tokenizer.include_zero_genes:
+            raise NotImplementedError("The server tokenizer takes sparse counts: include_zero_genes is not supported.")
+        encoder_dir = repo / ENCODER_MODEL / "1"
+        encoder_dir.mkdir(parents=True)
+        shutil.copy2(src / "model.onnx", encoder_dir / "model.onnx")
+        if (src / "model.onnx.data").exists():
+            shutil.copy2(src / "model.onnx.data", encoder_dir / "model.onnx.data")
+        export_report: dict[str, Any] = {}
+        if (src / "export_report.json").is_file():
+            export_report = json.loads((src / "export_report.json").read_text())
+            export_report.pop("model_path", None)  # a temporary path
+            export_report.pop("timings_s", None)
+            (repo / "export_report.json").write_text(json.dumps(export_report, indent=2) + "\n")
+
+    config = meta.get("config", {})
+    contract = meta.get("preprocessing", {})
+    outputs_meta = {o["name"]: o for o in meta.get("outputs", [])}
+    hidden = int(config.get("hidden_size") or config.get("d_model"))
+    vocab = tokenizer.get_vocab()
+    if len(vocab) != int(contract.get("vocab_size", len(vocab))):
+        raise ValueError("The tokenizer's vocabulary does not belong to the exported model.")
+    extra_inputs = [i["name"] for i in meta.get("inputs", []) if i["name"] not in ("input_ids", "values", "attention_mask")]
+    if extra_inputs:
+        raise NotImplementedError(f"Models that take {extra_inputs} (batch labels) are not served yet.")
+    tok = {
+        "n_bins": int(contract.get("n_bins", tokenizer.n_bins)),
+        "pad_value": float(contract.get("pad_value", tokenizer.pad_value)),
+        "cls_value": float(contract.get("cls_value", tokenizer.cls_value)),
+        "max_length": int(max_length or contract.get("max_length") or tokenizer.max_length),
+        "truncation": truncation or tokenizer.truncation_strategy,
+        "seed": int(seed),
+        "pad_to_multiple_of": pad_multiple,
+        "do_binning": "true" if tokenizer.do_binning else "false",
+        "pad_token": str(tokenizer.pad_token),
+        "cls_token": str(tokenizer.cls_token),
+        "eoc_token": str(tokenizer.eoc_token),
+        "max_genes_per_cell": 100000,
+    }
+    if tok["truncation"] not in ("random", "highest", "none"):
+        raise ValueError(f"truncation must be random, highest or none, got {tok['truncation']!r}.")
+    vocab_json = json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), indent=0, ensure_ascii=False) + "\n"
+    labels = _labels_from_config(config) if "logits" in outputs_meta else None
+
+    # 2. vocab + tokenizer (python backend, numpy only, same cell_encoding.py as the library).
+    for model_name, template in ((VOCAB_MODEL, "vocab"), (TOKENIZER_MODEL, "tokenizer")):
+        version = repo / model_name / "1"
+        version.mkdir(parents=True)
+        shutil.copy2(_TEMPLATES[template], version / "model.py")
+        shutil.copy2(Path(cell_encoding.__file__), version / "cell_encoding.py")
+        (version / "vocab.json").write_text(vocab_json, encoding="utf-8")
+    specials = {k: tok[k] for k in ("pad_token", "cls_token", "eoc_token")}
+    (repo / VOCAB_MODEL / "config.pbtxt").write_text(
+        _header(VOCAB_MODEL, (
+            "Gene names -> vocabulary ids (-1: not in the vocabulary, repeated, or a special token).\n"
+            "Clients call it once per dataset and then send ids with each batch of cells.\n"
+            "Python backend, numpy only: 1/model.py with 1/cell_encoding.py and 1/vocab.json."
+        ), backend="python", max_batch_size=0)
+        + _io("input", [_tensor("gene_names", "TYPE_STRING", [-1])])
+        + _io("output", [_tensor("gene_ids", "TYPE_INT64", [-1])])
+        + _instances(1, "KIND_CPU") + _parameters(specials)
+    )
+    (repo / TOKENIZER_MODEL / "config.pbtxt").write_text(
+        _header(TOKENIZER_MODEL, (
+            "Counts of cells -> scGPT model inputs, exactly as ScGPTTokenizer.encode_with_ids.\n"
+            "gene_ids [batch, n]: vocabulary ids in column order, -1 = unused slot; counts [batch, n]: values.\n"
+            "Each cell: <cls> (cls_value), then its expressed genes with per-cell quantile bins (tie-breaking\n"
+            "seeded by `seed` and the cell's content), cut to max_length tokens; padded to the request's\n"
+            "longest cell, rounded up to pad_to_multiple_of. Python backend, numpy only (1/cell_encoding.py)."
+        ), backend="python", max_batch_size=max_batch_size)
+        + _io("input", [_tensor("gene_ids", "TYPE_INT64", [-1], ragged=True),
+                        _tensor("counts", "TYPE_FP32", [-1], ragged=True)])
+        + _io("output", [_tensor("input_ids", "TYPE_INT64", [-1]), _tensor("values", "TYPE_FP32", [-1]),
+                         _tensor("attention_mask", "TYPE_INT64", [-1]), _tensor("n_genes", "TYPE_INT64", [1])])
+        + _dynamic_batching(preferred, delay) + _instances(tokenizer_instances, "KIND_CPU") + _parameters(tok)
+    )
+
+    # 3. encoder: the same ONNX file, native onnxruntime backend (gpu) or python backend + ONNX Runtime (cpu).
+    enc_outputs: dict[str, list[int]] = {}
+    for name, info in outputs_meta.items():
+        shape = list(info.get("shape", []))[1:]
+        enc_outputs[name] = [-1 if not isinstance(d, int) else int(d) for d in shape]
+    if not enc_outputs:
+        enc_outputs = {"cell_embedding": [hidden]}
+    enc_out = [_tensor(n, "TYPE_FP32", dims) for n, dims in enc_outputs.items()]
+    enc_params = {"pad_token_id": int(contract.get("pad_token_id", tokenizer.pad_token_id)),
+                  "pad_value": tok["pad_value"], "vocab_size": int(contract.get("vocab_size", len(vocab)))}
+    if device == "gpu":
+        accel = ""
+        if tensorrt:
+            accel = (
+                "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"
+                '      name : "tensorrt"\n'
+                '      parameters { key: "precision_mode" value: "FP16" }\n'
+                '      parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
+                '      parameters { key: "trt_engine_cache_enable" value: "1" }\n'
+                '      parameters { key: "trt_engine_cache_path" value: "/tmp/scgpt_trt_cache" }\n'
+                "    } ]\n  }\n}\n"
+            )
+        encoder_cfg = (
+            _header(ENCODER_MODEL, (
+                f"scGPT {task} graph ({precision}) on Triton's native onnxruntime backend, on the GPU.\n"
+                "The native backend batches requests of equal shape only: the tokenizer rounds lengths up to\n"
+                f"multiples of {pad_multiple} so requests in one length bucket share a batch."
+            ), platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=max_batch_size)
+            + 'default_model_filename: "model.onnx"\n'
+            + _io("input", [_tensor("input_ids", "TYPE_INT64", [-1]), _tensor("values", "TYPE_FP32", [-1]),
+                            _tensor("attention_mask", "TYPE_INT64", [-1])])
+            + _io("output", enc_out)
+            + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_GPU") + accel
+        )
+    else:
+        shutil.copy2(_TEMPLATES["encoder"], encoder_dir / "model.py")
+        enc_params["intra_op_num_threads"] = int(intra_op_num_threads)
+        enc_params["onnx_file"] = "model.onnx"
+        encoder_cfg = (
+            _header(ENCODER_MODEL, (
+                f"scGPT {task} graph ({precision}) run by ONNX Runtime in a python-backend model (CPU servers;\n"
+                "GPU repositories use the native onnxruntime backend on the same file). Inputs allow ragged\n"
+                "batches: 1/model.py pads the requests of a dynamic batch to a common length and splits the\n"
+                "results. Needs numpy and onnxruntime in the server's Python."
+            ), backend="python", max_batch_size=max_batch_size)
+            + _io("input", [_tensor("input_ids", "TYPE_INT64", [-1], ragged=True),
+                            _tensor("values", "TYPE_FP32", [-1], ragged=True),
+                            _tensor("attention_mask", "TYPE_INT64", [-1], ragged=True)])
+            + _io("output", enc_out)
+            + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_CPU")
+        )
+    (repo / ENCODER_MODEL / "config.pbtxt").write_text(encoder_cfg + _parameters(enc_params))
+
+    # 4. ensembles (and the label decoder for a classification head).
+    wire_in = [_tensor("gene_ids", "TYPE_INT64", [-1]), _tensor("counts", "TYPE_FP32", [-1])]
+    tok_step = _ensemble_step(TOKENIZER_MODEL, {"gene_ids": "gene_ids", "counts": "counts"},
+                              {"input_ids": "_input_ids", "values": "_values", "attention_mask": "_attention_mask",
+                               "n_genes": "n_genes"})
+    enc_in = {"input_ids": "_input_ids", "values": "_values", "attention_mask": "_attention_mask"}
+    ensembles = {EMBED_MODEL: f"{TOKENIZER_MODEL} -> {ENCODER_MODEL}: gene_ids, counts -> cell_embedding, n_genes"}
+    (repo / EMBED_MODEL / "1").mkdir(parents=True)
+    (repo / EMBED_MODEL / "1" / ".gitkeep").write_text("")
+    (repo / EMBED_MODEL / "config.pbtxt").write_text(
+        _header(EMBED_MODEL, (
+            "Counts in, cell embeddings out: scgpt_tokenizer then scgpt_encoder.\n"
+            "cell_embedding is the model's raw cell embedding (clients L2-normalise it, as scgpt_hf.embed does);\n"
+            "n_genes: each cell's expressed vocabulary genes before truncation."
+        ), platform="ensemble", max_batch_size=max_batch_size)
+        + _io("input", wire_in)
+        + _io("output", [_tensor("cell_embedding", "TYPE_FP32", [hidden]), _tensor("n_genes", "TYPE_INT64", [1])])
+        + _ensemble([tok_step, _ensemble_step(ENCODER_MODEL, enc_in, {"cell_embedding": "cell_embedding"})])
+    )
+    models = [VOCAB_MODEL, TOKENIZER_MODEL, ENCODER_MODEL, EMBED_MODEL]
+    if labels is not None:
+        n = len(labels)
+        version = repo / LABELS_MODEL / "1"
+        version.mkdir(parents=True)
+        shutil.copy2(_TEMPLATES["labels"], version / "model.py")
+        (version / "labels.json").write_text(json.dumps(labels, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        (repo / LABELS_MODEL / "config.pbtxt").write_text(
+            _header(LABELS_MODEL, "Classifier logits -> label (argmax), its probability and all probabilities "
+                    "(softmax).\nPython backend, numpy only; class names in 1/labels.json.",
+                    backend="python", max_batch_size=max_batch_size)
+            + _io("input", [_tensor("logits", "TYPE_FP32", [n])])
+            + _io("output", [_tensor("label", "TYPE_STRING", [1]), _tensor("probability", "TYPE_FP32", [1]),
+                             _tensor("probabilities", "TYPE_FP32", [n])])
+            + _dynamic_batching(preferred, delay) + _instances(tokenizer_instances, "KIND_CPU")
+        )
+        (repo / ANNOTATE_MODEL / "1").mkdir(parents=True)
+        (repo / ANNOTATE_MODEL / "1" / ".gitkeep").write_text("")
+        (repo / ANNOTATE_MODEL / "config.pbtxt").write_text(
+            _header(ANNOTATE_MODEL, "Counts in, cell types out: scgpt_tokenizer, scgpt_encoder, scgpt_labels.",
+                    platform="ensemble", max_batch_size=max_batch_size)
+            + _io("input", wire_in)
+            + _io("output", [_tensor("label", "TYPE_STRING", [1]), _tensor("probability", "TYPE_FP32", [1]),
+                             _tensor("probabilities", "TYPE_FP32", [n]), _tensor("cell_embedding", "TYPE_FP32", [hidden]),
+                             _tensor("n_genes", "TYPE_INT64", [1])])
+            + _ensemble([
+                tok_step,
+                _ensemble_step(ENCODER_MODEL, enc_in, {"logits": "_logits", "cell_embedding": "cell_embedding"}),
+                _ensemble_step(LABELS_MODEL, {"logits": "_logits"},
+                               {"label": "label", "probability": "probability", "probabilities": "probabilities"}),
+            ])
+        )
+        models += [LABELS_MODEL, ANNOTATE_MODEL]
+        ensembles[ANNOTATE_MODEL] = (f"{TOKENIZER_MODEL} -> {ENCODER_MODEL} -> {LABELS_MODEL}: gene_ids, counts -> "
+                                     "label, probability, probabilities, cell_embedding, n_genes")
+
+    report = TritonExportReport(
+        repository=repo.name, device=device, precision=precision, task=task, max_batch_size=max_batch_size,
+        instances=int(instances), preferred_batch_sizes=preferred, max_queue_delay_microseconds=delay,
+        pad_to_multiple_of=pad_multiple, tensorrt=bool(tensorrt), models=models, ensembles=ensembles,
+        tokenizer={k: v for k, v in tok.items()}, encoder_outputs=enc_outputs, labels=labels,
+        onnx_sha256=_sha256(encoder_dir / "model.onnx"),
+        onnx_validation_passed=export_report.get("passed") if export_report else None,
+    )
+    (repo / "README.md").write_text(_model_card(report, config, export_report), encoding="utf-8")
+    report.files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()) + [REPORT_FILE]
+    report.files.sort()
+    (repo / REPORT_FILE).write_text(report.to_json() + "\n")
+    try:
+        validate_repository(repo)
+    except ImportError:  # tritonclient not installed: the configs are checked by the tests instead
+        pass
+    return report
+
+
+def _model_card(report: TritonExportReport, config: dict[str, Any], export_report: dict[str, Any]) -> str:
+    tok = report.tokenizer
+    size = (f"{config.get('hidden_size')} hidden, {config.get('num_hidden_layers')} layers, "
+            f"{config.get('num_attention_heads')} heads, vocabulary {config.get('vocab_size')}")
+    validation = export_report.get("validation", {}) if export_report else {}
+    val_line = (f"ONNX validated against PyTorch on {validation.get('data')} ({validation.get('criterion')}): "
+                f"{'passed' if export_report.get('passed') else 'FAILED'}." if validation and not validation.get("skipped")
+                else "ONNX validation: skipped or not recorded.")
+    ensembles = "\n".join(f"| `{k}` | {v} |" for k, v in report.ensembles.items())
+    serve_cpu = "scgpt-hf serve REPOSITORY_DIR        # local CPU server (bash scripts/setup_triton_server.sh once)"
+    annotate = ""
+    if report.labels is not None:
+        annotate = (
+            f"\n`scgpt_annotate` answers `label` (BYTES), `probability` and `probabilities` over "
+            f"{len(report.labels)} classes ({', '.join(report.labels[:8])}{', ...' if len(report.labels) > 8 else ''}), "
+            "plus `cell_embedding` and `n_genes`.\n"
+        )
+    return f"""# scGPT Triton model repository
+
+scGPT ({report.task}, {size}) for Triton Inference Server, built by `scgpt-hf export triton`
+for **{report.device}** ({report.precision}). {val_line}
+
+| model | what |
+|---|---|
+| `scgpt_vocab` | python, numpy only: gene names (BYTES) -> vocabulary ids, -1 where unknown; once per dataset |
+| `scgpt_tokenizer` | python, numpy only: counts -> `input_ids`, `values`, `attention_mask` (exactly `ScGPTTokenizer`) |
+| `scgpt_encoder` | the ONNX graph ({'native onnxruntime backend, KIND_GPU' if report.device == 'gpu' else 'python backend running ONNX Runtime, KIND_CPU'}); dynamic batching, preferred sizes {report.preferred_batch_sizes}, queue delay {report.max_queue_delay_microseconds} us, {report.instances} instance(s) |
+{ensembles}
+
+## Wire format
+
+Cells are the batch dimension (at most {report.max_batch_size} per request); a request pads its cells to its widest cell.
+
+| input | type | shape | meaning |
+|---|---|---|---|
+| `gene_ids` | INT64 | [cells, n] | vocabulary ids of the cell's measured genes, in the dataset's column order; -1 = unused slot (padding, unknown gene) |
+| `counts` | FP32 | [cells, n] | expression values: raw counts or normalised/log1p (binning is rank-based per cell); 0 = not expressed |
+
+`scgpt_embed` answers `cell_embedding` FP32 [cells, {config.get('hidden_size')}] (raw; L2-normalise it as
+`scgpt_hf.embed` does) and `n_genes` INT64 [cells, 1] (expressed vocabulary genes before truncation).
+{annotate}
+Tokenizer settings: {tok['n_bins']} bins, `<cls>` value {tok['cls_value']}, pad value {tok['pad_value']},
+max length {tok['max_length']} tokens (truncation: {tok['truncation']}), seed {tok['seed']} (per-cell tie-breaking is seeded
+by the seed and the cell's content, so a cell gets the same answer in any batch), lengths rounded up to multiples
+of {tok['pad_to_multiple_of']}.
+
+Errors come back per request and the server keeps serving: wrong dtype or rank (rejected by Triton), `gene_ids` and
+`counts` of different shapes, ids outside the vocabulary, a gene twice in a cell, negative or non-finite
+counts, a cell with no expressed vocabulary gene, more than {report.max_batch_size} cells.
+
+## Serve and query
+
+```bash
+{serve_cpu}
+# GPU: docker run --gpus=1 --rm -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD/REPOSITORY_DIR:/models \\
+#      nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models
+```
+
+```python
+from scgpt_hf.serving import TritonClient
+client = TritonClient("127.0.0.1:8001", protocol="grpc")
+client.embed(adata, batch_size=32, concurrency=4)   # -> adata.obsm["X_scGPT"], obs["X_scGPT_n_genes"]
+```
+
+`export_report.json`: the ONNX export (fusion, precision, validation figures). `triton_report.json`: this
+repository's settings and files.
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `triton` on the `export` command's subparsers (`scgpt-hf export triton MODEL REPOSITORY_DIR`)."""
+    p = subparsers.add_parser(
+        "triton",
+        help="write a Triton model repository (tokenizer, encoder, embed/annotate ensembles)",
+        description=(
+            "Export MODEL to ONNX and write a complete Triton model repository: scgpt_vocab and scgpt_tokenizer "
+            "(python backend, numpy only), scgpt_encoder (native onnxruntime backend on gpu, python backend + "
+            "ONNX Runtime on cpu), the scgpt_embed ensemble and, for classification models, scgpt_annotate."
+        ),
+    )
+    p.add_argument("model", metavar="MODEL", help="local model folder or Hub id")
+    p.add_argument("repository", metavar="REPOSITORY_DIR", help="output folder for the model repository")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help="gpu: onnxruntime backend, KIND_GPU; cpu: "
+                   "python backend with ONNX Runtime (default: cpu)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="cells per request/batch (default 64 gpu, 16 cpu)")
+    p.add_argument("--instances", type=int, default=1, help="encoder instances (default 1)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                   help="ONNX precision (default fp16 on gpu, fp32 on cpu)")
+    p.add_argument("--tensorrt", action="store_true", help="add the TensorRT accelerator (FP16) on gpu")
+    p.add_argument("--onnx-dir", default=None, help="reuse an `scgpt-hf export onnx` folder instead of exporting")
+    p.add_argument("--seed", type=int, default=0, help="server tokenizer seed (default 0)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per cell incl. <cls> (default: tokenizer's)")
+    p.add_argument("--pad-to-multiple-of", type=int, default=None, help="length bucket (default 64 gpu, 8 cpu)")
+    p.add_argument("--queue-delay-us", type=int, default=None, help="dynamic batching queue delay in microseconds")
+    p.add_argument("--no-validate", dest="validate", action="store_false", help="skip ONNX vs PyTorch validation")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing repository folder")
+    p.set_defaults(func=run_export_triton)
+    return p
+
+
+def run_export_triton(args: argparse.Namespace) -> int:
+    """Handler of `scgpt-hf export triton`; returns the exit code."""
+    try:
+        report = export_triton(
+            args.model, args.repository, device=args.device, max_batch_size=args.max_batch_size,
+            instances=args.instances, precision=args.precision, tensorrt=args.tensorrt, onnx_dir=args.onnx_dir,
+            seed=args.seed, max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of,
+            max_queue_delay_microseconds=args.queue_delay_us, validate=args.validate, overwrite=args.overwrite,
+        )
+    except (ValueError, TypeError, NotImplementedError, OSError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry: `python -m scgpt_hf.export.triton MODEL REPOSITORY_DIR ...`."""
+    parser = argparse.ArgumentParser(prog="scgpt-hf export")
+    add_parser(parser.add_subparsers(dest="export_format", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["triton"]:
+        argv = ["triton", *argv]
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

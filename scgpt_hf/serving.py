@@ -1,0 +1,730 @@
+"""Serving scGPT with Triton Inference Server: a local server launcher and a client for AnnData.
+
+* :class:`TritonServer` starts the Triton server shipped in the ``nvidia-pytriton`` wheel (a real
+  Triton 2.51, python backend, CPU capable) on a model repository written by
+  ``scgpt-hf export triton``, with the environment it needs; ``scgpt-hf serve REPOSITORY_DIR`` is its
+  command line.  The server gets its own virtual environment (numpy<2): ``bash
+  scripts/setup_triton_server.sh`` makes ``.venv-triton``.
+* :class:`TritonClient` sends an AnnData's counts to the ``scgpt_embed`` / ``scgpt_annotate``
+  ensembles over gRPC or HTTP, concurrently, with timeouts and retries on transient errors, and
+  writes the answers into ``obsm`` / ``obs`` like :func:`scgpt_hf.embed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TritonClient",
+    "TritonServer",
+    "TritonServerError",
+    "TritonUnavailableError",
+    "add_parser",
+    "find_server_env",
+    "free_port",
+]
+
+DEFAULT_KEY = "X_scGPT"
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_TRANSIENT_GRPC = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
+                   "StatusCode.ABORTED"}
+_TRANSIENT_HTTP = {"408", "429", "502", "503", "504"}
+
+
+class TritonServerError(RuntimeError):
+    """The server answered a request with an error; the message is the server's."""
+
+
+class TritonUnavailableError(TritonServerError):
+    """The server could not be reached (or kept failing transiently) after the retries."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Local server
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def find_server_env(server_env: str | os.PathLike | None = None) -> Path:
+    """The virtual environment holding nvidia-pytriton (and numpy<2) for the server.
+
+    Order: `server_env`, ``$SCGPT_HF_TRITON_ENV``, ``.venv-triton`` in the source tree, the current
+    interpreter's environment.  Raises FileNotFoundError saying how to make one.
+    """
+    candidates = [server_env, os.environ.get("SCGPT_HF_TRITON_ENV"), _REPO_ROOT / ".venv-triton", sys.prefix]
+    for cand in candidates:
+        if not cand:
+            continue
+        env = Path(cand)
+        if list(env.glob("lib/python3*/site-packages/pytriton/tritonserver/bin/tritonserver")):
+            return env
+    raise FileNotFoundError(
+        "No Triton server environment found: run `bash scripts/setup_triton_server.sh` (makes .venv-triton with "
+        "nvidia-pytriton==0.7.0 and numpy<2) or point SCGPT_HF_TRITON_ENV / --server-env at such a virtualenv."
+    )
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids of every live descendant of `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
+
+
+class TritonServer:
+    """A Triton server process on a model repository, bound to 127.0.0.1 (or `host`) on free ports.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`.  The server runs from the
+    nvidia-pytriton wheel in `server_env` (see :func:`find_server_env`) with its bin first on PATH and
+    LD_LIBRARY_PATH starting with the interpreter's LIBDIR and the wheel's libraries, and a backend
+    folder holding the python backend and the stub for the environment's Python version.
+
+    Args:
+        repository: model repository folder.
+        server_env: virtualenv with nvidia-pytriton (default: :func:`find_server_env`).
+        host: address the HTTP, gRPC and metrics endpoints bind to.
+        http_port, grpc_port, metrics_port: ports (default: free ones).
+        log_verbose: Triton's --log-verbose level.
+        extra_args: more tritonserver flags.
+        log_file: where server output goes (default: a temporary file, see :attr:`log_path`).
+    """
+
+    def __init__(
+        self,
+        repository: str | os.PathLike,
+        *,
+        server_env: str | os.PathLike | None = None,
+        host: str = "127.0.0.1",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        log_verbose: int = 0,
+        extra_args: Sequence[str] = (),
+        log_file: str | os.PathLike | None = None,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        if not (self.repository / "scgpt_embed").is_dir() and not list(self.repository.glob("*/config.pbtxt")):
+            raise FileNotFoundError(f"{self.repository} is not a Triton model repository (no */config.pbtxt); "
+                                    "write one with `scgpt-hf export triton MODEL REPOSITORY_DIR`.")
+        self.env = find_server_env(server_env)
+        self.host = host
+        self.http_port = http_port or free_port(host)
+        self.grpc_port = grpc_port or free_port(host)
+        self.metrics_port = metrics_port or free_port(host)
+        self.log_verbose = int(log_verbose)
+        self.extra_args = list(extra_args)
+        self._log_file = Path(log_file) if log_file else None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.process: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+        self._log_handle: Any = None
+
+    @property
+    def http_url(self) -> str:
+        """host:port of the HTTP endpoint."""
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """host:port of the gRPC endpoint."""
+        return f"{self.host}:{self.grpc_port}"
+
+    def _layout(self) -> tuple[Path, Path, dict[str, str], Path]:
+        site = next(self.env.glob("lib/python3*/site-packages"))
+        py = site.parent.name.removeprefix("python")  # e.g. "3.11"
+        root = site / "pytriton" / "tritonserver"
+        stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
+        if not stub.exists():
+            raise FileNotFoundError(f"nvidia-pytriton has no python backend stub for Python {py} ({stub}).")
+        assert self._tmp is not None
+        backends = Path(self._tmp.name) / "backends"
+        python_backend = backends / "python"
+        python_backend.mkdir(parents=True)
+        for item in (root / "backends" / "python").iterdir():
+            if item.is_file():
+                (python_backend / item.name).symlink_to(item)
+        (python_backend / stub.name).symlink_to(stub)
+        env_python = self.env / "bin" / "python"
+        libdir = subprocess.run(
+            [str(env_python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip() or sysconfig.get_config_var("LIBDIR")
+        env = dict(os.environ)
+        for var in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+            env.pop(var, None)
+        env["VIRTUAL_ENV"] = str(self.env)
+        env["PATH"] = f"{self.env / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        libs = [libdir, str(site / "nvidia_pytriton.libs")]
+        if env.get("LD_LIBRARY_PATH"):
+            libs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        return root / "bin" / "tritonserver", backends, env, Path(self._tmp.name)
+
+    def command(self) -> list[str]:
+        """The tritonserver command line (after :meth:`start` has laid out the backend folder)."""
+        return self._cmd
+
+    def start(self, timeout: float = 120.0) -> TritonServer:
+        """Start the server and wait until it is ready (raises RuntimeError with the log tail if it is not)."""
+        if self.process is not None:
+            raise RuntimeError("server already started")
+        self._tmp = tempfile.TemporaryDirectory(prefix="scgpt_triton_")
+        binary, backends, env, tmp = self._layout()
+        self._cmd = [
+            str(binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--exit-timeout-secs=5",
+            f"--log-verbose={self.log_verbose}", "--strict-readiness=true",
+            *self.extra_args,
+        ]
+        self.log_path = self._log_file or tmp / "tritonserver.log"
+        self._log_handle = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(self._cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, env=env,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = self.log_tail()
+                self.stop()
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} while starting:\n{tail}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback
+                    if resp.status == 200:
+                        return self
+            time.sleep(0.25)
+        tail = self.log_tail()
+        self.stop()
+        raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s:\n{tail}")
+
+    def log_tail(self, n_chars: int = 6000) -> str:
+        """The end of the server's log."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_bytes()[-n_chars:].decode("utf-8", "replace")
+
+    def pids(self) -> list[int]:
+        """The server's pid and those of its children (python backend stubs)."""
+        if self.process is None:
+            return []
+        return [self.process.pid, *_descendants(self.process.pid)]
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM the server (it drains and exits in ~5 s), SIGKILL its process group if it lingers."""
+        proc = self.process
+        if proc is None:
+            return None
+        family = self.pids()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in family[1:]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in family[1:]:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        if self._tmp is not None and self._log_file is None and self.log_path is not None:
+            # keep the log readable after stop: move it next to nothing temporary
+            kept = Path(tempfile.gettempdir()) / f"scgpt_tritonserver_{proc.pid}.log"
+            with contextlib.suppress(OSError):
+                shutil.copy2(self.log_path, kept)
+                self.log_path = kept
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+        return proc.returncode
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# Client
+
+
+@dataclass
+class _Chunk:
+    rows: np.ndarray  # positions in adata
+    gene_ids: np.ndarray  # [cells, n] int64, -1 padded
+    counts: np.ndarray  # [cells, n] float32
+
+
+def _status(err: Exception) -> str:
+    status = getattr(err, "status", None)
+    return str(status() if callable(status) else status or "")
+
+
+def _message(err: Exception) -> str:
+    msg = getattr(err, "message", None)
+    return str(msg() if callable(msg) else msg or err)
+
+
+class TritonClient:
+    """Client of an scGPT Triton repository (``scgpt_embed``, ``scgpt_annotate``, ``scgpt_vocab``).
+
+    Args:
+        url: ``host:port`` of the server's gRPC (default 8001) or HTTP (default 8000) endpoint.
+        protocol: "grpc" or "http".
+        timeout: seconds per request (network and server time together).
+        retries: further tries of a request after a transient error (unreachable server, timeouts,
+            overload: gRPC UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED, HTTP 408/429/502/503/504).
+        backoff: seconds before the first retry, doubling each time.
+        embed_model, annotate_model, vocab_model: model names in the repository.
+
+    Errors the server answers (bad input, a failing model) raise :class:`TritonServerError` with the
+    server's message at once; they are never retried.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        protocol: str = "grpc",
+        *,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        embed_model: str = "scgpt_embed",
+        annotate_model: str = "scgpt_annotate",
+        vocab_model: str = "scgpt_vocab",
+    ) -> None:
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}.")
+        self.url = url.removeprefix("http://").removeprefix("grpc://")
+        self.protocol = protocol
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.embed_model = embed_model
+        self.annotate_model = annotate_model
+        self.vocab_model = vocab_model
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        self._module = module
+        self._local = threading.local()
+        self._gene_cache: dict[str, np.ndarray] = {}
+        self._max_batch: dict[str, int] = {}
+
+    # -------------------------------------------------------------- plumbing
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self.protocol == "grpc":
+                client = self._module.InferenceServerClient(self.url)
+            else:
+                client = self._module.InferenceServerClient(
+                    self.url, connection_timeout=self.timeout, network_timeout=self.timeout)
+            self._local.client = client
+        return client
+
+    def _transient(self, err: Exception) -> bool:
+        status = _status(err)
+        if status in _TRANSIENT_GRPC or status in _TRANSIENT_HTTP:
+            return True
+        msg = _message(err).lower()
+        return isinstance(err, (ConnectionError, TimeoutError, OSError)) or any(
+            s in msg for s in ("connection refused", "failed to connect", "timed out", "deadline exceeded",
+                               "connection reset", "unavailable", "broken pipe"))
+
+    def _call(self, fn_name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call a tritonclient method with retries on transient errors; server errors raise at once."""
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return getattr(self._client(), fn_name)(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - tritonclient, gevent and socket errors
+                if not self._transient(err):
+                    raise TritonServerError(_message(err)) from err
+                if attempt == self.retries:
+                    raise TritonUnavailableError(
+                        f"{self.protocol} {self.url}: {_message(err)} (after {self.retries + 1} tries)") from err
+                logger.warning("Triton %s (%s); retrying in %.1f s", _message(err), _status(err), delay)
+                self._local.client = None  # reconnect
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """One inference request: numpy inputs by name -> numpy outputs by name (with retries)."""
+        m = self._module
+        tensors = []
+        for name, array in inputs.items():
+            dtype = "BYTES" if array.dtype.kind in "OSU" else {
+                np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32",
+                np.dtype(np.float64): "FP64", np.dtype(np.float16): "FP16"}[array.dtype]
+            t = m.InferInput(name, list(array.shape), dtype)
+            t.set_data_from_numpy(array)
+            tensors.append(t)
+        requested = [m.InferRequestedOutput(n) for n in outputs]
+        kwargs: dict[str, Any] = {"outputs": requested}
+        if self.protocol == "grpc":
+            kwargs["client_timeout"] = self.timeout
+        result = self._call("infer", model, tensors, **kwargs)
+        return {n: result.as_numpy(n) for n in outputs}
+
+    def is_ready(self) -> bool:
+        """True when the server is live and ready."""
+        try:
+            return bool(self._call("is_server_ready"))
+        except TritonServerError:
+            return False
+
+    def max_batch_size(self, model: str) -> int:
+        """The model's max_batch_size from its configuration (cached)."""
+        if model not in self._max_batch:
+            cfg = self._call("get_model_config", model)
+            if self.protocol == "grpc":
+                value = cfg.config.max_batch_size
+            else:
+                value = cfg.get("max_batch_size", 0)
+            self._max_batch[model] = int(value)
+        return self._max_batch[model]
+
+    def statistics(self, model: str = "") -> dict[str, Any]:
+        """Inference statistics as a dict (the server's JSON / protobuf, normalised to dicts)."""
+        if self.protocol == "grpc":
+            from google.protobuf.json_format import MessageToDict
+
+            return MessageToDict(self._call("get_inference_statistics", model), preserving_proto_field_name=True)
+        return self._call("get_inference_statistics", model)
+
+    # -------------------------------------------------------------- genes
+    def gene_ids(self, gene_names: Sequence[str]) -> np.ndarray:
+        """Vocabulary ids of gene names (-1 where unknown), as the server's vocabulary has them; cached."""
+        names = [str(n) for n in gene_names]
+        key = hashlib.sha256("\x00".join(names).encode("utf-8")).hexdigest()
+        if key not in self._gene_cache:
+            array = np.array([n.encode("utf-8") for n in names], dtype=np.object_)
+            ids = self.infer(self.vocab_model, {"gene_names": array}, ["gene_ids"])["gene_ids"]
+            self._gene_cache[key] = np.asarray(ids, dtype=np.int64).reshape(-1)
+        return self._gene_cache[key]
+
+    # -------------------------------------------------------------- AnnData
+    @staticmethod
+    def _matrix(adata: Any, layer: str | None, use_raw: bool, gene_column: str | None) -> tuple[Any, list[str]]:
+        if layer is not None and use_raw:
+            raise ValueError("Give either layer= or use_raw=True, not both.")
+        if use_raw:
+            if adata.raw is None:
+                raise ValueError("use_raw=True but this AnnData has no .raw.")
+            matrix, var = adata.raw.X, adata.raw.var
+        elif layer is not None:
+            matrix, var = adata.layers[layer], adata.var
+        else:
+            matrix, var = adata.X, adata.var
+        names = var.index.astype(str).tolist() if gene_column is None else var[gene_column].astype(str).tolist()
+        return matrix, names
+
+    def _chunks(self, matrix: Any, ids: np.ndarray, batch_size: int) -> tuple[list[_Chunk], np.ndarray]:
+        """Requests of up to batch_size cells (sparse rows, matched genes only, column order) and n_genes."""
+        n_obs = matrix.shape[0]
+        used_cols = np.flatnonzero(ids >= 0)
+        if used_cols.size == 0:
+            raise ValueError("None of the dataset's genes is in the model's vocabulary (scgpt_vocab matched none).")
+        col_ids = ids[used_cols]
+        chunks: list[_Chunk] = []
+        n_genes = np.zeros(n_obs, dtype=np.int64)
+        step = 4096
+        pending_rows: list[int] = []
+        pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def flush() -> None:
+            width = max(1, max(len(g) for g, _ in pending))
+            g = np.full((len(pending), width), -1, dtype=np.int64)
+            c = np.zeros((len(pending), width), dtype=np.float32)
+            for i, (gi, ci) in enumerate(pending):
+                g[i, : len(gi)], c[i, : len(ci)] = gi, ci
+            chunks.append(_Chunk(np.array(pending_rows, dtype=np.int64), g, c))
+            pending_rows.clear()
+            pending.clear()
+
+        for start in range(0, n_obs, step):
+            block = matrix[start : start + step]
+            block = block.tocsr() if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+            block = block[:, used_cols]
+            block.sort_indices()
+            if block.data.size and (block.data < 0).any():
+                raise ValueError("Expression values must be non-negative (raw counts or normalised/log1p values).")
+            for r in range(block.shape[0]):
+                lo, hi = block.indptr[r], block.indptr[r + 1]
+                vals = block.data[lo:hi]
+                keep = vals != 0
+                cols = block.indices[lo:hi][keep]
+                if cols.size == 0:
+                    continue  # no expressed vocabulary gene: NaN row, like scgpt_hf.embed
+                n_genes[start + r] = cols.size
+                pending_rows.append(start + r)
+                pending.append((col_ids[cols], vals[keep].astype(np.float32)))
+                if len(pending) == batch_size:
+                    flush()
+        if pending:
+            flush()
+        return chunks, n_genes
+
+    def _run(self, model: str, chunks: list[_Chunk], outputs: Sequence[str], concurrency: int,
+             progress: bool) -> Iterator[tuple[_Chunk, dict[str, np.ndarray]]]:
+        def one(chunk: _Chunk) -> tuple[_Chunk, dict[str, np.ndarray]]:
+            return chunk, self.infer(model, {"gene_ids": chunk.gene_ids, "counts": chunk.counts}, outputs)
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(len(c.rows) for c in chunks), desc=f"{model}", unit="cell")
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, int(concurrency))) as pool:
+                futures = [pool.submit(one, c) for c in chunks]
+                try:
+                    for fut in concurrent.futures.as_completed(futures):
+                        chunk, out = fut.result()
+                        if bar is not None:
+                            bar.update(len(chunk.rows))
+                        yield chunk, out
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _prepare(self, adata: Any, model: str, batch_size: int | None, layer: str | None, use_raw: bool,
+                 gene_column: str | None) -> tuple[list[_Chunk], np.ndarray, np.ndarray]:
+        matrix, names = self._matrix(adata, layer, use_raw, gene_column)
+        limit = self.max_batch_size(model)
+        batch_size = int(batch_size or limit or 16)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        if limit and batch_size > limit:
+            raise ValueError(f"batch_size={batch_size} exceeds {model}'s max_batch_size={limit}.")
+        ids = self.gene_ids(names)
+        chunks, n_genes = self._chunks(matrix, ids, batch_size)
+        return chunks, n_genes, ids
+
+    def embed(
+        self,
+        adata: Any,
+        *,
+        batch_size: int | None = None,
+        concurrency: int = 4,
+        key_added: str = DEFAULT_KEY,
+        layer: str | None = None,
+        use_raw: bool = False,
+        gene_column: str | None = None,
+        normalize: bool = True,
+        progress: bool = False,
+    ) -> Any:
+        """Embed every cell of `adata` on the server; writes ``obsm[key_added]`` and ``obs[key_added + "_n_genes"]``.
+
+        Cells with no expressed vocabulary gene are not sent and get NaN rows (n_genes 0), as in
+        :func:`scgpt_hf.embed`; the others get the model's cell embedding, L2-normalised unless
+        ``normalize=False``.  ``batch_size``: cells per request (default and maximum: the model's
+        max_batch_size); ``concurrency``: requests in flight.
+        """
+        chunks, n_genes, ids = self._prepare(adata, self.embed_model, batch_size, layer, use_raw, gene_column)
+        out: np.ndarray | None = None
+        for chunk, res in self._run(self.embed_model, chunks, ["cell_embedding", "n_genes"], concurrency, progress):
+            emb = res["cell_embedding"].astype(np.float32)
+            if out is None:
+                out = np.full((adata.n_obs, emb.shape[1]), np.nan, dtype=np.float32)
+            out[chunk.rows] = emb
+        if out is None:
+            raise ValueError("No cell expresses a gene of the model's vocabulary.")
+        if normalize:
+            done = n_genes > 0
+            out[done] /= np.linalg.norm(out[done], axis=1, keepdims=True)
+        adata.obsm[key_added] = out
+        adata.obs[f"{key_added}_n_genes"] = n_genes
+        adata.uns[f"{key_added}_params"] = {
+            "server": self.url, "protocol": self.protocol, "model": self.embed_model, "normalized": bool(normalize),
+            "n_genes_matched": int((ids >= 0).sum()), "n_genes_total": int(ids.size),
+            "n_cells_empty": int((n_genes == 0).sum()),
+        }
+        return adata
+
+    def annotate(
+        self,
+        adata: Any,
+        *,
+        batch_size: int | None = None,
+        concurrency: int = 4,
+        key_added: str = "scGPT_cell_type",
+        embedding_key: str | None = DEFAULT_KEY,
+        layer: str | None = None,
+        use_raw: bool = False,
+        gene_column: str | None = None,
+        progress: bool = False,
+    ) -> Any:
+        """Predict cell types on the server (``scgpt_annotate``).
+
+        Writes ``obs[key_added]`` (label; missing for cells with no vocabulary gene),
+        ``obs[key_added + "_probability"]``, ``obsm[key_added + "_probabilities"]`` (n_obs x n_classes,
+        NaN rows for empty cells) and, unless ``embedding_key`` is None, ``obsm[embedding_key]``
+        (L2-normalised cell embeddings).
+        """
+        import pandas as pd
+
+        chunks, n_genes, _ = self._prepare(adata, self.annotate_model, batch_size, layer, use_raw, gene_column)
+        labels = np.full(adata.n_obs, None, dtype=object)
+        prob = np.full(adata.n_obs, np.nan, dtype=np.float32)
+        probs: np.ndarray | None = None
+        emb: np.ndarray | None = None
+        wanted = ["label", "probability", "probabilities", "cell_embedding"]
+        for chunk, res in self._run(self.annotate_model, chunks, wanted, concurrency, progress):
+            if probs is None:
+                probs = np.full((adata.n_obs, res["probabilities"].shape[1]), np.nan, dtype=np.float32)
+                emb = np.full((adata.n_obs, res["cell_embedding"].shape[1]), np.nan, dtype=np.float32)
+            labels[chunk.rows] = [x.decode("utf-8") if isinstance(x, bytes) else str(x)
+                                  for x in res["label"].reshape(-1)]
+            prob[chunk.rows] = res["probability"].reshape(-1)
+            probs[chunk.rows] = res["probabilities"]
+            emb[chunk.rows] = res["cell_embedding"]
+        if probs is None or emb is None:
+            raise ValueError("No cell expresses a gene of the model's vocabulary.")
+        adata.obs[key_added] = pd.Categorical(labels)
+        adata.obs[f"{key_added}_probability"] = prob
+        adata.obsm[f"{key_added}_probabilities"] = probs
+        if embedding_key is not None:
+            done = n_genes > 0
+            emb[done] /= np.linalg.norm(emb[done], axis=1, keepdims=True)
+            adata.obsm[embedding_key] = emb
+            adata.obs[f"{embedding_key}_n_genes"] = n_genes
+        return adata
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+            self._local.client = None
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `serve` on the main CLI's subparsers (`scgpt-hf serve REPOSITORY_DIR`)."""
+    p = subparsers.add_parser(
+        "serve",
+        help="start a local Triton server on a model repository (development)",
+        description=(
+            "Start the Triton server shipped in nvidia-pytriton (python backend, CPU) on REPOSITORY_DIR with the "
+            "environment it needs, print its endpoints, and stop it on Ctrl-C. Make the server environment once "
+            "with `bash scripts/setup_triton_server.sh`. For GPU servers use NVIDIA's Triton container."
+        ),
+    )
+    p.add_argument("repository", metavar="REPOSITORY_DIR", help="model repository (scgpt-hf export triton)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--server-env", default=None, help="virtualenv with nvidia-pytriton (default: .venv-triton)")
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Handler of `scgpt-hf serve`: runs until Ctrl-C / SIGTERM, then stops the server."""
+    try:
+        server = TritonServer(args.repository, server_env=args.server_env, host=args.host, http_port=args.http_port,
+                              grpc_port=args.grpc_port, metrics_port=args.metrics_port, log_verbose=args.log_verbose)
+        server.start()
+    except (FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"Triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.host}:{server.metrics_port}; "
+          f"log {server.log_path}. Ctrl-C stops it.", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.is_set() and server.process is not None and server.process.poll() is None:
+            stop.wait(0.5)
+    finally:
+        code = server.stop()
+    return 0 if stop.is_set() else int(code or 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry: `python -m scgpt_hf.serving REPOSITORY_DIR ...`."""
+    parser = argparse.ArgumentParser(prog="scgpt-hf")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["serve"]:
+        argv = ["serve", *argv]
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,590 @@
+"""Triton serving (issue 6) against a real Triton server on CPU.
+
+The server is the Triton 2.51 shipped in the nvidia-pytriton wheel, in its own environment
+(``.venv-triton``, numpy<2, made by ``scripts/setup_triton_server.sh``), started once per session on
+127.0.0.1 free ports on a repository exported from a small cell-classification model (d_model 32,
+2 layers, a vocabulary of the 1,000 genes most often expressed in scirpy's wu2020 T cells).  The
+same repository is what ``triton_repo/`` in the source tree holds; regenerate that with
+``.venv/bin/python tests/test_triton.py regenerate``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+pytest.importorskip("tritonclient.grpc")
+pytest.importorskip("onnxruntime")
+
+import reference  # noqa: E402
+from scgpt_hf.serving import (  # noqa: E402
+    TritonClient,
+    TritonServer,
+    TritonServerError,
+    TritonUnavailableError,
+    find_server_env,
+    free_port,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMMITTED_REPO = REPO_ROOT / "triton_repo"
+N_GENES = 1000
+MAX_LEN = 256
+MAX_BATCH = 16
+LABELS = ["CD4 T", "CD8 T", "NK", "other"]
+ATOL = 1e-4
+# Files that may differ between two exports of the same model (ONNX bytes, versions in the export report).
+VOLATILE = {"scgpt_encoder/1/model.onnx", "export_report.json", "triton_report.json"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the small model and its repository (also used to regenerate triton_repo/)
+
+
+def _wu2020():
+    import anndata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return anndata.read_h5ad(reference.wu2020_path())
+
+
+def build_small_model(out: Path, adata) -> Path:
+    """A saved small ScGPTForCellClassification (seeded random weights) and its tokenizer of real genes."""
+    from scgpt_hf import ScGPTConfig, ScGPTForCellClassification
+    from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
+
+    X = adata.X.tocsc()
+    frequent = np.argsort(-np.diff(X.indptr), kind="stable")[:N_GENES]
+    vocab = reference.make_vocab(N_GENES, [str(g) for g in adata.var_names[frequent]])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = ScGPTTokenizer(vocab_file=str(out / "vocab.json"), max_length=MAX_LEN)
+    config = ScGPTConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        pad_token_id=vocab["<pad>"], cls_token_id=vocab["<cls>"], eoc_token_id=vocab["<eoc>"], max_seq_len=MAX_LEN,
+        num_labels=len(LABELS), id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
+    )
+    model = ScGPTForCellClassification(config)
+    reference.randomize_parameters(model, seed=3)
+    model.eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_repository(model_dir: Path, repository: Path, **kwargs):
+    """The CPU repository exactly as triton_repo/ holds it."""
+    from scgpt_hf.export.triton import export_triton
+
+    return export_triton(model_dir, repository, device="cpu", max_batch_size=MAX_BATCH, overwrite=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="session")
+def adata(wu2020_adata):
+    return wu2020_adata
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, adata) -> Path:
+    return build_small_model(tmp_path_factory.mktemp("triton_model") / "model", adata)
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory, model_dir) -> Path:
+    repo = tmp_path_factory.mktemp("triton_build") / "triton_repo"
+    build_repository(model_dir, repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server_env() -> Path:
+    try:
+        return find_server_env()
+    except FileNotFoundError as err:
+        if os.environ.get("SCGPT_HF_REQUIRE_REFERENCE") == "1":
+            pytest.fail(str(err))
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def server(repository, server_env):
+    srv = TritonServer(repository, server_env=server_env)
+    srv.start(timeout=180)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def torch_model(model_dir):
+    from scgpt_hf import ScGPTForCellClassification
+
+    return ScGPTForCellClassification.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
+
+    return ScGPTTokenizer.from_pretrained(model_dir)
+
+
+def _cls_value(repository: Path) -> float:
+    """The <cls> value of the repository's preprocessing contract (pad_value for embedding graphs, the
+    tokenizer's cls_value, 0 as in the original's fine-tuning, for classifiers)."""
+    return float(json.loads((repository / "triton_report.json").read_text())["tokenizer"]["cls_value"])
+
+
+@pytest.fixture(scope="session")
+def expected(adata, torch_model, tokenizer, repository) -> dict[str, np.ndarray]:
+    """In-process PyTorch results per cell: raw cell_embedding, logits, n_genes (one cell per forward)."""
+    import torch
+
+    enc = tokenizer(adata, padding=False, return_tensors=None, seed=0, max_length=MAX_LEN,
+                    cls_value=_cls_value(repository), return_n_genes=True)
+    emb, logits = [], []
+    with torch.no_grad():
+        for ids, vals in zip(enc["input_ids"], enc["values"]):
+            out = torch_model(input_ids=torch.from_numpy(ids)[None], values=torch.from_numpy(vals)[None],
+                              attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+            emb.append(out.cell_embedding[0].numpy())
+            logits.append(out.logits[0].numpy())
+    return {"cell_embedding": np.stack(emb), "logits": np.stack(logits), "n_genes": np.asarray(enc["n_genes"])}
+
+
+def _wire(adata, tokenizer, rows) -> tuple[np.ndarray, np.ndarray]:
+    """Cells `rows` in the wire format: vocabulary ids in column order, -1 padded."""
+    match = tokenizer.match_genes([str(g) for g in adata.var_names])
+    X = adata.X[np.asarray(rows)].tocsr()
+    X.sort_indices()
+    cells = []
+    for r in range(X.shape[0]):
+        cols = X.indices[X.indptr[r] : X.indptr[r + 1]]
+        vals = X.data[X.indptr[r] : X.indptr[r + 1]]
+        keep = match.ids[cols] >= 0
+        cells.append((match.ids[cols][keep], vals[keep].astype(np.float32)))
+    width = max(len(c[0]) for c in cells)
+    g = np.full((len(cells), width), -1, dtype=np.int64)
+    c = np.zeros((len(cells), width), dtype=np.float32)
+    for i, (gi, ci) in enumerate(cells):
+        g[i, : len(gi)], c[i, : len(ci)] = gi, ci
+    return g, c
+
+
+# ----------------------------------------------------------------------------------------------
+# Repository
+
+
+def test_repository_layout_and_configs_parse(repository):
+    from scgpt_hf.export.triton import validate_repository
+
+    configs = validate_repository(repository)
+    assert set(configs) == {"scgpt_vocab", "scgpt_tokenizer", "scgpt_encoder", "scgpt_embed", "scgpt_labels",
+                            "scgpt_annotate"}
+    enc = configs["scgpt_encoder"]
+    assert enc.backend == "python" and enc.max_batch_size == MAX_BATCH
+    assert enc.dynamic_batching.max_queue_delay_microseconds > 0 and list(enc.dynamic_batching.preferred_batch_size)
+    assert all(i.allow_ragged_batch for i in enc.input)
+    assert {o.name: list(o.dims) for o in enc.output} == {"logits": [len(LABELS)], "cell_embedding": [32]}
+    tok = configs["scgpt_tokenizer"]
+    assert [(i.name, i.data_type) for i in tok.input] == [("gene_ids", 9), ("counts", 11)]  # TYPE_INT64, TYPE_FP32
+    assert configs["scgpt_embed"].platform == "ensemble"
+    # The tokenizer runs the library's own cell_encoding.py.
+    from scgpt_hf import cell_encoding
+
+    assert (repository / "scgpt_tokenizer/1/cell_encoding.py").read_bytes() == Path(cell_encoding.__file__).read_bytes()
+    report = json.loads((repository / "triton_report.json").read_text())
+    assert report["labels"] == LABELS and report["onnx_validation_passed"] is True
+    assert "Wire format" in (repository / "README.md").read_text()
+    assert json.loads((repository / "export_report.json").read_text())["passed"] is True
+
+
+def test_gpu_repository_configs_parse(tmp_path, model_dir, repository):
+    from scgpt_hf.export.triton import export_triton, validate_repository
+
+    report = export_triton(model_dir, tmp_path / "gpu_repo", device="gpu", instances=2, tensorrt=True, max_batch_size=64)
+    assert report.precision == "fp16"
+    configs = validate_repository(tmp_path / "gpu_repo")
+    enc = configs["scgpt_encoder"]
+    assert enc.platform == "onnxruntime_onnx" and enc.backend == "onnxruntime"
+    assert [(g.kind, g.count) for g in enc.instance_group] == [(1, 2)]  # KIND_GPU
+    assert not any(i.allow_ragged_batch for i in enc.input)  # the native backend batches equal shapes
+    assert list(enc.dynamic_batching.preferred_batch_size) == [16, 32, 64]
+    accel = enc.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accel[0].name == "tensorrt" and accel[0].parameters["precision_mode"] == "FP16"
+    assert not (tmp_path / "gpu_repo/scgpt_encoder/1/model.py").exists()
+    assert configs["scgpt_tokenizer"].parameters["pad_to_multiple_of"].string_value == "64"
+    meta = json.loads((tmp_path / "gpu_repo/export_report.json").read_text())
+    assert meta["precision"] == "fp16" and meta["passed"] is True
+
+
+def test_committed_triton_repo_in_sync(repository):
+    """triton_repo/ in the source tree is what the builder writes for the small model (weights aside)."""
+    assert COMMITTED_REPO.is_dir(), "triton_repo/ missing: run `.venv/bin/python tests/test_triton.py regenerate`"
+
+    def files(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+    built, committed = files(repository), files(COMMITTED_REPO)
+    assert built == committed, f"file lists differ: only built {built - committed}, only committed {committed - built}"
+    stale = [f for f in sorted(built - VOLATILE) if (repository / f).read_bytes() != (COMMITTED_REPO / f).read_bytes()]
+    assert not stale, f"triton_repo/ is stale in {stale}: run `.venv/bin/python tests/test_triton.py regenerate`"
+    a = json.loads((repository / "triton_report.json").read_text())
+    b = json.loads((COMMITTED_REPO / "triton_report.json").read_text())
+    a.pop("onnx_sha256"), b.pop("onnx_sha256")
+    assert a == b
+    assert (COMMITTED_REPO / "scgpt_encoder/1/model.onnx").stat().st_size < 2_000_000
+
+
+def test_tokenizer_model_runs_numpy_only_in_server_python(tmp_path, repository, server_env, adata, tokenizer):
+    """scgpt_tokenizer/1/model.py in the server's Python (numpy<2, nothing but stdlib + numpy importable by it)
+    gives exactly what ScGPTTokenizer gives in the library's Python (numpy 2)."""
+    from google.protobuf.json_format import MessageToDict
+
+    from scgpt_hf.export.triton import parse_model_config
+
+    cfg = parse_model_config((repository / "scgpt_tokenizer/config.pbtxt").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(MessageToDict(cfg, preserving_proto_field_name=True)))
+    rows = [list(range(0, 200, 7)), [3], list(range(1, 200, 3))]
+    feeds = {}
+    for k, r in enumerate(rows):
+        feeds[f"g{k}"], feeds[f"c{k}"] = _wire(adata, tokenizer, r)
+    np.savez(tmp_path / "in.npz", **feeds)
+    script = tmp_path / "run.py"
+    script.write_text(_TOKENIZER_HARNESS)
+    proc = subprocess.run([str(server_env / "bin/python"), "-I", str(script), str(repository / "scgpt_tokenizer/1"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert int(info["numpy"].split(".")[0]) < 2, info
+    assert set(info["third_party_modules"]) <= {"numpy", "triton_python_backend_utils"}, info
+    got = np.load(tmp_path / "out.npz")
+    pad_value = float(cfg.parameters["cls_value"].string_value)
+    for k, r in enumerate(rows):
+        match = tokenizer.match_genes([str(g) for g in adata.var_names])
+        want = tokenizer.encode_with_ids(adata.X[r], match.ids, max_length=MAX_LEN, truncation="random",
+                                         padding=True, pad_to_multiple_of=8, return_tensors="np", seed=0,
+                                         cls_value=pad_value, return_n_genes=True)
+        for name in ("input_ids", "values", "attention_mask"):
+            assert got[f"{name}{k}"].dtype == want[name].dtype
+            np.testing.assert_array_equal(got[f"{name}{k}"], want[name], err_msg=f"{name} request {k}")
+        np.testing.assert_array_equal(got[f"n_genes{k}"].reshape(-1), want["n_genes"])
+    assert "cell 0 expresses no gene" in info["empty_cell_error"]
+
+
+_TOKENIZER_HARNESS = r'''
+import importlib.util, json, sys, types
+import numpy as np
+model_dir, work = sys.argv[1], sys.argv[2]
+
+class Tensor:
+    def __init__(self, name, array): self.name, self._a = name, np.asarray(array)
+    def as_numpy(self): return self._a
+class TritonError:
+    def __init__(self, msg): self.msg = msg
+class InferenceResponse:
+    def __init__(self, output_tensors=(), error=None): self.outputs, self.error = list(output_tensors), error
+class Request:
+    def __init__(self, tensors): self.tensors = {t.name: t for t in tensors}
+pb = types.ModuleType("triton_python_backend_utils")
+pb.Tensor, pb.TritonError, pb.InferenceResponse = Tensor, TritonError, InferenceResponse
+pb.get_input_tensor_by_name = lambda req, name: req.tensors.get(name)
+sys.modules["triton_python_backend_utils"] = pb
+
+before = set(sys.modules)
+spec = importlib.util.spec_from_file_location("tokenizer_model", model_dir + "/model.py")
+module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+model = module.TritonPythonModel()
+model.initialize({"model_config": open(work + "/config.json").read(), "model_repository": model_dir,
+                  "model_version": "1"})
+loaded = {m.split(".")[0] for m in set(sys.modules) - before}
+third = sorted(m for m in loaded | {"numpy"} if m not in sys.stdlib_module_names and not m.startswith("_")
+               and m not in ("tokenizer_model", "scgpt_cell_encoding"))
+feeds = np.load(work + "/in.npz")
+n = len(feeds.files) // 2
+reqs = [Request([Tensor("gene_ids", feeds[f"g{k}"]), Tensor("counts", feeds[f"c{k}"])]) for k in range(n)]
+out = {}
+for k, resp in enumerate(model.execute(reqs)):
+    assert resp.error is None, resp.error.msg
+    for t in resp.outputs: out[f"{t.name}{k}"] = t.as_numpy()
+np.savez(work + "/out.npz", **out)
+empty = model.execute([Request([Tensor("gene_ids", np.full((1, 3), -1, np.int64)), Tensor("counts", np.ones((1, 3), np.float32))])])
+print(json.dumps({"numpy": np.__version__, "third_party_modules": third, "empty_cell_error": empty[0].error.msg}))
+'''
+
+
+# ----------------------------------------------------------------------------------------------
+# Against the real server
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_embed_matches_pytorch(server, protocol, adata, model_dir, torch_model, tokenizer, expected):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    client = TritonClient(url, protocol, timeout=60)
+    got = adata.copy()
+    client.embed(got, batch_size=MAX_BATCH, concurrency=4)
+    client.close()
+    a = got.obsm["X_scGPT"]
+    done = expected["n_genes"] > 0
+    want = expected["cell_embedding"] / np.linalg.norm(expected["cell_embedding"], axis=1, keepdims=True)
+    assert a.shape == (adata.n_obs, 32)
+    assert np.isnan(a[~done]).all() and np.isfinite(a[done]).all()
+    np.testing.assert_allclose(a[done], want[done], atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(got.obs["X_scGPT_n_genes"].to_numpy(), expected["n_genes"])
+    try:  # the library's zero-shot path, when present, writes the same numbers
+        from scgpt_hf.embedding import embed
+    except ImportError:
+        embed = None
+    if embed is not None and _cls_value(server.repository) == torch_model.config.pad_value:
+        lib = embed(adata.copy(), torch_model, tokenizer, max_length=MAX_LEN, seed=0, progress=False)
+        np.testing.assert_allclose(a, lib.obsm["X_scGPT"], atol=ATOL, rtol=0, equal_nan=True)
+    # raw (unnormalised) server output against the per-cell PyTorch forward
+    raw = adata.copy()
+    TritonClient(url, protocol).embed(raw, normalize=False, batch_size=7, concurrency=2)
+    np.testing.assert_allclose(raw.obsm["X_scGPT"][done], expected["cell_embedding"][done], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_annotate_matches_pytorch(server, protocol, adata, expected):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    got = adata.copy()
+    TritonClient(url, protocol).annotate(got, batch_size=MAX_BATCH, concurrency=3)
+    logits = expected["logits"].astype(np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    done = expected["n_genes"] > 0
+    np.testing.assert_allclose(got.obsm["scGPT_cell_type_probabilities"][done], probs[done], atol=ATOL, rtol=0)
+    labels = np.array(LABELS)[probs.argmax(1)]
+    margin = np.sort(probs, 1)[:, -1] - np.sort(probs, 1)[:, -2]
+    clear = done & (margin > 1e-3)
+    assert (got.obs["scGPT_cell_type"].astype(str).to_numpy()[clear] == labels[clear]).all()
+    np.testing.assert_allclose(got.obs["scGPT_cell_type_probability"].to_numpy()[done], probs.max(1)[done], atol=ATOL)
+    assert np.isfinite(got.obsm["X_scGPT"][done]).all()
+
+
+def test_vocab_model_matches_match_genes(server, adata, tokenizer):
+    client = TritonClient(server.grpc_url, "grpc")
+    names = [str(g) for g in adata.var_names[:3000]] + ["CD3E", "CD3E", "<cls>", "not-a-gene"]
+    np.testing.assert_array_equal(client.gene_ids(names), tokenizer.match_genes(names).ids)
+
+
+def _bad_requests(adata, tokenizer) -> list[tuple[str, dict, str]]:
+    g, c = _wire(adata, tokenizer, [0, 1])
+    big_g, big_c = _wire(adata, tokenizer, list(range(MAX_BATCH + 1)))
+    empty_g = g.copy()
+    empty_g[1] = -1
+    zero_c = c.copy()
+    zero_c[0] = 0
+    neg_c = c.copy()
+    neg_c[0, 0] = -1
+    dup_g = g.copy()
+    dup_g[0, 1] = dup_g[0, 0]
+    return [
+        ("wrong dtype", {"gene_ids": g.astype(np.int32), "counts": c}, "data-type"),
+        ("wrong dtype counts", {"gene_ids": g, "counts": c.astype(np.float64)}, "data-type"),
+        ("wrong rank", {"gene_ids": g.reshape(-1), "counts": c.reshape(-1)}, ""),
+        ("shape mismatch", {"gene_ids": g, "counts": c[:, :-1]}, "same shape"),
+        ("unknown genes only", {"gene_ids": np.full_like(g, 10**7), "counts": c}, "not genes of the model"),
+        ("special token", {"gene_ids": np.full((1, 1), tokenizer.cls_token_id, np.int64), "counts": c[:1, :1]},
+         "not genes of the model"),
+        ("empty cell", {"gene_ids": empty_g, "counts": c}, "cell 1 expresses no gene"),
+        ("all counts zero", {"gene_ids": g, "counts": zero_c}, "cell 0 expresses no gene"),
+        ("negative counts", {"gene_ids": g, "counts": neg_c}, "non-negative"),
+        ("repeated gene", {"gene_ids": dup_g, "counts": c}, "more than once"),
+        ("batch over the limit", {"gene_ids": big_g, "counts": big_c}, "batch"),
+    ]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bad_requests_get_errors_and_server_keeps_serving(server, protocol, adata, tokenizer, expected):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    client = TritonClient(url, protocol, retries=0)
+    good_g, good_c = _wire(adata, tokenizer, [5, 6])
+    for what, feeds, needle in _bad_requests(adata, tokenizer):
+        with pytest.raises(TritonServerError) as info:
+            client.infer("scgpt_embed", feeds, ["cell_embedding"])
+        assert needle.lower() in str(info.value).lower(), f"{what}: {info.value}"
+        assert server.process.poll() is None, f"server died after {what}"
+        out = client.infer("scgpt_embed", {"gene_ids": good_g, "counts": good_c}, ["cell_embedding"])
+        np.testing.assert_allclose(out["cell_embedding"], expected["cell_embedding"][[5, 6]], atol=ATOL, rtol=0)
+    client.close()
+
+
+def test_client_errors_retries_and_timeouts(server, adata, tokenizer):
+    # unreachable server: retried, then a clear error
+    dead = TritonClient(f"127.0.0.1:{free_port()}", "grpc", retries=2, backoff=0.01, timeout=2)
+    start = time.monotonic()
+    with pytest.raises(TritonUnavailableError, match="after 3 tries"):
+        dead.infer("scgpt_embed", {"gene_ids": np.zeros((1, 1), np.int64), "counts": np.ones((1, 1), np.float32)},
+                   ["cell_embedding"])
+    assert time.monotonic() - start < 30
+    # a server-side error carries the server's message and is not retried
+    client = TritonClient(server.http_url, "http", retries=5, backoff=5)
+    start = time.monotonic()
+    with pytest.raises(TritonServerError, match="expresses no gene"):
+        client.infer("scgpt_embed", {"gene_ids": np.full((1, 2), -1, np.int64), "counts": np.ones((1, 2), np.float32)},
+                     ["cell_embedding"])
+    assert time.monotonic() - start < 5
+    with pytest.raises(ValueError, match="max_batch_size"):
+        client.embed(adata.copy(), batch_size=MAX_BATCH * 2)
+    with pytest.raises(TritonServerError, match="unknown|not found|not ready|Request for unknown model"):
+        client.infer("no_such_model", {"gene_ids": np.zeros((1, 1), np.int64)}, ["cell_embedding"])
+
+
+def _encoder_stats(client: TritonClient) -> tuple[int, int]:
+    stats = client.statistics("scgpt_encoder")["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def test_load_dynamic_batching(server, adata, tokenizer, expected):
+    """8 concurrent clients x 200 requests (1-3 cells each), bounded in time: no errors, every answer right,
+    and the encoder ran fewer batches than it served cells (dynamic batching)."""
+    n_clients, n_requests, deadline_s = 8, 200, 240.0
+    stats_client = TritonClient(server.grpc_url, "grpc")
+    inf0, exe0 = _encoder_stats(stats_client)
+    usable = np.flatnonzero(expected["n_genes"] > 0)
+    errors: list[str] = []
+    wrong: list[str] = []
+    done = [0] * n_clients
+    stop_at = time.monotonic() + deadline_s
+
+    def worker(k: int) -> None:
+        rng = np.random.default_rng(k)
+        protocol = "grpc" if k % 2 == 0 else "http"
+        client = TritonClient(server.grpc_url if protocol == "grpc" else server.http_url, protocol, retries=0)
+        for i in range(n_requests):
+            if time.monotonic() > stop_at:
+                errors.append(f"client {k}: deadline reached after {i} requests")
+                return
+            rows = rng.choice(usable, size=int(rng.integers(1, 4)), replace=False)
+            g, c = _wire(adata, tokenizer, rows)
+            try:
+                out = client.infer("scgpt_embed", {"gene_ids": g, "counts": c}, ["cell_embedding"])
+            except Exception as err:  # noqa: BLE001
+                errors.append(f"client {k} request {i}: {err}")
+                continue
+            if not np.allclose(out["cell_embedding"], expected["cell_embedding"][rows], atol=ATOL, rtol=0):
+                wrong.append(f"client {k} request {i} rows {rows.tolist()}")
+            done[k] += 1
+        client.close()
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_clients)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=deadline_s + 30)
+    elapsed = time.monotonic() - start
+    assert not any(t.is_alive() for t in threads), "load test threads did not finish"
+    assert not errors, errors[:5]
+    assert not wrong, wrong[:5]
+    assert sum(done) == n_clients * n_requests
+    inf1, exe1 = _encoder_stats(stats_client)
+    inferences, executions = inf1 - inf0, exe1 - exe0
+    print(f"\nload: {sum(done)} requests in {elapsed:.1f} s; encoder {inferences} inferences in {executions} executions")
+    assert inferences >= n_clients * n_requests
+    assert executions < inferences, (inferences, executions)
+
+
+def test_serve_cli_starts_and_stops(repository, server_env, tmp_path):
+    ports = [free_port() for _ in range(3)]
+    env = dict(os.environ, SCGPT_HF_TRITON_ENV=str(server_env))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scgpt_hf.serving", str(repository), "--http-port", str(ports[0]), "--grpc-port",
+         str(ports[1]), "--metrics-port", str(ports[2])],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+    )
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "Triton ready" not in line:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+        assert "Triton ready" in line, line
+        assert TritonClient(f"127.0.0.1:{ports[1]}", "grpc").is_ready()
+        from scgpt_hf.serving import _descendants
+
+        family = _descendants(proc.pid)
+        assert family, "no tritonserver child"
+        proc.send_signal(2)  # Ctrl-C
+        assert proc.wait(timeout=60) == 0
+        time.sleep(0.5)
+        from scgpt_hf.serving import _alive
+
+        assert not [p for p in family if _alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_stop_leaves_nothing_running(server):
+    """Last test of the session's server: stop it, and no server or stub process remains, ports are free."""
+    pids = server.pids()
+    assert len(pids) >= 5  # tritonserver + one stub per python-backend model instance
+    server.stop()
+    from scgpt_hf.serving import _alive
+
+    assert not [p for p in pids if _alive(p)]
+    import socket
+
+    for port in (server.http_port, server.grpc_port, server.metrics_port):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_cli_parsers():
+    import argparse
+
+    from scgpt_hf.export import triton as triton_export
+    from scgpt_hf import serving
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    export = sub.add_parser("export").add_subparsers(dest="export_format")
+    triton_export.add_parser(export)
+    serving.add_parser(sub)
+    args = parser.parse_args(["export", "triton", "m", "r", "--device", "gpu", "--max-batch-size", "32",
+                              "--instances", "2", "--precision", "fp16", "--tensorrt"])
+    assert (args.device, args.max_batch_size, args.instances, args.precision, args.tensorrt) == ("gpu", 32, 2, "fp16", True)
+    assert args.func is triton_export.run_export_triton
+    args = parser.parse_args(["serve", "repo", "--grpc-port", "9001"])
+    assert args.func is serving.run_serve and args.grpc_port == 9001
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _regenerate() -> None:
+    """Rewrite triton_repo/ in the source tree from the small model."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_small_model(Path(tmp) / "model", _wu2020())
+        build_repository(model, Path(tmp) / "triton_repo")
+        if COMMITTED_REPO.exists():
+            shutil.rmtree(COMMITTED_REPO)
+        shutil.copytree(Path(tmp) / "triton_repo", COMMITTED_REPO)
+    print(f"wrote {COMMITTED_REPO}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if sys.argv[1:] == ["regenerate"]:
+        _regenerate()
+    else:
+        sys.exit("usage: python tests/test_triton.py regenerate")
