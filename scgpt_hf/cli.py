@@ -1,0 +1,179 @@
+"""`scgpt-hf` command line: convert original checkpoints and embed AnnData files.
+
+Each subcommand is a `Command`: a name, a help line, a function adding its arguments and a function running
+it. Later subcommands (export onnx, export triton, push, serve, pretrain) plug in by appending to
+`COMMANDS`. User errors (ValueError, FileNotFoundError, ...) print one line on stderr and exit with code 2;
+`--debug` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+# OSError covers missing files and what transformers raises for an unknown model folder or Hub id.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+EXIT_USER_ERROR = 2
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: `add_arguments(parser)` declares it, `run(args)` executes it and returns an exit code."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ----------------------------------------------------------------------------------------------
+# convert
+
+
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("original_dir", help="original scGPT folder: best_model.pt, args.json, vocab.json")
+    p.add_argument("output_dir", help="where to write the from_pretrained-ready folder")
+    p.add_argument("--nheads", type=int, help="attention heads, when args.json lacks 'nheads'")
+    p.add_argument("--pre-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="the checkpoint uses pre-norm layers (default: args.json, else post-norm)")
+    p.add_argument("--cell-emb-style", choices=["cls", "avg-pool", "w-pool"], help="default: args.json, else cls")
+    p.add_argument("--pad-value", type=float, help="default: args.json, else -2")
+    p.add_argument("--mask-value", type=float, help="default: args.json, else -1")
+    p.add_argument("--n-bins", type=int, help="default: args.json, else 51")
+    p.add_argument("--max-seq-len", type=int, help="default: args.json, else 1200")
+    p.add_argument("--quiet", action="store_true", help="do not print the conversion report")
+
+
+def _convert_run(args: argparse.Namespace) -> int:
+    from .convert import convert_original_checkpoint
+
+    if not Path(args.original_dir).is_dir():
+        raise FileNotFoundError(f"{args.original_dir} is not a folder (expected best_model.pt, args.json, vocab.json).")
+    convert_original_checkpoint(
+        args.original_dir,
+        args.output_dir,
+        nheads=args.nheads,
+        pre_norm=args.pre_norm,
+        cell_emb_style=args.cell_emb_style,
+        pad_value=args.pad_value,
+        mask_value=args.mask_value,
+        n_bins=args.n_bins,
+        max_seq_len=args.max_seq_len,
+        verbose=not args.quiet,
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# embed
+
+
+def _embed_arguments(p: argparse.ArgumentParser) -> None:
+    from .embedding import DEFAULT_KEY
+
+    p.add_argument("input", help="input .h5ad (cells x genes; raw counts or normalised/log1p values)")
+    p.add_argument("output", help="output .h5ad: the input plus obsm[KEY], obs[KEY_n_genes], uns[KEY_params]")
+    p.add_argument("--model", required=True, help="converted model folder or Hugging Face Hub id")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=1200, help="tokens per cell, <cls> included")
+    p.add_argument("--key-added", default=DEFAULT_KEY)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layer", help="read adata.layers[LAYER] instead of X")
+    p.add_argument("--use-raw", action="store_true", help="read adata.raw.X instead of X")
+    p.add_argument("--gene-column", help="var column with gene symbols (default: var_names)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--backed", action="store_true",
+                   help="stream the input matrix from disk instead of loading it (large files)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _embed_run(args: argparse.Namespace) -> int:
+    import anndata
+    from transformers.utils import logging as hf_logging
+
+    # Loading the backbone from a pretraining folder lists the decoder weights it skips: expected, not news.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    from .embedding import embed
+
+    source, target = Path(args.input), Path(args.output)
+    if not source.is_file():
+        raise FileNotFoundError(f"input file {source} does not exist.")
+    if source.resolve() == target.resolve():
+        raise ValueError("output must differ from input (the input is read while the output is written).")
+    if target.suffix != ".h5ad":
+        raise ValueError(f"output must be an .h5ad file, got {target}.")
+    try:
+        adata = anndata.read_h5ad(source, backed="r" if args.backed else None)
+    except OSError as err:
+        raise ValueError(f"cannot read {source} as h5ad: {err}") from None
+    try:
+        embed(
+            adata,
+            args.model,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            key_added=args.key_added,
+            seed=args.seed,
+            layer=args.layer,
+            use_raw=args.use_raw,
+            gene_column=args.gene_column,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        adata.write_h5ad(target)  # a backed matrix is copied from disk in pieces
+    finally:
+        if adata.isbacked:
+            adata.file.close()
+    n_empty = adata.uns[f"{args.key_added}_params"]["n_cells_empty"]
+    print(f"Embedded {adata.n_obs} cells into obsm[{args.key_added!r}] of {target}"
+          + (f" ({n_empty} without vocabulary genes: NaN rows)" if n_empty else ""))
+    return 0
+
+
+COMMANDS: list[Command] = [
+    Command("convert", "convert an original scGPT checkpoint folder", _convert_arguments, _convert_run),
+    Command("embed", "zero-shot cell embeddings of an .h5ad file", _embed_arguments, _embed_run),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    """The `scgpt-hf` parser with one subparser per command."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="scgpt-hf", description="scGPT as a Hugging Face model family.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in commands:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `scgpt-hf`; returns 0 on success, exits 2 with a one-line message on a user error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"scgpt-hf {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
