@@ -43,6 +43,8 @@ class TritonPythonModel:
         if threads > 0:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        # No spin-waiting: the server shares its cores with the tokenizer stubs and other instances.
+        so.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
         self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         graph_inputs = [i.name for i in self.session.get_inputs()]
         self.extra_inputs = [n for n in graph_inputs if n not in INPUTS]
