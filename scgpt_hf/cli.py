@@ -1,14 +1,16 @@
 """`scgpt-hf` command line: convert original checkpoints and embed AnnData files.
 
 Each subcommand is a `Command`: a name, a help line, a function adding its arguments and a function running
-it. Later subcommands (export onnx, export triton, push, serve, pretrain) plug in by appending to
-`COMMANDS`. User errors (ValueError, FileNotFoundError, ...) print one line on stderr and exit with code 2;
+it. Later subcommands (export onnx, export triton, push, serve, pretrain) plug in either by appending to
+`COMMANDS`, or by naming a module in `PLUGIN_MODULES` that offers `add_parser(subparsers)` (registering its
+subparser with `set_defaults(func=handler)`; `scgpt_hf.serving` does this for `serve`). User errors (ValueError, FileNotFoundError, ...) print one line on stderr and exit with code 2;
 `--debug` shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -142,6 +144,10 @@ COMMANDS: list[Command] = [
 ]
 
 
+# Modules with `add_parser(subparsers)`; one whose optional dependencies are missing is left out.
+PLUGIN_MODULES: list[str] = ["scgpt_hf.serving"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry point
 
@@ -158,6 +164,12 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(p)
         p.set_defaults(_run=command.run)
+    for module_name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        module.add_parser(sub)
     return parser
 
 
@@ -166,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        run = getattr(args, "_run", None) or args.func
+        return int(run(args) or 0)
     except USER_ERRORS as err:
         if args.debug:
             raise
