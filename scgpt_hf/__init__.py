@@ -10,6 +10,7 @@ from transformers import (
 
 from .configuration_scgpt import ScGPTConfig
 from .convert import ConversionReport, convert_original_checkpoint
+from .data import CellDataset, ScGPTDataCollator
 from .modeling_scgpt import (
     ScGPTForBatchIntegration,
     ScGPTForBatchIntegrationOutput,
@@ -32,9 +33,11 @@ AutoModelForSequenceClassification.register(ScGPTConfig, ScGPTForCellClassificat
 AutoTokenizer.register(ScGPTConfig, tokenizer_class=ScGPTTokenizer)
 
 __all__ = [
+    "CellDataset",
     "ConversionReport",
     "GeneMatch",
     "ScGPTConfig",
+    "ScGPTDataCollator",
     "ScGPTForBatchIntegration",
     "ScGPTForBatchIntegrationOutput",
     "ScGPTForCellClassification",

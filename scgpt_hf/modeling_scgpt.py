@@ -794,6 +794,7 @@ class ScGPTForBatchIntegration(ScGPTForPreTraining):
             values,
             attention_mask=attention_mask,
             batch_labels=batch_labels,
+            labels=labels,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
