@@ -11,10 +11,10 @@ import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `export` (with its `onnx` subcommand) on the main CLI's subparsers; returns the `export` parser."""
+    """Register `export` (subcommands `onnx` and `triton`) on the main CLI's subparsers; returns its parser."""
     from .onnx_export import DEFAULT_VALIDATION_SHAPES, PRECISIONS, TASKS
 
-    export = subparsers.add_parser("export", help="export a model for serving (ONNX)",
+    export = subparsers.add_parser("export", help="export a model for serving (ONNX, Triton model repository)",
                                    description="Export scGPT models for serving.")
     targets = export.add_subparsers(dest="export_format", metavar="FORMAT")
     targets.required = True
@@ -46,6 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     onnx.add_argument("--seed", type=int, default=0, help="seed for picking and tokenising validation cells")
     onnx.add_argument("--quiet", action="store_true", help="print only the output path")
     onnx.set_defaults(func=run_export_onnx)
+    from .triton import add_parser as add_triton_parser
+
+    add_triton_parser(targets)
     return export
 
 

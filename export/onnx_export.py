@@ -310,23 +310,6 @@ def _sdpa_attention(model: ScGPTPreTrainedModel) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _skip_value_checks(model: nn.Module) -> Iterator[None]:
-    """Skip ScGPTModel's batch_labels range check while tracing.
-
-    The check branches on tensor values (`batch_labels.min() < 0`), which torch.export cannot trace
-    (GuardOnDataDependentSymNode). OnnxScGPT checks the range before running the graph instead.
-    """
-    backbones = [m for m in model.modules() if isinstance(m, ScGPTModel)]
-    for backbone in backbones:
-        backbone._check_batch_labels = lambda batch_labels, batch_size: None  # instance attribute shadows method
-    try:
-        yield
-    finally:
-        for backbone in backbones:
-            backbone.__dict__.pop("_check_batch_labels", None)
-
-
-@contextlib.contextmanager
 def _quiet(verbose: bool) -> Iterator[None]:
     """Silence the exporter's progress lines and known-harmless warnings unless verbose."""
     if verbose:
@@ -713,7 +696,7 @@ def export_onnx(
             batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
             dynamic = {n: ({0: batch} if n == "batch_labels" else {0: batch, 1: seq}) for n in input_names}
             t0 = time.perf_counter()
-            with _quiet(False), _skip_value_checks(model):
+            with _quiet(False):
                 program = torch.onnx.export(
                     wrapper, args, dynamo=True, opset_version=int(opset), input_names=list(input_names),
                     output_names=list(output_names), dynamic_shapes={"inputs": tuple(dynamic[n] for n in input_names)},

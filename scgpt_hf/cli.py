@@ -46,6 +46,10 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-value", type=float, help="default: args.json, else -1")
     p.add_argument("--n-bins", type=int, help="default: args.json, else 51")
     p.add_argument("--max-seq-len", type=int, help="default: args.json, else 1200")
+    p.add_argument("--task", default="pretraining", choices=["pretraining", "annotation", "integration"],
+                   help="model to build: pretraining (foundation checkpoints), annotation (fine-tuned classifier) "
+                        "or integration (fine-tuned batch integration); default pretraining")
+    p.add_argument("--labels", help="annotation: text file with the class names, one per line, in output order")
     p.add_argument("--quiet", action="store_true", help="do not print the conversion report")
 
 
@@ -64,6 +68,8 @@ def _convert_run(args: argparse.Namespace) -> int:
         mask_value=args.mask_value,
         n_bins=args.n_bins,
         max_seq_len=args.max_seq_len,
+        task=args.task,
+        labels=Path(args.labels).read_text().splitlines() if args.labels else None,
         verbose=not args.quiet,
     )
     return 0
@@ -145,7 +151,7 @@ COMMANDS: list[Command] = [
 
 
 # Modules with `add_parser(subparsers)`; one whose optional dependencies are missing is left out.
-PLUGIN_MODULES: list[str] = ["scgpt_hf.serving"]
+PLUGIN_MODULES: list[str] = ["scgpt_hf.export.cli", "scgpt_hf.serving"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -368,6 +368,8 @@ class ScGPTModel(ScGPTPreTrainedModel):
             raise ValueError("This model needs batch_labels (one integer batch id per cell); pass batch_labels=...")
         if batch_labels.shape != (batch_size,):
             raise ValueError(f"batch_labels must have shape ({batch_size},), got {tuple(batch_labels.shape)}.")
+        if torch.compiler.is_exporting():
+            return  # value checks branch on data, which graph export cannot trace; OnnxScGPT checks ids instead
         if batch_labels.numel() and (batch_labels.min() < 0 or batch_labels.max() >= config.num_batch_labels):
             raise ValueError(
                 f"batch_labels must lie in [0, {config.num_batch_labels}) (config.num_batch_labels); "
