@@ -11,6 +11,7 @@ from transformers import (
 from .configuration_scgpt import ScGPTConfig
 from .convert import ConversionReport, convert_original_checkpoint
 from .data import CellDataset, ScGPTDataCollator
+from .embedding import annotate, embed
 from .modeling_scgpt import (
     ScGPTForBatchIntegration,
     ScGPTForBatchIntegrationOutput,
@@ -48,5 +49,7 @@ __all__ = [
     "ScGPTModelOutput",
     "ScGPTPreTrainedModel",
     "ScGPTTokenizer",
+    "annotate",
     "convert_original_checkpoint",
+    "embed",
 ]

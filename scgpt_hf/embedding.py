@@ -1,4 +1,7 @@
-"""Zero-shot cell embeddings for an AnnData, as the original ``scgpt.tasks.embed_data`` computes them.
+"""Inference over AnnData: zero-shot cell embeddings (``embed``) and cell-type annotation (``annotate``).
+
+``embed`` computes what the original ``scgpt.tasks.embed_data`` computes; ``annotate`` runs a fine-tuned
+``ScGPTForCellClassification`` the same way and writes labels into ``obs``.
 
 What is computed matches the original zero-shot path: each cell becomes ``<cls>`` (value
 ``config.pad_value``, as the original's embedding path does) followed by its expressed vocabulary genes
@@ -34,7 +37,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +47,12 @@ import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
 
-from .modeling_scgpt import ScGPTModel, ScGPTPreTrainedModel
+from .modeling_scgpt import ScGPTForCellClassification, ScGPTModel, ScGPTPreTrainedModel
 from .tokenization_scgpt import ScGPTTokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["embed", "DEFAULT_KEY"]
+__all__ = ["annotate", "embed", "DEFAULT_KEY"]
 
 DEFAULT_KEY = "X_scGPT"
 # Largest number of matrix elements read at once from a dense (in-memory or on-disk) matrix.
@@ -63,22 +66,27 @@ _CPU_MAX_TOKENS = 4096
 
 
 def _load(
-    model: ScGPTPreTrainedModel | str | os.PathLike, tokenizer: ScGPTTokenizer | str | os.PathLike | None
-) -> tuple[ScGPTModel, ScGPTTokenizer, str]:
-    """Return (backbone, tokenizer, model name) from instances, local folders or Hub ids."""
+    model: ScGPTPreTrainedModel | str | os.PathLike,
+    tokenizer: ScGPTTokenizer | str | os.PathLike | None,
+    model_class: type[ScGPTPreTrainedModel] = ScGPTModel,
+) -> tuple[ScGPTPreTrainedModel, ScGPTTokenizer, str]:
+    """Return (model of `model_class`, tokenizer, model name) from instances, local folders or Hub ids.
+
+    For `ScGPTModel`, a head model's backbone (under `base_model_prefix`) is taken.
+    """
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
-        backbone = ScGPTModel.from_pretrained(name)
+        model = model_class.from_pretrained(name)
     elif isinstance(model, ScGPTPreTrainedModel):
-        # A head model (e.g. ScGPTForPreTraining) holds the backbone under base_model_prefix.
-        backbone = model if isinstance(model, ScGPTModel) else getattr(model, model.base_model_prefix, None)
-        if not isinstance(backbone, ScGPTModel):
-            raise TypeError(f"{type(model).__name__} has no ScGPTModel backbone at .{model.base_model_prefix}.")
         name = str(getattr(model, "name_or_path", "") or model.config._name_or_path or "")
     else:
         raise TypeError(
             f"model must be an scGPT model instance or a path / Hub id, got {type(model).__name__}."
         )
+    if model_class is ScGPTModel and not isinstance(model, ScGPTModel):
+        model = getattr(model, model.base_model_prefix, None) or model
+    if not isinstance(model, model_class):
+        raise TypeError(f"Expected a {model_class.__name__} (or a folder / Hub id of one), got {type(model).__name__}.")
     if tokenizer is None:
         if not name:
             raise ValueError(
@@ -90,7 +98,7 @@ def _load(
         tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(tokenizer))
     if not isinstance(tokenizer, ScGPTTokenizer):
         raise TypeError(f"tokenizer must be an ScGPTTokenizer, got {type(tokenizer).__name__}.")
-    config = backbone.config
+    config = model.config
     if config.use_batch_labels or config.domain_spec_batchnorm == "dsbn":
         raise ValueError(
             "This model needs batch labels (use_batch_labels or domain-specific batch norm); zero-shot "
@@ -102,7 +110,7 @@ def _load(
             f"{tokenizer.pad_token_id}; model: vocab_size {config.vocab_size}, pad id {config.pad_token_id}): "
             "use the tokenizer saved with the model."
         )
-    return backbone, tokenizer, name
+    return model, tokenizer, name
 
 
 def _select_matrix(
@@ -240,6 +248,120 @@ def _length_grouped_batches(
 # Public API
 
 
+def _run_cells(
+    adata: AnnData,
+    model: ScGPTPreTrainedModel,
+    tokenizer: ScGPTTokenizer,
+    predict: Callable[[Any], torch.Tensor],
+    width: int,
+    *,
+    cls_value: float,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    layer: str | None,
+    use_raw: bool,
+    gene_column: str | None,
+    device: str | torch.device | None,
+    chunk_size: int,
+    max_tokens: int | None | str,
+    num_threads: int | None,
+    progress: bool,
+    desc: str,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Tokenise `adata` chunk by chunk, run `model` on length-grouped batches, collect `predict(output)`.
+
+    Returns (per-cell results, NaN rows for cells with no vocabulary gene; per-cell gene counts; run facts).
+    """
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
+    for arg, value, low in (("batch_size", batch_size, 1), ("max_length", max_length, 2), ("chunk_size", chunk_size, 1)):
+        if int(value) < low:
+            raise ValueError(f"{arg} must be at least {low}, got {value}.")
+    config = model.config
+    if max_length > config.max_seq_len:
+        warnings.warn(
+            f"max_length={max_length} exceeds the model's max_seq_len={config.max_seq_len}; cells that long "
+            "were never seen in training.",
+            stacklevel=3,
+        )
+    matrix, gene_names, where = _select_matrix(adata, layer, use_raw, gene_column)
+    if sp.issparse(matrix) and matrix.format != "csr":
+        matrix = matrix.tocsr()  # row chunks of CSC are slow; this copies but never densifies
+    match = tokenizer.match_genes(gene_names)
+    target = _pick_device(device)
+    if max_tokens == "auto":
+        max_tokens = None if target.type == "cuda" else _CPU_MAX_TOKENS
+    elif max_tokens is not None and int(max_tokens) < 1:
+        raise ValueError(f"max_tokens must be positive, 'auto' or None, got {max_tokens}.")
+
+    n_obs = adata.n_obs
+    out = np.full((n_obs, width), np.nan, dtype=np.float32)
+    n_genes = np.zeros(n_obs, dtype=np.int64)
+    was_training = model.training
+    model.to(target).eval()
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.float16) if target.type == "cuda" else contextlib.nullcontext()
+    )
+    started = time.perf_counter()
+    bar = tqdm(total=n_obs, desc=desc, unit="cell", disable=not progress)
+    try:
+        with _cpu_threads(num_threads), _tokenizer_log_filter(), torch.inference_mode(), autocast:
+            for start in range(0, n_obs, chunk_size):
+                stop = min(n_obs, start + chunk_size)
+                ids: list[np.ndarray] = []
+                vals: list[np.ndarray] = []
+                for block in _row_blocks(matrix, start, stop):
+                    enc = tokenizer.encode_with_ids(
+                        block, match.ids, max_length=max_length, truncation="random", padding=False,
+                        return_tensors=None, seed=seed, cls_value=cls_value, return_n_genes=True,
+                    )
+                    ids.extend(enc["input_ids"])
+                    vals.extend(enc["values"])
+                    n_genes[start + len(ids) - len(enc["input_ids"]) : start + len(ids)] = enc["n_genes"]
+                chunk_genes = n_genes[start:stop]
+                bar.update(int((chunk_genes == 0).sum()))
+                rows = np.flatnonzero(chunk_genes > 0)
+                for batch in _length_grouped_batches(
+                    ids, vals, rows, batch_size, max_tokens, config.pad_token_id, float(config.pad_value)
+                ):
+                    result = model(
+                        input_ids=batch.input_ids.to(target),
+                        values=batch.values.to(target),
+                        attention_mask=batch.attention_mask.to(target),
+                    )
+                    out[start + batch.rows] = predict(result).float().cpu().numpy()
+                    bar.update(len(batch.rows))
+    finally:
+        bar.close()
+        model.train(was_training)
+    elapsed = time.perf_counter() - started
+    logger.info("Ran %d cells in %.1f s (%.2f cells/s) on %s.", n_obs, elapsed, n_obs / max(elapsed, 1e-9), target)
+    facts = {
+        "max_length": int(max_length),
+        "seed": int(seed),
+        "cls_value": float(cls_value),
+        "n_bins": int(tokenizer.n_bins),
+        "matrix": where,
+        "gene_column": gene_column if gene_column is not None else "var_names",
+        "n_genes_matched": int(match.n_matched),
+        "n_genes_total": int(match.n_total),
+        "n_cells_empty": int((n_genes == 0).sum()),
+        "device": str(target),
+        "precision": "fp16-autocast" if target.type == "cuda" else "fp32",
+    }
+    return out, n_genes, facts
+
+
+def _warn_empty(n_empty: int, n_obs: int, where: str, n_genes_key: str) -> None:
+    if n_empty:
+        warnings.warn(
+            f"{n_empty} of {n_obs} cells express no gene of the model's vocabulary; their {where} are NaN "
+            f"(obs[{n_genes_key!r}] == 0). Drop them before downstream analysis, e.g. adata[adata.obs[...] > 0].",
+            stacklevel=3,
+        )
+
+
 def embed(
     adata: AnnData,
     model: ScGPTPreTrainedModel | str | os.PathLike,
@@ -263,8 +385,9 @@ def embed(
     Args:
         adata: cells x genes with raw counts or normalised/log1p values (binning is rank-based per cell),
             in memory (dense or sparse) or backed (`anndata.read_h5ad(path, backed="r")`, streamed).
-        model: an `ScGPTModel`, a model with an scGPT backbone (e.g. `ScGPTForPreTraining`: its
-            `base_model_prefix` backbone is used), or a local folder / Hub id (loaded with `from_pretrained`).
+        model: an `ScGPTModel`, a model with an scGPT backbone (e.g. `ScGPTForPreTraining` or a fine-tuned
+            `ScGPTForBatchIntegration`: its `base_model_prefix` backbone is used), or a local folder / Hub
+            id (loaded with `from_pretrained`).
         tokenizer: `ScGPTTokenizer` or folder / Hub id; default: the one saved with the model.
         batch_size: cells per forward pass.
         max_length: tokens per cell including `<cls>`; longer cells keep a seeded random subset of genes.
@@ -291,100 +414,83 @@ def embed(
     """
     from . import __version__
 
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
-    for arg, value, low in (("batch_size", batch_size, 1), ("max_length", max_length, 2), ("chunk_size", chunk_size, 1)):
-        if int(value) < low:
-            raise ValueError(f"{arg} must be at least {low}, got {value}.")
     backbone, tokenizer, name = _load(model, tokenizer)
     config = backbone.config
-    if max_length > config.max_seq_len:
-        warnings.warn(
-            f"max_length={max_length} exceeds the model's max_seq_len={config.max_seq_len}; cells that long "
-            "were never seen in training.",
-            stacklevel=2,
-        )
-    matrix, gene_names, where = _select_matrix(adata, layer, use_raw, gene_column)
-    if sp.issparse(matrix) and matrix.format != "csr":
-        matrix = matrix.tocsr()  # row chunks of CSC are slow; this copies but never densifies
-    match = tokenizer.match_genes(gene_names)
-    target = _pick_device(device)
-    precision = "fp16-autocast" if target.type == "cuda" else "fp32"
-    if max_tokens == "auto":
-        max_tokens = None if target.type == "cuda" else _CPU_MAX_TOKENS
-    elif max_tokens is not None and int(max_tokens) < 1:
-        raise ValueError(f"max_tokens must be positive, 'auto' or None, got {max_tokens}.")
-    cls_value = float(config.pad_value)  # the original's embedding path puts pad_value at <cls>
-
-    n_obs = adata.n_obs
-    out = np.full((n_obs, config.hidden_size), np.nan, dtype=np.float32)
-    n_genes = np.zeros(n_obs, dtype=np.int64)
-    was_training = backbone.training
-    backbone.to(target).eval()
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.float16) if target.type == "cuda" else contextlib.nullcontext()
+    out, n_genes, facts = _run_cells(
+        adata, backbone, tokenizer, lambda result: result.cell_embedding, config.hidden_size,
+        cls_value=float(config.pad_value),  # the original's embedding path puts pad_value at <cls>
+        batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
+        gene_column=gene_column, device=device, chunk_size=chunk_size, max_tokens=max_tokens,
+        num_threads=num_threads, progress=progress, desc="Embedding cells",
     )
-    started = time.perf_counter()
-    bar = tqdm(total=n_obs, desc="Embedding cells", unit="cell", disable=not progress)
-    try:
-        with _cpu_threads(num_threads), _tokenizer_log_filter(), torch.inference_mode(), autocast:
-            for start in range(0, n_obs, chunk_size):
-                stop = min(n_obs, start + chunk_size)
-                ids: list[np.ndarray] = []
-                vals: list[np.ndarray] = []
-                for block in _row_blocks(matrix, start, stop):
-                    enc = tokenizer.encode_with_ids(
-                        block, match.ids, max_length=max_length, truncation="random", padding=False,
-                        return_tensors=None, seed=seed, cls_value=cls_value, return_n_genes=True,
-                    )
-                    ids.extend(enc["input_ids"])
-                    vals.extend(enc["values"])
-                    n_genes[start + len(ids) - len(enc["input_ids"]) : start + len(ids)] = enc["n_genes"]
-                chunk_genes = n_genes[start:stop]
-                bar.update(int((chunk_genes == 0).sum()))
-                rows = np.flatnonzero(chunk_genes > 0)
-                for batch in _length_grouped_batches(
-                    ids, vals, rows, batch_size, max_tokens, config.pad_token_id, float(config.pad_value)
-                ):
-                    result = backbone(
-                        input_ids=batch.input_ids.to(target),
-                        values=batch.values.to(target),
-                        attention_mask=batch.attention_mask.to(target),
-                    )
-                    out[start + batch.rows] = result.cell_embedding.float().cpu().numpy()
-                    bar.update(len(batch.rows))
-    finally:
-        bar.close()
-        backbone.train(was_training)
-    elapsed = time.perf_counter() - started
-
     done = n_genes > 0
     out[done] /= np.linalg.norm(out[done], axis=1, keepdims=True)
-    n_empty = int((~done).sum())
-    if n_empty:
-        warnings.warn(
-            f"{n_empty} of {n_obs} cells express no gene of the model's vocabulary; their rows of "
-            f"obsm[{key_added!r}] are NaN (obs[{key_added + '_n_genes'!r}] == 0). Drop them before "
-            "neighbours/UMAP, e.g. adata[adata.obs[...] > 0].",
-            stacklevel=2,
-        )
+    _warn_empty(facts["n_cells_empty"], adata.n_obs, f"rows of obsm[{key_added!r}]", f"{key_added}_n_genes")
     adata.obsm[key_added] = out
     adata.obs[f"{key_added}_n_genes"] = n_genes
     adata.uns[f"{key_added}_params"] = {
         "model": name or type(backbone).__name__,
-        "max_length": int(max_length),
-        "seed": int(seed),
-        "cls_value": cls_value,
-        "n_bins": int(tokenizer.n_bins),
         "cell_emb_style": str(config.cell_emb_style),
-        "matrix": where,
-        "gene_column": gene_column if gene_column is not None else "var_names",
-        "n_genes_matched": int(match.n_matched),
-        "n_genes_total": int(match.n_total),
-        "n_cells_empty": n_empty,
-        "device": str(target),
-        "precision": precision,
+        **facts,
         "scgpt_hf_version": str(__version__),
     }
-    logger.info("Embedded %d cells in %.1f s (%.2f cells/s) on %s.", n_obs, elapsed, n_obs / max(elapsed, 1e-9), target)
+    return adata
+
+
+def annotate(
+    adata: AnnData,
+    model: ScGPTForCellClassification | str | os.PathLike,
+    tokenizer: ScGPTTokenizer | str | os.PathLike | None = None,
+    *,
+    key_added: str = "scGPT_label",
+    batch_size: int = 64,
+    max_length: int = 1200,
+    seed: int = 0,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_column: str | None = None,
+    device: str | torch.device | None = None,
+    chunk_size: int = 8192,
+    max_tokens: int | None | str = "auto",
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> AnnData:
+    """Predict cell types with a fine-tuned `ScGPTForCellClassification` and store them on `adata`.
+
+    Cells are prepared as in fine-tuning (`<cls>` value = the tokenizer's `cls_value`), streamed and
+    length-grouped as in `embed` (same arguments).
+
+    Returns:
+        `adata` itself, with `obs[key_added]` (categorical label from `config.id2label`; missing for cells
+        with no vocabulary gene), `obs[key_added + "_probability"]` (probability of that label),
+        `obsm[key_added + "_probabilities"]` (n_obs x num_labels, columns in `config.id2label` order),
+        `uns[key_added + "_params"]` (how it was computed, as in `embed`, plus `labels`).
+    """
+    import pandas as pd
+
+    from . import __version__
+
+    classifier, tokenizer, name = _load(model, tokenizer, ScGPTForCellClassification)
+    config = classifier.config
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    probs, n_genes, facts = _run_cells(
+        adata, classifier, tokenizer, lambda result: torch.softmax(result.logits.float(), dim=-1), config.num_labels,
+        cls_value=float(tokenizer.cls_value),
+        batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
+        gene_column=gene_column, device=device, chunk_size=chunk_size, max_tokens=max_tokens,
+        num_threads=num_threads, progress=progress, desc="Annotating cells",
+    )
+    done = n_genes > 0
+    _warn_empty(facts["n_cells_empty"], adata.n_obs, f"labels in obs[{key_added!r}]", f"{key_added}_n_genes")
+    best = np.where(done, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), -1)
+    adata.obs[key_added] = pd.Categorical.from_codes(best, categories=labels)
+    adata.obs[f"{key_added}_probability"] = np.where(done, probs[np.arange(len(best)), np.maximum(best, 0)], np.nan)
+    adata.obs[f"{key_added}_n_genes"] = n_genes
+    adata.obsm[f"{key_added}_probabilities"] = probs
+    adata.uns[f"{key_added}_params"] = {
+        "model": name or type(classifier).__name__,
+        "labels": labels,
+        **facts,
+        "scgpt_hf_version": str(__version__),
+    }
     return adata

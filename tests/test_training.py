@@ -14,6 +14,7 @@ from scgpt_hf import (
     ScGPTForCellClassification,
     ScGPTForPreTraining,
     ScGPTTokenizer,
+    annotate,
 )
 from scgpt_hf.data import CellDataset, ScGPTDataCollator
 
@@ -125,6 +126,17 @@ def test_classification_learns_t_cell_lineage(cells, tmp_path):
     accuracy = (predicted == batch["labels"]).float().mean().item()
     chance = np.bincount(batch["labels"].numpy()).max() / len(dataset)
     assert accuracy > chance + 0.1, (accuracy, chance)
+
+    # annotate() on the saved model writes the same predictions into obs.
+    model.save_pretrained(tmp_path / "annotator")
+    tokenizer.save_pretrained(tmp_path / "annotator")
+    annotate(adata, str(tmp_path / "annotator"), max_length=256, progress=False)
+    expected = [config.id2label[i] for i in predicted.tolist()]
+    assert adata.obs["scGPT_label"].astype(str).tolist() == expected
+    probabilities = adata.obsm["scGPT_label_probabilities"]
+    assert probabilities.shape == (adata.n_obs, 3)
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(adata.obs["scGPT_label_probability"], probabilities.max(1), atol=1e-6)
 
 
 def test_integration_trains_with_batch_labels(cells, tmp_path):
