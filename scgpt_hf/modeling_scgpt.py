@@ -340,6 +340,9 @@ class ScGPTModel(ScGPTPreTrainedModel):
     expression), `attention_mask` (1 for real tokens, 0 for padding).
     """
 
+    # Loading the backbone alone from a head model's folder leaves the heads out on purpose.
+    _keys_to_ignore_on_load_unexpected = [r"^(expression_decoder|mvc_decoder|classifier|discriminator)\."]
+
     def __init__(self, config: ScGPTConfig):
         super().__init__(config)
         self.embeddings = ScGPTEmbeddings(config)
