@@ -151,7 +151,7 @@ COMMANDS: list[Command] = [
 
 
 # Modules with `add_parser(subparsers)`; one whose optional dependencies are missing is left out.
-PLUGIN_MODULES: list[str] = ["scgpt_hf.export.cli", "scgpt_hf.serving"]
+PLUGIN_MODULES: list[str] = ["scgpt_hf.export.cli", "scgpt_hf.hub", "scgpt_hf.serving"]
 
 
 # ----------------------------------------------------------------------------------------------
