@@ -50,7 +50,13 @@ import torch
 from torch import nn
 
 from scgpt_hf.configuration_scgpt import ScGPTConfig
-from scgpt_hf.modeling_scgpt import ScGPTForPreTraining, ScGPTModel, ScGPTPreTrainedModel
+from scgpt_hf.modeling_scgpt import (
+    ScGPTForBatchIntegration,
+    ScGPTForCellClassification,
+    ScGPTForPreTraining,
+    ScGPTModel,
+    ScGPTPreTrainedModel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +84,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 FP32_MAX_ABS = 1e-4
 MIN_COSINE = {"fp16": 0.999, "int8": 0.99}
 # Outputs with one row per cell; every other output has one value (or vector) per token.
-PER_CELL_OUTPUTS = {"cell_embedding", "batch_embedding", "logits"}
+PER_CELL_OUTPUTS = {"cell_embedding", "batch_embedding", "logits", "batch_logits"}
 DEFAULT_VALIDATION_SHAPES: tuple[tuple[int, int | None], ...] = ((1, None), (4, None), (8, 48))
 
 
@@ -136,13 +142,18 @@ def _adapt_backbone(model: nn.Module) -> nn.Module:
     )
 
 
-def _adapt_pretraining(model: nn.Module) -> nn.Module:
-    if isinstance(model, ScGPTForPreTraining):
-        return model
-    raise TypeError(
-        f"task 'expression' exports the pretraining head (ScGPTForPreTraining); got {type(model).__name__}. "
-        "Load it with ScGPTForPreTraining.from_pretrained(...) or pass the model folder / Hub id."
-    )
+def _expect(model_class: type[ScGPTPreTrainedModel], task: str) -> Callable[[nn.Module], nn.Module]:
+    """`adapt` for tasks that export a head as is: accept that head class only."""
+
+    def adapt(model: nn.Module) -> nn.Module:
+        if isinstance(model, model_class):
+            return model
+        raise TypeError(
+            f"task {task!r} exports {model_class.__name__}; got {type(model).__name__}. Load it with "
+            f"{model_class.__name__}.from_pretrained(...) or pass the model folder / Hub id."
+        )
+
+    return adapt
 
 
 TASKS: dict[str, TaskSpec] = {}
@@ -167,8 +178,26 @@ register_task(
         name="expression",
         description="pretraining head: expression (+ zero_probs, mvc_expression, mvc_zero_probs) and cell_embedding",
         load=lambda path: ScGPTForPreTraining.from_pretrained(path),
-        adapt=_adapt_pretraining,
+        adapt=_expect(ScGPTForPreTraining, "expression"),
         outputs=("expression", "zero_probs", "mvc_expression", "mvc_zero_probs", "cell_embedding"),
+    )
+)
+register_task(
+    TaskSpec(
+        name="annotation",
+        description="cell-type classification: logits (batch, num_labels) and cell_embedding (batch, hidden)",
+        load=lambda path: ScGPTForCellClassification.from_pretrained(path),
+        adapt=_expect(ScGPTForCellClassification, "annotation"),
+        outputs=("logits", "cell_embedding"),
+    )
+)
+register_task(
+    TaskSpec(
+        name="integration",
+        description="batch integration: cell_embedding (the integrated representation) and batch_logits",
+        load=lambda path: ScGPTForBatchIntegration.from_pretrained(path),
+        adapt=_expect(ScGPTForBatchIntegration, "integration"),
+        outputs=("cell_embedding", "batch_logits"),
     )
 )
 

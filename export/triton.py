@@ -220,33 +220,6 @@ def validate_repository(repository: str | os.PathLike) -> dict[str, Any]:
 # Building
 
 
-def _annotation_task() -> str | None:
-    """Name of an ONNX export task with a ``logits`` output; registers one for cell classification if none."""
-    from .onnx_export import TASKS, TaskSpec, register_task
-
-    for name, spec in TASKS.items():
-        if "logits" in spec.outputs:
-            return name
-    try:
-        from scgpt_hf.modeling_scgpt import ScGPTForCellClassification
-    except ImportError:  # pragma: no cover - the head has not landed
-        return None
-
-    def adapt(model: Any) -> Any:
-        if isinstance(model, ScGPTForCellClassification):
-            return model
-        raise TypeError(f"task {ANNOTATION_TASK!r} exports ScGPTForCellClassification; got {type(model).__name__}.")
-
-    register_task(TaskSpec(
-        name=ANNOTATION_TASK,
-        description="cell-type classification: logits (batch, num_labels) and cell_embedding (batch, hidden)",
-        load=lambda path: ScGPTForCellClassification.from_pretrained(path),
-        adapt=adapt,
-        outputs=("logits", "cell_embedding"),
-    ))
-    return ANNOTATION_TASK
-
-
 def _is_classifier(model_or_path: Any) -> bool:
     try:
         from scgpt_hf.modeling_scgpt import ScGPTForCellClassification
@@ -364,7 +337,7 @@ def export_triton(
 
     # 1. ONNX graph (export, or reuse one).
     classifier = onnx_dir is None and _is_classifier(model_or_path)
-    task = _annotation_task() if classifier else "embedding"
+    task = ANNOTATION_TASK if classifier else "embedding"
     if classifier and task is None:  # pragma: no cover
         raise RuntimeError("The model is a classifier but no ONNX export task produces logits.")
     with tempfile.TemporaryDirectory() as tmp:

@@ -410,3 +410,28 @@ def test_cli_exports_and_reports(model_dir, tmp_path, capsys):
     assert "BATCHxLEN" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", "onnx", str(model_dir), str(out), "--task", "nope"])
+
+
+@pytest.mark.parametrize("task", ["annotation", "integration"])
+def test_head_tasks_export_and_match_pytorch(model_dir, long_cells, tmp_path, task):
+    """The fine-tuning heads export too: classifier logits; integrated embedding and discriminator logits."""
+    head_class = scgpt_hf.ScGPTForCellClassification if task == "annotation" else scgpt_hf.ScGPTForBatchIntegration
+    extra = dict(num_labels=5) if task == "annotation" else dict(use_batch_labels=True, num_batch_labels=3, do_dab=True)
+    config = ScGPTConfig.from_pretrained(model_dir, **extra)
+    model = head_class(config)
+    reference.randomize_parameters(model, seed=5)
+    model.eval().save_pretrained(tmp_path / "head")
+    shutil.copy(model_dir / "vocab.json", tmp_path / "head" / "vocab.json")
+    shutil.copy(model_dir / "tokenizer_config.json", tmp_path / "head" / "tokenizer_config.json")
+    report = export_onnx(tmp_path / "head", tmp_path / "onnx", task=task, verbose=False)
+    assert report.passed is True
+    session = OnnxScGPT(tmp_path / "onnx")
+    feed = onnx_export.pad_cells(long_cells[:4], session.preprocessing["pad_token_id"], session.preprocessing["pad_value"])
+    if task == "integration":
+        feed["batch_labels"] = np.array([0, 2, 1, 2], dtype=np.int64)
+    got = session(feed)
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    names = ["logits", "cell_embedding"] if task == "annotation" else ["cell_embedding", "batch_logits"]
+    for name in names:
+        np.testing.assert_allclose(got[name], getattr(ref, name).numpy(), atol=1e-4)
