@@ -144,9 +144,74 @@ def _embed_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# pretrain
+
+
+def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Pretrain a small scGPT from scratch (masked expression + MVC) on .h5ad files streamed from disk, with "
+        "transformers.Trainer. Multi-GPU runs unchanged under a launcher: "
+        "`torchrun --nproc_per_node N -m scgpt_hf.cli pretrain ...` or `accelerate launch -m scgpt_hf.cli pretrain ...` "
+        "(--batch-size is per device; each process streams its own share of the files)."
+    )
+    p.add_argument("output_dir", help="folder for model + tokenizer (from_pretrained-ready) and training_metrics.json")
+    p.add_argument("files", nargs="+", metavar="FILE.h5ad", help="training files (raw counts or log1p values)")
+    p.add_argument("--vocab", help="vocab.json or tokenizer folder / Hub id (default: the genes of the files)")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4, help="transformer layers")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--max-length", type=int, default=1200, help="tokens per cell, <cls> included")
+    p.add_argument("--mask-ratio", type=float, default=0.4)
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--epochs", type=float, help="passes over the cells (instead of --max-steps)")
+    p.add_argument("--batch-size", type=int, default=32, help="cells per device per step")
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--layer", help="read adata.layers[LAYER] instead of X")
+    p.add_argument("--use-raw", action="store_true", help="read adata.raw.X instead of X")
+    p.add_argument("--gene-column", help="var column with gene symbols (default: var_names)")
+
+
+def _pretrain_run(args: argparse.Namespace) -> int:
+    import json
+
+    from .pretraining import METRICS_FILE, pretrain
+
+    if args.max_steps is None and args.epochs is None:
+        raise ValueError("give --max-steps or --epochs.")
+    out = pretrain(
+        args.files,
+        args.output_dir,
+        tokenizer=args.vocab,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_length=args.max_length,
+        mask_ratio=args.mask_ratio,
+        max_steps=args.max_steps,
+        num_epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        num_workers=args.num_workers,
+        layer=args.layer,
+        use_raw=args.use_raw,
+        gene_column=args.gene_column,
+    )
+    metrics_file = Path(out) / METRICS_FILE
+    if metrics_file.is_file():  # written by the main process only
+        metrics = json.loads(metrics_file.read_text())
+        print(f"Pretrained {metrics['global_step']} steps ({metrics['epochs_seen']:.2f} epochs of "
+              f"{metrics['cells_in_files']} cells), final loss {metrics['final_loss']:.4g}; saved to {out}")
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command("convert", "convert an original scGPT checkpoint folder", _convert_arguments, _convert_run),
     Command("embed", "zero-shot cell embeddings of an .h5ad file", _embed_arguments, _embed_run),
+    Command("pretrain", "pretrain scGPT from scratch on .h5ad files, streamed", _pretrain_arguments, _pretrain_run),
 ]
 
 

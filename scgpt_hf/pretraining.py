@@ -1,0 +1,532 @@
+"""Pretraining scGPT from scratch on many .h5ad files, streamed from disk (`scgpt-hf pretrain`).
+
+Pieces:
+
+* :func:`build_vocab` makes a vocabulary from the genes of the files (for users without one), and
+  :func:`make_tokenizer` turns it into an :class:`~scgpt_hf.ScGPTTokenizer`;
+* :class:`StreamingCellDataset` streams tokenised cells from backed h5ad files, chunk by chunk;
+* :func:`pretrain` trains :class:`~scgpt_hf.ScGPTForPreTraining` (masked expression + MVC) on it with
+  ``transformers.Trainer`` and saves model, tokenizer and ``training_metrics.json`` in one folder.
+
+Why an ``IterableDataset``: a map-style dataset needs random access to any cell, i.e. one row read per cell
+from a backed file (slow on HDF5, and CSR rows scattered across the file) or an index of the whole corpus
+held in memory. Streaming contiguous chunks keeps reads sequential and memory bounded by ``chunk_size``
+rows plus a ``shuffle_buffer`` of tokenised cells, whatever the corpus size. Randomness comes from
+shuffling the order of the (file, chunk) units every epoch and a seeded shuffle buffer.
+
+Multi-GPU / multi-process. The dataset shards itself: the (file, chunk) units of an epoch are dealt out
+round-robin over ``num_processes x num_workers`` shards (process rank and world size from
+``torch.distributed`` when initialised, else the ``RANK``/``WORLD_SIZE`` variables that ``torchrun`` and
+``accelerate launch`` set; DataLoader workers from ``torch.utils.data.get_worker_info``), so every process
+reads and tokenises only its share of the files. ``Trainer`` would otherwise (a) with its default
+``dispatch_batches`` for iterable datasets read everything on rank 0 and concatenate per-rank batches,
+which breaks with per-batch padding, or (b) with ``dispatch_batches=False`` wrap the dataset in accelerate's
+``IterableDatasetShard``, which keeps every ``num_processes``-th batch of an already sharded stream and so
+would drop data. :func:`pretrain` therefore sets ``dispatch_batches=False`` and makes that wrapper a
+pass-through (as ``Trainer`` itself does for its rank-aware batch samplers). With ``epochs=None`` (what
+:func:`pretrain` uses) the stream repeats forever, reshuffled each pass, so ranks never run out at
+different times; training length is ``max_steps`` (or ``num_epochs`` converted into steps from the cell
+counts in the files' metadata). To use the dataset with a plain ``Trainer`` on several processes, pass
+``shard_by_process=False`` and ``TrainingArguments(accelerator_config={"dispatch_batches": False})``: each
+process then reads every chunk and accelerate keeps its share of the batches.
+
+Run on several GPUs with no change::
+
+    torchrun --nproc_per_node 4 -m scgpt_hf.cli pretrain OUT a.h5ad b.h5ad ...
+    accelerate launch -m scgpt_hf.cli pretrain OUT a.h5ad b.h5ad ...
+
+(``--batch-size`` is per device.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .configuration_scgpt import ScGPTConfig
+from .data import ScGPTDataCollator
+from .embedding import _row_blocks, _select_matrix
+from .tokenization_scgpt import ScGPTTokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StreamingCellDataset", "build_vocab", "make_tokenizer", "pretrain", "METRICS_FILE"]
+
+SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
+METRICS_FILE = "training_metrics.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and vocabulary
+
+
+def _check_files(files: Sequence[str | os.PathLike]) -> list[Path]:
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise ValueError("No training files given: pass one or more .h5ad paths.")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"training file {p} does not exist.")
+    return paths
+
+
+def _open_backed(path: Path) -> Any:
+    import anndata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # old-format files
+        try:
+            return anndata.read_h5ad(path, backed="r")
+        except OSError as err:
+            raise ValueError(f"cannot read {path} as h5ad: {err}") from None
+
+
+def _file_genes(path: Path, layer: str | None, use_raw: bool, gene_column: str | None) -> tuple[list[str], int]:
+    adata = _open_backed(path)
+    try:
+        matrix, names, _ = _select_matrix(adata, layer, use_raw, gene_column)
+        return names, int(matrix.shape[0])
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    finally:
+        adata.file.close()
+
+
+def build_vocab(
+    files: Sequence[str | os.PathLike],
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_column: str | None = None,
+) -> dict[str, int]:
+    """A vocabulary over the genes of `files`: every gene name in first-seen order, then ``<pad>``, ``<cls>``,
+    ``<eoc>`` (the layout of the released ``vocab.json``). Only gene names are read (backed)."""
+    vocab: dict[str, int] = {}
+    for path in _check_files(files):
+        names, _ = _file_genes(path, layer, use_raw, gene_column)
+        for name in names:
+            if name and name not in SPECIAL_TOKENS and name not in vocab:
+                vocab[name] = len(vocab)
+    if not vocab:
+        raise ValueError("The files have no gene names to build a vocabulary from.")
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    return vocab
+
+
+def make_tokenizer(
+    vocab: Mapping[str, int] | str | os.PathLike | ScGPTTokenizer, *, max_length: int | None = None, **kwargs: Any
+) -> ScGPTTokenizer:
+    """An `ScGPTTokenizer` from a vocab dict, a ``vocab.json`` file, a tokenizer folder / Hub id or a tokenizer."""
+    if isinstance(vocab, ScGPTTokenizer):
+        tokenizer = vocab
+    elif isinstance(vocab, Mapping):
+        folder = tempfile.mkdtemp(prefix="scgpt_vocab_")
+        path = Path(folder) / "vocab.json"
+        path.write_text(json.dumps(dict(vocab)))
+        tokenizer = ScGPTTokenizer(str(path), **kwargs)
+    else:
+        path = Path(vocab)
+        if path.is_file():
+            tokenizer = ScGPTTokenizer(str(path), **kwargs)
+        elif path.is_dir() and not (path / "vocab.json").is_file():
+            raise FileNotFoundError(f"{path} has no vocab.json (expected a vocab file or a tokenizer folder).")
+        else:
+            tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(vocab), **kwargs)
+    if max_length is not None:
+        tokenizer.max_length = int(max_length)
+        tokenizer.init_kwargs["max_length"] = int(max_length)  # saved with save_pretrained
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming dataset
+
+
+@dataclass(frozen=True)
+class _Unit:
+    file: int
+    start: int
+    stop: int
+
+
+def _distributed_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class StreamingCellDataset(torch.utils.data.IterableDataset):
+    """Tokenised cells streamed from backed .h5ad files, for `Trainer` with `ScGPTDataCollator`.
+
+    Each file is opened with ``anndata.read_h5ad(path, backed="r")``; its gene names are matched against
+    the tokenizer's vocabulary once (at construction) and its rows are read ``chunk_size`` at a time, so at
+    most ``chunk_size`` rows of expression plus ``shuffle_buffer`` tokenised cells are in memory per
+    DataLoader worker. Yields ``{"input_ids", "values"}`` per cell (unpadded, ``<cls>`` first), exactly what
+    ``tokenizer(cells, padding=False, seed=seed, max_length=max_length)`` gives for those cells. Cells with
+    no vocabulary gene are skipped (counted in ``n_skipped_empty`` of the iterating process).
+
+    Args:
+        files: .h5ad paths (raw counts or normalised/log1p values; not scaled data).
+        tokenizer: the vocabulary and binning.
+        max_length: tokens per cell, ``<cls>`` included (default: the tokenizer's); longer cells keep a
+            seeded random subset of genes.
+        layer, use_raw, gene_column: which matrix and gene names to read (same for every file).
+        chunk_size: rows read from a file at a time; also the unit of shuffling and sharding.
+        shuffle: shuffle the order of (file, chunk) units every epoch and cells within a buffer.
+        shuffle_buffer: cells held for the within-buffer shuffle.
+        seed: seeds shuffling (with the epoch) and tokenisation (as in `ScGPTTokenizer`).
+        epochs: passes over the data; None repeats forever (each pass reshuffled).
+        shard_by_process: split units over processes (rank / world size, see module docstring).
+        process_index, num_processes: override the detected rank and world size.
+        return_index: also yield ``file`` and ``row`` of each cell (for inspection; not a model input).
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str | os.PathLike],
+        tokenizer: ScGPTTokenizer,
+        *,
+        max_length: int | None = None,
+        layer: str | None = None,
+        use_raw: bool = False,
+        gene_column: str | None = None,
+        chunk_size: int = 1024,
+        shuffle: bool = True,
+        shuffle_buffer: int = 4096,
+        seed: int = 0,
+        epochs: int | None = 1,
+        shard_by_process: bool = True,
+        process_index: int | None = None,
+        num_processes: int | None = None,
+        return_index: bool = False,
+    ):
+        super().__init__()
+        if chunk_size < 1 or shuffle_buffer < 1:
+            raise ValueError(f"chunk_size and shuffle_buffer must be positive, got {chunk_size}, {shuffle_buffer}.")
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs must be a positive integer or None (forever), got {epochs}.")
+        self.files = _check_files(files)
+        self.tokenizer = tokenizer
+        self.max_length = tokenizer.max_length if max_length is None else int(max_length)
+        self.layer, self.use_raw, self.gene_column = layer, use_raw, gene_column
+        self.chunk_size, self.shuffle, self.shuffle_buffer = int(chunk_size), bool(shuffle), int(shuffle_buffer)
+        self.seed, self.epochs = int(seed), epochs
+        self.shard_by_process = shard_by_process
+        self.process_index, self.num_processes = process_index, num_processes
+        self.return_index = return_index
+        self.n_skipped_empty = 0
+        self.gene_ids: list[np.ndarray] = []
+        self.n_cells: list[int] = []
+        tok_logger = logging.getLogger(ScGPTTokenizer.__module__)
+        for path in self.files:
+            names, n_obs = _file_genes(path, layer, use_raw, gene_column)
+            level = tok_logger.level
+            tok_logger.setLevel(logging.ERROR)  # the per-file coverage warning is reported below instead
+            try:
+                match = tokenizer.match_genes(names)
+            except ValueError as err:
+                raise ValueError(
+                    f"{path}: no gene matches the vocabulary ({err}) Pass gene_column= / --gene-column naming a "
+                    "var column with gene symbols, or leave this file out."
+                ) from None
+            finally:
+                tok_logger.setLevel(level)
+            logger.info("%s: %d cells, %d of %d genes in the vocabulary.", path, n_obs, match.n_matched, len(names))
+            self.gene_ids.append(match.ids)
+            self.n_cells.append(n_obs)
+
+    @property
+    def total_cells(self) -> int:
+        """Cells in all files (from metadata; cells without vocabulary genes included)."""
+        return int(sum(self.n_cells))
+
+    def _shard(self) -> tuple[int, int]:
+        """(this shard, number of shards) over processes x DataLoader workers."""
+        if self.shard_by_process:
+            rank, world = _distributed_rank()
+            rank = rank if self.process_index is None else self.process_index
+            world = world if self.num_processes is None else self.num_processes
+        else:
+            rank, world = 0, 1
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank * n_workers + worker, world * n_workers
+
+    def _units(self, n_shards: int) -> list[_Unit]:
+        # Enough units for every shard to get some, even for small corpora.
+        rows = max(1, min(self.chunk_size, self.total_cells // max(1, n_shards)))
+        units = [
+            _Unit(f, s, min(n, s + rows)) for f, n in enumerate(self.n_cells) for s in range(0, n, rows)
+        ]
+        if len(units) < n_shards:
+            raise ValueError(
+                f"{self.total_cells} cells cannot feed {n_shards} data shards (processes x DataLoader workers); "
+                "use fewer workers or processes."
+            )
+        return units
+
+    def _read(self, handle: Any, unit: _Unit) -> Iterator[tuple[int, Any]]:
+        """Rows of `unit` as in-memory blocks (never more than `chunk_size` rows), with their first row."""
+        matrix, _, _ = _select_matrix(handle, self.layer, self.use_raw, self.gene_column)
+        start = unit.start
+        for block in _row_blocks(matrix, unit.start, unit.stop):
+            yield start, block
+            start += block.shape[0]
+
+    def _cells(self, units: Sequence[_Unit]) -> Iterator[dict[str, Any]]:
+        handles: dict[int, Any] = {}
+        tok_logger = logging.getLogger(ScGPTTokenizer.__module__)
+        try:
+            for unit in units:
+                if unit.file not in handles:
+                    handles[unit.file] = _open_backed(self.files[unit.file])
+                for first, block in self._read(handles[unit.file], unit):
+                    level = tok_logger.level
+                    tok_logger.setLevel(logging.ERROR)  # empty cells are skipped and counted here
+                    try:
+                        enc = self.tokenizer.encode_with_ids(
+                            block, self.gene_ids[unit.file], max_length=self.max_length, padding=False,
+                            seed=self.seed, return_n_genes=True,
+                        )
+                    except ValueError as err:
+                        raise ValueError(f"{self.files[unit.file]}: {err}") from None
+                    finally:
+                        tok_logger.setLevel(level)
+                    for i, n_genes in enumerate(enc["n_genes"]):
+                        if n_genes == 0:
+                            self.n_skipped_empty += 1
+                            continue
+                        item = {"input_ids": enc["input_ids"][i], "values": enc["values"][i]}
+                        if self.return_index:
+                            item["file"], item["row"] = unit.file, first + i
+                        yield item
+        finally:
+            for handle in handles.values():
+                handle.file.close()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        shard, n_shards = self._shard()
+        units = self._units(n_shards)
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            order = np.arange(len(units))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(units))
+            mine = [units[i] for i in order[shard::n_shards]]
+            cells = self._cells(mine)
+            if not self.shuffle:
+                yield from cells
+            else:
+                rng = np.random.default_rng([self.seed, epoch, shard, 1])
+                buffer: list[dict[str, Any]] = []
+                for item in cells:
+                    if len(buffer) < self.shuffle_buffer:
+                        buffer.append(item)
+                        continue
+                    j = int(rng.integers(len(buffer)))
+                    buffer[j], item = item, buffer[j]
+                    yield item
+                for j in rng.permutation(len(buffer)):
+                    yield buffer[j]
+            epoch += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+
+
+def _trainer_class() -> type:
+    from accelerate.data_loader import IterableDatasetShard
+    from transformers import Trainer
+
+    class _StreamingTrainer(Trainer):
+        """Trainer whose train loader leaves sharding to `StreamingCellDataset` (see module docstring)."""
+
+        def get_train_dataloader(self):  # type: ignore[no-untyped-def]
+            loader = super().get_train_dataloader()
+            wrapped = getattr(loader, "dataset", None)
+            if isinstance(wrapped, IterableDatasetShard) and isinstance(wrapped.dataset, StreamingCellDataset):
+                if wrapped.dataset.shard_by_process:
+                    wrapped.num_processes, wrapped.process_index = 1, 0
+            return loader
+
+    return _StreamingTrainer
+
+
+def pretrain(
+    files: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    tokenizer: ScGPTTokenizer | str | os.PathLike | Mapping[str, int] | None = None,
+    hidden_size: int = 128,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    intermediate_size: int | None = None,
+    dropout: float = 0.1,
+    config_overrides: Mapping[str, Any] | None = None,
+    max_length: int = 1200,
+    mask_ratio: float = 0.4,
+    max_steps: int | None = None,
+    num_epochs: float | None = None,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    warmup_ratio: float = 0.05,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_column: str | None = None,
+    chunk_size: int = 1024,
+    shuffle_buffer: int = 4096,
+    num_workers: int = 0,
+    logging_steps: int = 10,
+    training_args: Mapping[str, Any] | None = None,
+) -> Path:
+    """Pretrain `ScGPTForPreTraining` from scratch on `files` with `transformers.Trainer`; returns the folder.
+
+    The model learns masked expression (MSE on the masked genes' binned values, mask ``config.mask_value``)
+    and the MVC/GEPC objective from the cell embedding, on cells streamed from the backed files (see
+    `StreamingCellDataset`). Written to `output_dir`: ``config.json`` + ``model.safetensors``
+    (``from_pretrained``-ready, also as `ScGPTModel` for `embed`), the tokenizer (``vocab.json`` and its
+    config, ``max_length`` set to `max_length`) and ``training_metrics.json`` (losses, steps, cells, time).
+
+    Args:
+        files: .h5ad files (raw counts or normalised/log1p values).
+        output_dir: folder to write (created).
+        tokenizer: an `ScGPTTokenizer`, a tokenizer folder / Hub id, a ``vocab.json`` path or a vocab dict;
+            None builds the vocabulary from the genes of `files` (`build_vocab`).
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size (default 2 x hidden_size),
+            dropout: model size; `config_overrides` sets any other `ScGPTConfig` field.
+        max_length: tokens per cell, ``<cls>`` included.
+        mask_ratio: fraction of each cell's genes masked (the original cycles 0.25, 0.5, 0.75).
+        max_steps: optimizer steps; or `num_epochs`, converted to steps from the files' cell counts
+            (``ceil(cells x epochs / (batch_size x processes x accumulation))``). One of them is required.
+        batch_size: cells per device per step.
+        learning_rate, warmup_ratio, weight_decay: AdamW with linear decay.
+        seed: model initialisation, data order, masking and tokenisation.
+        layer, use_raw, gene_column: matrix and gene names to read from every file.
+        chunk_size, shuffle_buffer: see `StreamingCellDataset`.
+        num_workers: DataLoader worker processes (each streams its own share of the chunks).
+        logging_steps: log the loss every this many steps.
+        training_args: more `TrainingArguments` (override the ones above; e.g. ``bf16``,
+            ``gradient_accumulation_steps``, ``save_steps``).
+    """
+    from transformers import TrainingArguments, set_seed
+
+    from .modeling_scgpt import ScGPTForPreTraining
+
+    paths = _check_files(files)
+    output_dir = Path(output_dir)
+    if tokenizer is None:
+        tokenizer = build_vocab(paths, layer=layer, use_raw=use_raw, gene_column=gene_column)
+    tokenizer = make_tokenizer(tokenizer, max_length=max_length)
+    dataset = StreamingCellDataset(
+        paths, tokenizer, max_length=max_length, layer=layer, use_raw=use_raw, gene_column=gene_column,
+        chunk_size=chunk_size, shuffle_buffer=shuffle_buffer, seed=seed, epochs=None,
+    )
+
+    extra = dict(training_args or {})
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=1,  # set below, once the world size is known
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=0,
+        weight_decay=weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        dataloader_num_workers=num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=True,
+        accelerator_config={"dispatch_batches": False},
+        **extra,
+    )
+    per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    if max_steps is None:
+        if num_epochs is None:
+            raise ValueError("Give max_steps or num_epochs (the stream has no end of its own).")
+        max_steps = max(1, math.ceil(dataset.total_cells * float(num_epochs) / per_step))
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}.")
+    args.max_steps = int(max_steps)
+    if "warmup_steps" not in extra:
+        args.warmup_steps = int(round(warmup_ratio * args.max_steps))
+
+    overrides = dict(config_overrides or {})
+    config = ScGPTConfig(
+        **{
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": num_attention_heads,
+            "intermediate_size": intermediate_size or 2 * hidden_size,
+            "dropout": dropout,
+            "pad_token_id": tokenizer.pad_token_id,
+            "cls_token_id": tokenizer.cls_token_id,
+            "eoc_token_id": tokenizer.convert_tokens_to_ids("<eoc>"),
+            "pad_value": tokenizer.pad_value,
+            "n_bins": tokenizer.n_bins,
+            "max_seq_len": max_length,
+            **overrides,
+        }
+    )
+    set_seed(seed)
+    model = ScGPTForPreTraining(config)
+    collator = ScGPTDataCollator(tokenizer, mask_ratio=mask_ratio, mask_value=config.mask_value, seed=seed)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    started = time.perf_counter()
+    result = trainer.train()
+    elapsed = time.perf_counter() - started
+
+    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    trainer.save_model(str(output_dir))  # main process only; safetensors
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(output_dir))
+        n_last = max(1, len(losses) // 10)
+        metrics = {
+            # Mean of the last tenth of the logged losses (the run's mean loss when none was logged).
+            "final_loss": float(np.mean([l for _, l in losses[-n_last:]])) if losses else float(result.training_loss),
+            "first_loss": float(losses[0][1]) if losses else None,
+            "train_loss": float(result.training_loss),
+            "loss_history": [{"step": s, "loss": float(l)} for s, l in losses],
+            "max_steps": args.max_steps,
+            "global_step": int(trainer.state.global_step),
+            "cells_seen": int(trainer.state.global_step * per_step),
+            "cells_in_files": dataset.total_cells,
+            "epochs_seen": trainer.state.global_step * per_step / max(1, dataset.total_cells),
+            "files": [str(p) for p in paths],
+            "batch_size_per_device": args.per_device_train_batch_size,
+            "world_size": args.world_size,
+            "learning_rate": args.learning_rate,
+            "mask_ratio": mask_ratio,
+            "max_length": max_length,
+            "seed": seed,
+            "train_runtime_s": round(elapsed, 2),
+            "model": {
+                "hidden_size": config.hidden_size,
+                "num_hidden_layers": config.num_hidden_layers,
+                "num_attention_heads": config.num_attention_heads,
+                "vocab_size": config.vocab_size,
+                "parameters": int(sum(p.numel() for p in model.parameters())),
+            },
+        }
+        (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    return output_dir
