@@ -53,3 +53,9 @@ __all__ = [
     "convert_original_checkpoint",
     "embed",
 ]
+
+# Saved folders carry the configuration, tokenizer and modeling code plus an auto_map, so a pushed model
+# loads with trust_remote_code=True where scgpt_hf is not installed.
+from .hub import register_remote_code  # noqa: E402
+
+register_remote_code()

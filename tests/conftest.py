@@ -17,6 +17,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# The local Hub must be configured before anything imports huggingface_hub (it reads its settings then).
+import hub_server  # noqa: E402
+
+hub_server.start_session_hub()
+
 import reference  # noqa: E402
 
 
