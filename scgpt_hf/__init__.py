@@ -12,6 +12,13 @@ from .configuration_scgpt import ScGPTConfig
 from .convert import ConversionReport, convert_original_checkpoint
 from .data import CellDataset, ScGPTDataCollator
 from .embedding import annotate, embed
+from .gene_networks import (
+    attention_gene_scores,
+    gene_embeddings,
+    gene_programs,
+    gene_similarity_network,
+    most_similar_genes,
+)
 from .modeling_scgpt import (
     ScGPTForBatchIntegration,
     ScGPTForBatchIntegrationOutput,
@@ -50,8 +57,13 @@ __all__ = [
     "ScGPTPreTrainedModel",
     "ScGPTTokenizer",
     "annotate",
+    "attention_gene_scores",
     "convert_original_checkpoint",
     "embed",
+    "gene_embeddings",
+    "gene_programs",
+    "gene_similarity_network",
+    "most_similar_genes",
 ]
 
 # Saved folders carry the configuration, tokenizer and modeling code plus an auto_map, so a pushed model
