@@ -47,7 +47,27 @@ class ScGPTConfig(PretrainedConfig):
         do_dab: Batch integration trains an adversarial batch discriminator (needs num_batch_labels).
         ecs_threshold: Elastic cell similarity target in batch integration (0 turns ECS off).
         ecs_weight, dab_weight: Weights of the ECS and discriminator losses (the original's 10 and 1).
-        initializer_range: Std of freshly initialised linear weights.
+        use_perturbation_flags: Add the perturbation-flag embedding of the original perturbation generator
+            (`TransformerGenerator`): one vector per token for "not perturbed" (0), "perturbed" (1) or
+            padding (2), summed with the gene and value embeddings. `ScGPTForPerturbationPrediction`
+            turns it on.
+        pert_pad_id: Flag id of padded positions; its embedding row is zero and never trained (the
+            original's default 2; some of its tutorials use 0, which freezes "not perturbed" instead).
+        perturbation_decoder_activation: Name of a `torch.nn` activation (e.g. "ReLU") applied to the
+            coefficient and the bias of the affine perturbation decoder (the original's
+            `decoder_activation`; None = none).
+        perturbation_decoder_adaptive_bias: Scale the affine decoder's bias by each cell's mean non-zero
+            input value (the original's `decoder_adaptive_bias`).
+        use_modality_embeddings: Multi-omic models (`ScGPTForMultiOmicIntegration`): embed each token's
+            modality (e.g. RNA, ATAC peak, protein) and add it to the batch embedding at the decoders'
+            input, as the original `MultiOmicTransformerModel` (`use_mod`).
+        modality_vocab_size: Rows of the modality embedding (the original's `ntokens_mod`: modalities
+            plus its special tokens).
+        modality_vocab: Modality name -> id (e.g. {"RNA": 0, "ATAC": 1, "protein": 2, "<pad>": 3,
+            "<cls>": 4, "<eoc>": 5}); optional, but needed to turn names into ids and to check a dataset's
+            modality vocabulary against the model's.
+        modality_pad_id: Modality id of padded positions (embedding row kept at zero); defaults to
+            `modality_vocab["<pad>"]` when the vocabulary has one.
     """
 
     model_type = "scgpt"
@@ -93,6 +113,14 @@ class ScGPTConfig(PretrainedConfig):
         ecs_weight: float = 10.0,
         dab_weight: float = 1.0,
         initializer_range: float = 0.02,
+        use_perturbation_flags: bool = False,
+        pert_pad_id: int = 2,
+        perturbation_decoder_activation: str | None = None,
+        perturbation_decoder_adaptive_bias: bool = False,
+        use_modality_embeddings: bool = False,
+        modality_vocab_size: int | None = None,
+        modality_vocab: dict[str, int] | None = None,
+        modality_pad_id: int | None = None,
         **kwargs,
     ):
         if domain_spec_batchnorm is True:
@@ -111,6 +139,11 @@ class ScGPTConfig(PretrainedConfig):
                 "batch norm: "
                 "pass the number of batches in the training data."
             )
+        if pert_pad_id not in (0, 1, 2):
+            raise ValueError(f"pert_pad_id must be one of the 3 perturbation flags 0, 1, 2; got {pert_pad_id!r}.")
+        modality_vocab_size, modality_pad_id = _check_modalities(
+            use_modality_embeddings, modality_vocab_size, modality_vocab, modality_pad_id
+        )
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -142,9 +175,43 @@ class ScGPTConfig(PretrainedConfig):
         self.ecs_weight = ecs_weight
         self.dab_weight = dab_weight
         self.initializer_range = initializer_range
+        self.use_perturbation_flags = bool(use_perturbation_flags)
+        self.pert_pad_id = int(pert_pad_id)
+        self.perturbation_decoder_activation = perturbation_decoder_activation
+        self.perturbation_decoder_adaptive_bias = bool(perturbation_decoder_adaptive_bias)
+        self.use_modality_embeddings = bool(use_modality_embeddings)
+        self.modality_vocab_size = modality_vocab_size
+        self.modality_vocab = dict(modality_vocab) if modality_vocab is not None else None
+        self.modality_pad_id = modality_pad_id
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
 
 def _check_choice(name: str, value, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}.")
+
+
+def _check_modalities(use, size, vocab, pad_id) -> tuple[int | None, int | None]:
+    """Validate the modality settings; returns (size, pad id) with defaults filled from the vocabulary."""
+    if vocab is not None:
+        if not isinstance(vocab, dict) or not vocab:
+            raise ValueError("modality_vocab must be a non-empty mapping of modality names to ids.")
+        ids = sorted(vocab.values())
+        if ids != list(range(len(ids))):
+            raise ValueError(f"modality_vocab ids must be the distinct integers 0..{len(ids) - 1}; got {vocab}.")
+        if size is None:
+            size = len(vocab)
+        elif size != len(vocab):
+            raise ValueError(
+                f"modality_vocab has {len(vocab)} entries ({sorted(vocab, key=vocab.get)}) but "
+                f"modality_vocab_size is {size}: the modality vocabulary does not belong to this model."
+            )
+        if pad_id is None and "<pad>" in vocab:
+            pad_id = vocab["<pad>"]
+    if use and not size:
+        raise ValueError(
+            "use_modality_embeddings needs modality_vocab_size (or modality_vocab): the number of modality ids."
+        )
+    if pad_id is not None and size is not None and not 0 <= pad_id < size:
+        raise ValueError(f"modality_pad_id={pad_id} is outside the modality vocabulary [0, {size}).")
+    return size, pad_id

@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 
 from .configuration_scgpt import ScGPTConfig
-from .modeling_scgpt import ScGPTForBatchIntegration, ScGPTForCellClassification, ScGPTForPreTraining
+from .modeling_scgpt import (
+    ScGPTForBatchIntegration,
+    ScGPTForCellClassification,
+    ScGPTForMultiOmicIntegration,
+    ScGPTForPerturbationPrediction,
+    ScGPTForPreTraining,
+)
 
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 
@@ -32,6 +38,9 @@ _KEY_RULES: list[tuple[str, str]] = [
     (r"^dsbn\.bns\.(\d+)\.(\w+)$", r"scgpt.embeddings.dsbn.bns.\1.\2"),
     (r"^bn\.(\w+)$", r"scgpt.embeddings.bn.\1"),
     (r"^flag_encoder\.weight$", "scgpt.embeddings.flag_embeddings.weight"),
+    (r"^pert_encoder\.weight$", "scgpt.embeddings.perturbation_embeddings.weight"),
+    (r"^mod_encoder\.embedding\.weight$", "modality_encoder.embedding.weight"),
+    (r"^mod_encoder\.enc_norm\.(weight|bias)$", r"modality_encoder.norm.\1"),
     (r"^batch_encoder\.embedding\.weight$", "scgpt.batch_encoder.embedding.weight"),
     (r"^batch_encoder\.enc_norm\.(weight|bias)$", r"scgpt.batch_encoder.norm.\1"),
     (
@@ -47,6 +56,10 @@ _KEY_RULES: list[tuple[str, str]] = [
         r"scgpt.encoder.layers.\1.\2.\3",
     ),
     (r"^decoder\.(fc|zero_logit)\.([024])\.(weight|bias)$", r"expression_decoder.\1.\2.\3"),
+    (
+        r"^decoder\.(coeff_decoder|bias_decoder)\.(fc|zero_logit)\.([024])\.(weight|bias)$",
+        r"expression_decoder.\1.\2.\3.\4",
+    ),
     (r"^mvc_decoder\.(gene2query|W|W_zero_logit|fc1|fc2)\.(weight|bias)$", r"mvc_decoder.\1.\2"),
     (r"^mvc_decoder\.hidden_activation\.weight$", "mvc_decoder.hidden_activation.weight"),
     (r"^cls_decoder\._decoder\.(\d+)\.(weight|bias)$", r"classifier.layers.\1.\2"),
@@ -58,6 +71,8 @@ _KEY_RULES: list[tuple[str, str]] = [
 _EXPRESSION_HEADS = r"^(decoder|mvc_decoder)\."
 _CLASSIFIER = r"^cls_decoder\."
 _DISCRIMINATOR = r"^grad_reverse_discriminator\."
+_MVC = r"^mvc_decoder\."
+_UNUSED_PERTURBATION_ZERO_LOGIT = r"^decoder\.bias_decoder\.zero_logit\."
 
 # task -> (model class, {source pattern: why the task's model has no place for it})
 TASKS: dict[str, tuple[type, dict[str, str]]] = {
@@ -80,6 +95,19 @@ TASKS: dict[str, tuple[type, dict[str, str]]] = {
     "integration": (
         ScGPTForBatchIntegration,
         {_CLASSIFIER: "cell-type classifier; the integration model has none (task='annotation' keeps it)"},
+    ),
+    "perturbation": (
+        ScGPTForPerturbationPrediction,
+        {
+            _CLASSIFIER: "cell-type classifier the original perturbation generator builds but never uses to "
+            "predict perturbations",
+            _MVC: "MVC decoder; the perturbation generator's predictions come from its affine decoder only",
+            _DISCRIMINATOR: "adversarial batch discriminator, used only by batch integration",
+        },
+    ),
+    "multiomic": (
+        ScGPTForMultiOmicIntegration,
+        {_CLASSIFIER: "cell-type classifier; the multi-omic integration model has none (task='annotation' keeps it)"},
     ),
 }
 
@@ -192,7 +220,10 @@ def _infer_config(
     layers = {int(m.group(1)) for k in state if (m := re.match(r"transformer_encoder\.layers\.(\d+)\.", k))}
     from_weights("num_hidden_layers", len(layers))
     from_weights("intermediate_size", state["transformer_encoder.layers.0.linear1.weight"].shape[0])
-    from_weights("explicit_zero_prob", "decoder.zero_logit.0.weight" in state)
+    from_weights(
+        "explicit_zero_prob",
+        "decoder.zero_logit.0.weight" in state or "decoder.coeff_decoder.zero_logit.0.weight" in state,
+    )
     from_weights("use_generative_flag", "flag_encoder.weight" in state)
     if "value_encoder.linear1.weight" in state:
         from_weights("input_emb_style", "continuous")
@@ -229,6 +260,34 @@ def _infer_config(
         if "num_batch_labels" not in values:
             from_weights("num_batch_labels", state["grad_reverse_discriminator.out_layer.weight"].shape[0])
 
+    if "pert_encoder.weight" in state:
+        from_weights("use_perturbation_flags", True)
+        from_args("pert_pad_id", ("pert_pad_id",), _zero_row(state["pert_encoder.weight"], default=2))
+        from_args("perturbation_decoder_activation", ("decoder_activation",), None)
+        from_args("perturbation_decoder_adaptive_bias", ("decoder_adaptive_bias",), False)
+    if "mod_encoder.embedding.weight" in state:
+        rows = state["mod_encoder.embedding.weight"].shape[0]
+        from_weights("use_modality_embeddings", True)
+        from_weights("modality_vocab_size", rows)
+        modality_vocab = overrides.get("modality_vocab")
+        if modality_vocab is not None:
+            if len(modality_vocab) != rows:
+                raise ValueError(
+                    f"The modality vocabulary given has {len(modality_vocab)} entries "
+                    f"({sorted(modality_vocab, key=modality_vocab.get)}) but mod_encoder has {rows} rows: "
+                    "it is not the modality vocabulary these weights were trained with."
+                )
+            values["modality_vocab"], sources["modality_vocab"] = dict(modality_vocab), "converter option"
+        else:
+            sources["modality_vocab"] = "None (not given: pass modality_vocab to name the modality ids)"
+        pad = (modality_vocab or {}).get(args.get("pad_token", "<pad>"))
+        if pad is None:
+            pad = _zero_row(state["mod_encoder.embedding.weight"], default=None)
+        values["modality_pad_id"] = pad
+        sources["modality_pad_id"] = f"{pad!r} (modality vocabulary, or the all-zero row of the weights)"
+    elif overrides.get("modality_vocab") is not None:
+        raise ValueError("modality_vocab was given but the checkpoint has no modality embedding (mod_encoder.*).")
+
     from_args("num_attention_heads", ("nheads", "nhead"), None)
     if values["num_attention_heads"] is None:
         raise ValueError(
@@ -258,6 +317,12 @@ def _infer_config(
         )
     values.update(pad_token_id=vocab[pad_token], cls_token_id=vocab["<cls>"], eoc_token_id=vocab["<eoc>"])
     return ScGPTConfig(**values), sources
+
+
+def _zero_row(weight: torch.Tensor, default):
+    """The padding row of a trained embedding is all zeros (it never receives gradients); None if unclear."""
+    rows = [i for i in range(weight.shape[0]) if not weight[i].any()]
+    return rows[0] if len(rows) == 1 else default
 
 
 def convert_state_dict(
@@ -303,14 +368,19 @@ def convert_original_checkpoint(
     max_seq_len: int | None = None,
     task: str = "pretraining",
     labels: list[str] | None = None,
+    pert_pad_id: int | None = None,
+    modality_vocab: Mapping[str, int] | str | os.PathLike | None = None,
     verbose: bool = True,
 ) -> ConversionReport:
     """Convert an original scGPT folder into a `from_pretrained`-ready folder (safetensors, config, tokenizer).
 
     `task` picks the model: "pretraining" (`ScGPTForPreTraining`, for released foundation checkpoints),
     "annotation" (`ScGPTForCellClassification`, for fine-tuned annotation checkpoints; `labels` names
-    the classes in output order) or "integration" (`ScGPTForBatchIntegration`). Keyword options
-    override what args.json says for settings the weights cannot reveal.
+    the classes in output order), "integration" (`ScGPTForBatchIntegration`), "perturbation"
+    (`ScGPTForPerturbationPrediction`, for the original `TransformerGenerator`) or "multiomic"
+    (`ScGPTForMultiOmicIntegration`, for the original `MultiOmicTransformerModel`; `modality_vocab`, a
+    mapping or a JSON file, names the modality ids). Keyword options override what args.json says for
+    settings the weights cannot reveal.
     """
     from .tokenization_scgpt import ScGPTTokenizer
 
@@ -319,7 +389,17 @@ def convert_original_checkpoint(
     vocab = _read_json(original_dir / "vocab.json", "the gene vocabulary (vocab.json)")
     check_vocab(vocab, args.get("pad_token", "<pad>"))
     state = load_original_state_dict(original_dir / "best_model.pt")
+    if isinstance(modality_vocab, (str, os.PathLike)):
+        modality_vocab = _read_json(Path(modality_vocab), "the modality vocabulary")
+    if task == "perturbation" and "pert_encoder.weight" not in state:
+        raise ValueError(
+            "task='perturbation' needs a perturbation generator checkpoint (pert_encoder.*); to start perturbation "
+            "fine-tuning from a foundation checkpoint, convert it with task='pretraining' and load the folder with "
+            "ScGPTForPerturbationPrediction.from_pretrained (the flag embedding and decoder start fresh)."
+        )
     overrides = dict(
+        pert_pad_id=pert_pad_id,
+        modality_vocab=modality_vocab,
         num_attention_heads=nheads,
         pre_norm=pre_norm,
         cell_emb_style=cell_emb_style,

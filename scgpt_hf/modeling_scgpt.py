@@ -139,11 +139,11 @@ class ScGPTDomainBatchNorm(nn.Module):
 
 
 class ScGPTLabelEncoder(nn.Module):
-    """Embedding plus LayerNorm, for batch labels."""
+    """Embedding plus LayerNorm, for batch labels and modality ids."""
 
-    def __init__(self, num_embeddings: int, hidden_size: int):
+    def __init__(self, num_embeddings: int, hidden_size: int, padding_idx: int | None = None):
         super().__init__()
-        self.embedding = nn.Embedding(num_embeddings, hidden_size)
+        self.embedding = nn.Embedding(num_embeddings, hidden_size, padding_idx=padding_idx)
         self.norm = nn.LayerNorm(hidden_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -169,9 +169,16 @@ class ScGPTEmbeddings(nn.Module):
         if config.use_generative_flag:
             # Marks genes whose expression is to be generated (generative pretraining).
             self.flag_embeddings = nn.Embedding(2, config.hidden_size)
+        if config.use_perturbation_flags:
+            # Perturbation generator: 0 = not perturbed, 1 = perturbed, pert_pad_id = padding.
+            self.perturbation_embeddings = nn.Embedding(3, config.hidden_size, padding_idx=config.pert_pad_id)
 
     def forward(
-        self, input_ids: torch.Tensor, values: torch.Tensor, batch_labels: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        values: torch.Tensor,
+        batch_labels: torch.Tensor | None,
+        perturbation_flags: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (input embeddings, gene embeddings)."""
         genes = self.gene_norm(self.gene_embeddings(input_ids))
@@ -179,6 +186,8 @@ class ScGPTEmbeddings(nn.Module):
             embeddings = genes * values.unsqueeze(-1).to(genes.dtype)
         else:
             embeddings = genes + self.value_encoder(values.to(genes.dtype))
+        if perturbation_flags is not None:
+            embeddings = embeddings + self.perturbation_embeddings(perturbation_flags)
         if hasattr(self, "dsbn"):
             embeddings = self.dsbn(embeddings, batch_labels)
         elif hasattr(self, "bn"):
@@ -341,7 +350,9 @@ class ScGPTModel(ScGPTPreTrainedModel):
     """
 
     # Loading the backbone alone from a head model's folder leaves the heads out on purpose.
-    _keys_to_ignore_on_load_unexpected = [r"^(expression_decoder|mvc_decoder|classifier|discriminator)\."]
+    _keys_to_ignore_on_load_unexpected = [
+        r"^(expression_decoder|mvc_decoder|classifier|discriminator|modality_encoder)\."
+    ]
 
     def __init__(self, config: ScGPTConfig):
         super().__init__(config)
@@ -379,6 +390,31 @@ class ScGPTModel(ScGPTPreTrainedModel):
                 f"got values from {int(batch_labels.min())} to {int(batch_labels.max())}."
             )
 
+    def _check_perturbation_flags(self, flags: torch.Tensor | None, input_ids: torch.Tensor) -> None:
+        if not self.config.use_perturbation_flags:
+            if flags is not None:
+                raise ValueError(
+                    "perturbation_flags were given but this model has no perturbation-flag embedding "
+                    "(config.use_perturbation_flags is off); use ScGPTForPerturbationPrediction."
+                )
+            return
+        if flags is None:
+            raise ValueError(
+                "This model needs perturbation_flags: (batch, seq_len) with 1 at perturbed genes, 0 elsewhere "
+                f"and {self.config.pert_pad_id} (config.pert_pad_id) at padding."
+            )
+        if flags.shape != input_ids.shape:
+            raise ValueError(
+                f"perturbation_flags must match input_ids {tuple(input_ids.shape)}, got {tuple(flags.shape)}."
+            )
+        if flags.dtype.is_floating_point or flags.dtype == torch.bool:
+            raise ValueError(f"perturbation_flags must be integer ids (0, 1, 2), got dtype {flags.dtype}.")
+        if not torch.compiler.is_exporting() and flags.numel() and (flags.min() < 0 or flags.max() > 2):
+            raise ValueError(
+                f"perturbation_flags must be 0 (not perturbed), 1 (perturbed) or 2; got values from "
+                f"{int(flags.min())} to {int(flags.max())}."
+            )
+
     def _cell_embedding(
         self, hidden: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
@@ -409,6 +445,7 @@ class ScGPTModel(ScGPTPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        perturbation_flags: torch.LongTensor | None = None,
         **kwargs,
     ) -> ScGPTModelOutput | tuple:
         """Encode cells.
@@ -418,6 +455,8 @@ class ScGPTModel(ScGPTPreTrainedModel):
             values: (batch, seq_len) binned expression values.
             attention_mask: (batch, seq_len), 1 at real tokens and 0 at padding.
             batch_labels: (batch,) batch ids, for models with batch embeddings or batch norm.
+            perturbation_flags: (batch, seq_len) 1 at perturbed genes, 0 elsewhere, `config.pert_pad_id`
+                at padding; only for models with `config.use_perturbation_flags`.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -434,8 +473,9 @@ class ScGPTModel(ScGPTPreTrainedModel):
                 f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}."
             )
         self._check_batch_labels(batch_labels, input_ids.shape[0])
+        self._check_perturbation_flags(perturbation_flags, input_ids)
 
-        embeddings, gene_embeddings = self.embeddings(input_ids, values, batch_labels)
+        embeddings, gene_embeddings = self.embeddings(input_ids, values, batch_labels, perturbation_flags)
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=embeddings, attention_mask=attention_mask)
         hidden, all_hidden, all_attn = self.encoder(
             embeddings, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions, **kwargs
@@ -458,10 +498,11 @@ class ScGPTModel(ScGPTPreTrainedModel):
 class ScGPTExpressionDecoder(nn.Module):
     """Per-token expression (and optional zero probability) from the hidden state, as the original `ExprDecoder`."""
 
-    def __init__(self, config: ScGPTConfig):
+    def __init__(self, config: ScGPTConfig, d_in: int | None = None):
         super().__init__()
         d = config.hidden_size
-        d_in = 2 * d if config.use_batch_labels else d
+        if d_in is None:
+            d_in = 2 * d if config.use_batch_labels else d
         self.fc = _leaky_mlp(d_in, d)
         if config.explicit_zero_prob:
             self.zero_logit = _leaky_mlp(d_in, d)
@@ -477,12 +518,17 @@ def _leaky_mlp(d_in: int, d: int) -> nn.Sequential:
 
 
 class ScGPTMVCDecoder(nn.Module):
-    """Masked value prediction from the cell embedding (MVC/GEPC): each gene's query meets the cell vector."""
+    """Masked value prediction from the cell embedding (MVC/GEPC): each gene's query meets the cell vector.
 
-    def __init__(self, config: ScGPTConfig):
+    `d_in` is the width of the cell vector (2 * hidden with batch labels) and `gene_dim` that of the gene
+    vectors (hidden, or 2 * hidden in the multi-omic model, which concatenates them too).
+    """
+
+    def __init__(self, config: ScGPTConfig, d_in: int | None = None, gene_dim: int | None = None):
         super().__init__()
-        d = config.hidden_size
-        d_in = 2 * d if config.use_batch_labels else d
+        d = gene_dim or config.hidden_size
+        if d_in is None:
+            d_in = 2 * config.hidden_size if config.use_batch_labels else config.hidden_size
         self.style = config.mvc_decoder_style
         self.explicit_zero_prob = config.explicit_zero_prob
         if self.style == "inner product":
@@ -531,6 +577,11 @@ class ScGPTForPreTraining(ScGPTPreTrainedModel):
 
     def __init__(self, config: ScGPTConfig):
         super().__init__(config)
+        if config.use_modality_embeddings:
+            raise ValueError(
+                f"{type(self).__name__} has no modality embeddings, but config.use_modality_embeddings is set: "
+                "use ScGPTForMultiOmicIntegration (converter: task='multiomic')."
+            )
         self.scgpt = ScGPTModel(config)
         self.expression_decoder = ScGPTExpressionDecoder(config)
         if config.do_mvc:
@@ -806,18 +857,324 @@ class ScGPTForBatchIntegration(ScGPTForPreTraining):
             **kwargs,
         )
         output = ScGPTForBatchIntegrationOutput(**{k: v for k, v in base.items()})
-        config = self.config
+        _add_integration_terms(self, output, batch_labels, labels is not None)
+        return output if return_dict else output.to_tuple()
+
+
+def _add_integration_terms(
+    model: ScGPTPreTrainedModel, output: ScGPTForBatchIntegrationOutput, batch_labels, with_loss: bool
+) -> None:
+    """Discriminator logits and ECS, and their weighted terms added to `output.loss` when training."""
+    config = model.config
+    if config.do_dab:
+        output.batch_logits = model.discriminator(output.cell_embedding)
+    if config.ecs_threshold > 0:
+        output.ecs_loss = elastic_cell_similarity_loss(output.cell_embedding, config.ecs_threshold)
+    if with_loss:
+        loss = output.loss
+        if output.ecs_loss is not None:
+            loss = loss + config.ecs_weight * output.ecs_loss
         if config.do_dab:
-            output.batch_logits = self.discriminator(output.cell_embedding)
-        if config.ecs_threshold > 0:
-            output.ecs_loss = elastic_cell_similarity_loss(output.cell_embedding, config.ecs_threshold)
+            if batch_labels is None:
+                raise ValueError("The adversarial batch discriminator needs batch_labels to compute the loss.")
+            loss = loss + config.dab_weight * F.cross_entropy(output.batch_logits, batch_labels)
+        output.loss = loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Perturbation prediction
+
+
+@dataclass
+class ScGPTForPerturbationPredictionOutput(ModelOutput):
+    """Perturbation-prediction output.
+
+    Args:
+        loss: MSE between `expression` and `labels` over real (non-padded) positions, when labels are given.
+        expression: (batch, seq_len) predicted post-perturbation expression, coefficient * input value + bias.
+        zero_probs: (batch, seq_len) zero-expression probabilities from the coefficient decoder
+            (`explicit_zero_prob`).
+        cell_embedding, last_hidden_state, hidden_states, attentions: as in `ScGPTModelOutput`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    expression: torch.FloatTensor | None = None
+    zero_probs: torch.FloatTensor | None = None
+    cell_embedding: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class ScGPTAffineExpressionDecoder(nn.Module):
+    """Expression as an affine function of the input value: coefficient * value + bias, with the coefficient
+    and the bias each predicted per token by an expression decoder (the original's `AffineExprDecoder`)."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.coeff_decoder = ScGPTExpressionDecoder(config, d_in=d)
+        self.bias_decoder = ScGPTExpressionDecoder(config, d_in=d)
+        name = config.perturbation_decoder_activation
+        self.activation = None
+        if name is not None:
+            activation = getattr(nn, name, None)
+            if not (isinstance(activation, type) and issubclass(activation, nn.Module)):
+                raise ValueError(
+                    f"perturbation_decoder_activation={name!r} is not a torch.nn activation (e.g. 'ReLU', 'Tanh')."
+                )
+            self.activation = activation()
+        self.adaptive_bias = config.perturbation_decoder_adaptive_bias
+
+    def forward(
+        self, hidden: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        coeff, zero_probs = self.coeff_decoder(hidden)
+        bias, _ = self.bias_decoder(hidden)
+        if self.activation is not None:
+            coeff, bias = self.activation(coeff), self.activation(bias)
+        values = values.to(coeff.dtype)
+        if self.adaptive_bias:
+            # Mean of the cell's non-zero input values (padding excluded; the original counts padded
+            # positions, which changes nothing when pad_value is 0).
+            real = values if attention_mask is None else values * attention_mask.to(values.dtype)
+            bias = bias * (real.sum(1, keepdim=True) / (real != 0).sum(1, keepdim=True))
+        return coeff * values + bias, zero_probs
+
+
+class ScGPTForPerturbationPrediction(ScGPTPreTrainedModel):
+    """Predicts each gene's expression after perturbing some genes: the original perturbation generator
+    (`scgpt.model.generation_model.TransformerGenerator`).
+
+    Input embedding = gene + value + perturbation-flag embedding (`config.use_perturbation_flags`, turned
+    on by this class, so a pretrained backbone loads into it with the flag embedding and the decoder freshly
+    initialised). There is no `<cls>` token: a cell is all its genes (expressed or not) with their control
+    (unperturbed) expression as values. The affine decoder predicts coefficient * value + bias per gene.
+
+    With `labels` (the post-perturbation expression, same shape as `values`), the loss is the original
+    fine-tuning loss: mean squared error over all real positions. `config.cell_emb_style` still gives
+    `cell_embedding` (with "cls", the state of the first gene, as in the original).
+    """
+
+    def __init__(self, config: ScGPTConfig):
+        if not config.use_perturbation_flags:
+            config.use_perturbation_flags = True
+        if config.use_batch_labels or config.domain_spec_batchnorm or config.use_modality_embeddings:
+            raise ValueError(
+                "The perturbation generator has no batch labels, batch norm or modality embeddings; turn off "
+                "use_batch_labels, domain_spec_batchnorm and use_modality_embeddings in the config."
+            )
+        super().__init__(config)
+        self.scgpt = ScGPTModel(config)
+        self.expression_decoder = ScGPTAffineExpressionDecoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        perturbation_flags: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ScGPTForPerturbationPredictionOutput | tuple:
+        """Args:
+        input_ids: (batch, seq_len) gene ids (all genes of the cell, no `<cls>`).
+        values: (batch, seq_len) control expression (the original uses log-normalised values, not bins).
+        attention_mask: (batch, seq_len), 1 at real tokens, 0 at padding.
+        perturbation_flags: (batch, seq_len) 1 at perturbed genes, 0 elsewhere, `config.pert_pad_id` at padding.
+        labels: (batch, seq_len) post-perturbation expression, for the MSE loss.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.scgpt(
+            input_ids,
+            values,
+            attention_mask=attention_mask,
+            perturbation_flags=perturbation_flags,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        expression, zero_probs = self.expression_decoder(out.last_hidden_state, values, attention_mask)
+        loss = None
         if labels is not None:
-            loss = output.loss
-            if output.ecs_loss is not None:
-                loss = loss + config.ecs_weight * output.ecs_loss
-            if config.do_dab:
-                if batch_labels is None:
-                    raise ValueError("The adversarial batch discriminator needs batch_labels to compute the loss.")
-                loss = loss + config.dab_weight * F.cross_entropy(output.batch_logits, batch_labels)
-            output.loss = loss
+            if labels.shape != values.shape:
+                raise ValueError(
+                    f"labels (post-perturbation expression) must have the shape of values {tuple(values.shape)}, "
+                    f"got {tuple(labels.shape)}."
+                )
+            real = torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            loss = masked_mse_loss(expression, labels.to(expression.dtype), real)
+        output = ScGPTForPerturbationPredictionOutput(
+            loss=loss,
+            expression=expression,
+            zero_probs=zero_probs,
+            cell_embedding=out.cell_embedding,
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-omic integration
+
+
+class ScGPTForMultiOmicIntegration(ScGPTPreTrainedModel):
+    """Integration over several modalities (RNA, ATAC peaks, proteins): the original
+    `scgpt.model.multiomic_model.MultiOmicTransformerModel`.
+
+    Features of all modalities share one token vocabulary; `modality_ids` (the original's `mod_types`)
+    say which modality each token is, ids into `config.modality_vocab`. The modality embedding does not
+    enter the transformer: the decoders read the hidden state concatenated with batch embedding +
+    modality embedding (either alone when the other is off), and the MVC decoder reads the gene
+    embedding concatenated likewise and the cell embedding concatenated with batch embedding + pooled
+    modality embedding. With the batch discriminator and elastic cell similarity of the config, the loss
+    is that of `ScGPTForBatchIntegration`; outputs are `ScGPTForBatchIntegrationOutput`.
+    """
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__(config)
+        self.scgpt = ScGPTModel(config)
+        d = config.hidden_size
+        widened = 2 * d if (config.use_batch_labels or config.use_modality_embeddings) else d
+        if config.use_modality_embeddings:
+            self.modality_encoder = ScGPTLabelEncoder(config.modality_vocab_size, d, config.modality_pad_id)
+        self.expression_decoder = ScGPTExpressionDecoder(config, d_in=widened)
+        if config.do_mvc:
+            self.mvc_decoder = ScGPTMVCDecoder(config, d_in=widened, gene_dim=widened)
+        if config.do_dab:
+            self.discriminator = ScGPTClassifier(d, config.num_batch_labels, 3, nn.LeakyReLU, reverse_gradient=True)
+        self.post_init()
+
+    def encode_modalities(self, names, modality_vocab: dict[str, int] | None = None) -> torch.LongTensor:
+        """Modality names (one per token, or nested lists per cell) -> `modality_ids`.
+
+        `modality_vocab`, when given (e.g. the data pipeline's), must equal the model's; a different one
+        would silently mean different modalities.
+        """
+        known = self.config.modality_vocab
+        if known is None:
+            raise ValueError(
+                "This model's config has no modality_vocab, so names cannot be turned into ids; pass modality ids, "
+                "or set config.modality_vocab (converter: modality_vocab=...)."
+            )
+        if modality_vocab is not None and dict(modality_vocab) != known:
+            raise ValueError(
+                f"The modality vocabulary given ({dict(modality_vocab)}) differs from the model's ({known}); "
+                "encode modalities with the vocabulary the model was trained with."
+            )
+
+        def lookup(name):
+            if isinstance(name, (list, tuple)):
+                return [lookup(n) for n in name]
+            if name not in known:
+                raise ValueError(f"Unknown modality {name!r}; the model knows {sorted(known, key=known.get)}.")
+            return known[name]
+
+        return torch.tensor(lookup(list(names)), dtype=torch.long, device=self.device)
+
+    def _check_modality_ids(self, modality_ids: torch.Tensor | None, input_ids: torch.Tensor) -> None:
+        config = self.config
+        if not config.use_modality_embeddings:
+            if modality_ids is not None:
+                raise ValueError(
+                    "modality_ids were given but this model has no modality embedding "
+                    "(config.use_modality_embeddings is off); drop them."
+                )
+            return
+        if modality_ids is None:
+            raise ValueError("This multi-omic model needs modality_ids (batch, seq_len): each token's modality id.")
+        if modality_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"modality_ids must match input_ids {tuple(input_ids.shape)}, got {tuple(modality_ids.shape)}."
+            )
+        if torch.compiler.is_exporting() or not modality_ids.numel():
+            return
+        if modality_ids.min() < 0 or modality_ids.max() >= config.modality_vocab_size:
+            raise ValueError(
+                f"modality_ids range from {int(modality_ids.min())} to {int(modality_ids.max())} but the model's "
+                f"modality vocabulary has {config.modality_vocab_size} entries"
+                + (f" ({config.modality_vocab})" if config.modality_vocab else "")
+                + ": the data's modality vocabulary does not match the model's; encode modalities with "
+                "model.encode_modalities(...)."
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        batch_labels: torch.LongTensor | None = None,
+        modality_ids: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ScGPTForBatchIntegrationOutput | tuple:
+        """`modality_ids`: (batch, seq_len) modality id per token; `labels`: true expression values, scored
+        where the input value is `config.mask_value` (as in `ScGPTForPreTraining`)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_modality_ids(modality_ids, input_ids)
+        out = self.scgpt(
+            input_ids,
+            values,
+            attention_mask=attention_mask,
+            batch_labels=batch_labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden, cell = out.last_hidden_state, out.cell_embedding
+        per_token = per_cell = None  # batch + modality embedding, per token and per cell
+        if out.batch_embedding is not None:
+            per_token = out.batch_embedding.unsqueeze(1).expand(-1, hidden.shape[1], -1)
+            per_cell = out.batch_embedding
+        if self.config.use_modality_embeddings:
+            modality = self.modality_encoder(modality_ids)
+            per_token = modality if per_token is None else per_token + modality
+            if self.config.do_mvc:
+                if self.config.cell_emb_style == "w-pool":
+                    raise ValueError(
+                        "The multi-omic MVC decoder pools modality embeddings into the cell vector, which the "
+                        "original defines for cell_emb_style 'cls' and 'avg-pool' only."
+                    )
+                pooled = self.scgpt._cell_embedding(modality, values, attention_mask)
+                per_cell = pooled if per_cell is None else per_cell + pooled
+        decoder_in = hidden if per_token is None else torch.cat([hidden, per_token], dim=2)
+        expression, zero_probs = self.expression_decoder(decoder_in)
+        output = ScGPTForBatchIntegrationOutput(
+            expression=expression,
+            zero_probs=zero_probs,
+            cell_embedding=cell,
+            last_hidden_state=hidden,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+        if self.config.do_mvc:
+            genes = out.gene_embeddings
+            output.mvc_expression, output.mvc_zero_probs = self.mvc_decoder(
+                cell if per_cell is None else torch.cat([cell, per_cell], dim=1),
+                genes if per_token is None else torch.cat([genes, per_token], dim=2),
+            )
+        if labels is not None:
+            if labels.shape != values.shape:
+                raise ValueError(
+                    f"labels must have the shape of values {tuple(values.shape)}, got {tuple(labels.shape)}."
+                )
+            masked = values == self.config.mask_value
+            if not masked.any():
+                raise ValueError(
+                    f"No input value equals config.mask_value={self.config.mask_value}, so there is nothing to "
+                    "score: mask some values before computing the loss."
+                )
+            output.loss = expression_losses(output, labels, masked)
+        _add_integration_terms(self, output, batch_labels, labels is not None)
         return output if return_dict else output.to_tuple()
