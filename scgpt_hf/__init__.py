@@ -12,6 +12,7 @@ from .configuration_scgpt import ScGPTConfig
 from .convert import ConversionReport, convert_original_checkpoint
 from .data import CellDataset, ScGPTDataCollator
 from .embedding import annotate, embed
+from .perturbation import predict_perturbation
 from .gene_networks import (
     attention_gene_scores,
     gene_embeddings,
@@ -24,6 +25,9 @@ from .modeling_scgpt import (
     ScGPTForBatchIntegrationOutput,
     ScGPTForCellClassification,
     ScGPTForCellClassificationOutput,
+    ScGPTForMultiOmicIntegration,
+    ScGPTForPerturbationPrediction,
+    ScGPTForPerturbationPredictionOutput,
     ScGPTForPreTraining,
     ScGPTForPreTrainingOutput,
     ScGPTModel,
@@ -50,6 +54,9 @@ __all__ = [
     "ScGPTForBatchIntegrationOutput",
     "ScGPTForCellClassification",
     "ScGPTForCellClassificationOutput",
+    "ScGPTForMultiOmicIntegration",
+    "ScGPTForPerturbationPrediction",
+    "ScGPTForPerturbationPredictionOutput",
     "ScGPTForPreTraining",
     "ScGPTForPreTrainingOutput",
     "ScGPTModel",
@@ -64,6 +71,7 @@ __all__ = [
     "gene_programs",
     "gene_similarity_network",
     "most_similar_genes",
+    "predict_perturbation",
 ]
 
 # Saved folders carry the configuration, tokenizer and modeling code plus an auto_map, so a pushed model

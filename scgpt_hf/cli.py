@@ -36,6 +36,8 @@ class Command:
 
 
 def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    from .convert import TASKS
+
     p.add_argument("original_dir", help="original scGPT folder: best_model.pt, args.json, vocab.json")
     p.add_argument("output_dir", help="where to write the from_pretrained-ready folder")
     p.add_argument("--nheads", type=int, help="attention heads, when args.json lacks 'nheads'")
@@ -46,9 +48,9 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-value", type=float, help="default: args.json, else -1")
     p.add_argument("--n-bins", type=int, help="default: args.json, else 51")
     p.add_argument("--max-seq-len", type=int, help="default: args.json, else 1200")
-    p.add_argument("--task", default="pretraining", choices=["pretraining", "annotation", "integration"],
-                   help="model to build: pretraining (foundation checkpoints), annotation (fine-tuned classifier) "
-                        "or integration (fine-tuned batch integration); default pretraining")
+    p.add_argument("--task", default="pretraining", choices=sorted(TASKS),
+                   help="model to build: pretraining (foundation checkpoints), annotation (fine-tuned classifier), "
+                        "integration, perturbation or multiomic (fine-tuned heads); default pretraining")
     p.add_argument("--labels", help="annotation: text file with the class names, one per line, in output order")
     p.add_argument("--quiet", action="store_true", help="do not print the conversion report")
 
