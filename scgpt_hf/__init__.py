@@ -13,6 +13,7 @@ from .convert import ConversionReport, convert_original_checkpoint
 from .data import CellDataset, ScGPTDataCollator
 from .embedding import annotate, embed
 from .perturbation import predict_perturbation
+from .pretraining import StreamingCellDataset, build_vocab, make_tokenizer, pretrain
 from .gene_networks import (
     attention_gene_scores,
     gene_embeddings,
@@ -63,15 +64,19 @@ __all__ = [
     "ScGPTModelOutput",
     "ScGPTPreTrainedModel",
     "ScGPTTokenizer",
+    "StreamingCellDataset",
     "annotate",
     "attention_gene_scores",
+    "build_vocab",
     "convert_original_checkpoint",
     "embed",
     "gene_embeddings",
     "gene_programs",
     "gene_similarity_network",
+    "make_tokenizer",
     "most_similar_genes",
     "predict_perturbation",
+    "pretrain",
 ]
 
 # Saved folders carry the configuration, tokenizer and modeling code plus an auto_map, so a pushed model
