@@ -91,25 +91,31 @@ class ScGPTDataCollator:
 
     With `mask_ratio > 0` it also masks that fraction of each cell's gene values (never `<cls>` nor
     padding; at least one gene per cell with genes) to `mask_value` and returns the true values as
-    `labels`: the masked-expression objective of pretraining and batch integration. Otherwise per-cell
-    `labels` (cell-type ids) and `batch_labels` in the features pass through as tensors.
+    `labels`: the masked-expression objective of pretraining and batch integration. With
+    `generative=True` the chosen genes are also returned as `generative_mask`, so the model predicts them
+    from the known genes only (generative pretraining; needs `config.use_generative_flag`). Otherwise
+    per-cell `labels` (cell-type ids) and `batch_labels` in the features pass through as tensors.
 
     Args:
         tokenizer: pads with its pad id and pad value.
         mask_ratio: fraction of gene values to mask per cell (the original uses 0.25-0.75 in
             pretraining and 0.4 in integration fine-tuning).
         mask_value: value put at masked positions (the model's `config.mask_value`).
+        generative: mark the masked genes as genes to generate (`generative_mask`).
         seed: seeds the masking generator, for reproducible runs.
     """
 
     tokenizer: ScGPTTokenizer
     mask_ratio: float = 0.0
     mask_value: float = -1.0
+    generative: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}.")
+        if self.generative and self.mask_ratio == 0:
+            raise ValueError("generative=True marks the masked genes for generation: set mask_ratio > 0.")
         self._generator = torch.Generator()
         if self.seed is None:
             self._generator.seed()
@@ -128,18 +134,22 @@ class ScGPTDataCollator:
         for key, column in per_cell.items():
             batch[key] = torch.as_tensor(column, dtype=torch.long)
         if self.mask_ratio > 0:
-            batch["values"], batch["labels"] = self._mask(batch)
+            batch["values"], batch["labels"], chosen = self._mask(batch)
+            if self.generative:
+                batch["generative_mask"] = chosen
         return batch
 
-    def _mask(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mask(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (masked values, true values, the chosen positions)."""
         labels = batch["values"].clone()
         values = labels.clone()
         maskable = batch["attention_mask"].bool() & (batch["input_ids"] != self.tokenizer.cls_token_id)
+        chosen = torch.zeros_like(maskable)
         for row in range(values.shape[0]):
             positions = maskable[row].nonzero().squeeze(1)
             if positions.numel() == 0:
                 continue
             n_mask = max(1, int(positions.numel() * self.mask_ratio))
-            chosen = positions[torch.randperm(positions.numel(), generator=self._generator)[:n_mask]]
-            values[row, chosen] = self.mask_value
-        return values, labels
+            chosen[row, positions[torch.randperm(positions.numel(), generator=self._generator)[:n_mask]]] = True
+        values[chosen] = self.mask_value
+        return values, labels, chosen

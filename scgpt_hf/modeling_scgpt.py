@@ -179,13 +179,21 @@ class ScGPTEmbeddings(nn.Module):
         values: torch.Tensor,
         batch_labels: torch.Tensor | None,
         perturbation_flags: torch.Tensor | None = None,
+        generative_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (input embeddings, gene embeddings)."""
+        """Returns (input embeddings, gene embeddings).
+
+        Genes to generate (`generative_mask`) carry no value: their input is the gene embedding plus the
+        generative flag embedding, as in the original's generative pretraining.
+        """
         genes = self.gene_norm(self.gene_embeddings(input_ids))
         if self.input_emb_style == "scaling":
             embeddings = genes * values.unsqueeze(-1).to(genes.dtype)
         else:
             embeddings = genes + self.value_encoder(values.to(genes.dtype))
+        if generative_mask is not None:
+            flagged = genes + self.flag_embeddings.weight[1]
+            embeddings = torch.where(generative_mask.unsqueeze(-1), flagged, embeddings)
         if perturbation_flags is not None:
             embeddings = embeddings + self.perturbation_embeddings(perturbation_flags)
         if hasattr(self, "dsbn"):
@@ -342,6 +350,22 @@ class ScGPTPreTrainedModel(PreTrainedModel):
             module.gene_embeddings.weight.uniform_(-0.1, 0.1)
 
 
+def _generative_attention_mask(
+    attention_mask: torch.Tensor | None, generative_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, 1, L, L) bool mask (True = may attend) and the (batch, L) mask of known real tokens.
+
+    Known genes attend to known genes; genes to generate attend to known genes and to themselves, so
+    each is predicted from the known genes alone, independently of the others.
+    """
+    real = torch.ones_like(generative_mask) if attention_mask is None else attention_mask.bool()
+    known = real & ~generative_mask
+    length = generative_mask.shape[1]
+    itself = torch.eye(length, dtype=torch.bool, device=generative_mask.device)
+    allowed = known[:, None, None, :] | (itself[None, None] & generative_mask[:, None, :, None])
+    return allowed, known.long()
+
+
 class ScGPTModel(ScGPTPreTrainedModel):
     """The scGPT encoder: per-token hidden states and a cell embedding.
 
@@ -388,6 +412,25 @@ class ScGPTModel(ScGPTPreTrainedModel):
             raise ValueError(
                 f"batch_labels must lie in [0, {config.num_batch_labels}) (config.num_batch_labels); "
                 f"got values from {int(batch_labels.min())} to {int(batch_labels.max())}."
+            )
+
+    def _check_generative_mask(self, generative_mask: torch.Tensor | None, input_ids: torch.Tensor) -> None:
+        if generative_mask is None:
+            return
+        if not self.config.use_generative_flag:
+            raise ValueError(
+                "generative_mask was given but this model has no generative flag embedding "
+                "(config.use_generative_flag is off); released checkpoints converted with scgpt-hf carry it."
+            )
+        if generative_mask.shape != input_ids.shape or generative_mask.dtype != torch.bool:
+            raise ValueError(
+                f"generative_mask must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}, got "
+                f"{generative_mask.dtype} {tuple(generative_mask.shape)}."
+            )
+        if self.config._attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(
+                "Generative attention needs a full (query x key) mask, which "
+                f"attn_implementation={self.config._attn_implementation!r} does not take; use 'sdpa' or 'eager'."
             )
 
     def _check_perturbation_flags(self, flags: torch.Tensor | None, input_ids: torch.Tensor) -> None:
@@ -446,6 +489,7 @@ class ScGPTModel(ScGPTPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         perturbation_flags: torch.LongTensor | None = None,
+        generative_mask: torch.BoolTensor | None = None,
         **kwargs,
     ) -> ScGPTModelOutput | tuple:
         """Encode cells.
@@ -457,6 +501,9 @@ class ScGPTModel(ScGPTPreTrainedModel):
             batch_labels: (batch,) batch ids, for models with batch embeddings or batch norm.
             perturbation_flags: (batch, seq_len) 1 at perturbed genes, 0 elsewhere, `config.pert_pad_id`
                 at padding; only for models with `config.use_perturbation_flags`.
+            generative_mask: (batch, seq_len) True at genes whose expression is to be generated
+                (generative pretraining, `config.use_generative_flag`): they attend to every known gene and
+                to themselves only, known genes attend to known genes only, and pooling uses known genes.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -475,14 +522,24 @@ class ScGPTModel(ScGPTPreTrainedModel):
         self._check_batch_labels(batch_labels, input_ids.shape[0])
         self._check_perturbation_flags(perturbation_flags, input_ids)
 
-        embeddings, gene_embeddings = self.embeddings(input_ids, values, batch_labels, perturbation_flags)
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=embeddings, attention_mask=attention_mask)
+        self._check_generative_mask(generative_mask, input_ids)
+
+        embeddings, gene_embeddings = self.embeddings(
+            input_ids, values, batch_labels, perturbation_flags, generative_mask
+        )
+        pooled = attention_mask
+        if generative_mask is None:
+            mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=embeddings, attention_mask=attention_mask
+            )
+        else:
+            mask, pooled = _generative_attention_mask(attention_mask, generative_mask)
         hidden, all_hidden, all_attn = self.encoder(
             embeddings, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions, **kwargs
         )
         output = ScGPTModelOutput(
             last_hidden_state=hidden,
-            cell_embedding=self._cell_embedding(hidden, values, attention_mask),
+            cell_embedding=self._cell_embedding(hidden, values, pooled),
             gene_embeddings=gene_embeddings,
             batch_embedding=self.batch_encoder(batch_labels) if self.config.use_batch_labels else None,
             hidden_states=all_hidden,
@@ -618,10 +675,11 @@ class ScGPTForPreTraining(ScGPTPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        generative_mask: torch.BoolTensor | None = None,
         **kwargs,
     ) -> ScGPTForPreTrainingOutput | tuple:
-        """`labels`: (batch, seq_len) true expression values; positions whose input value is
-        `config.mask_value` are the ones scored."""
+        """`labels`: (batch, seq_len) true expression values; the scored positions are those whose input
+        value is `config.mask_value` and, in generative pretraining, the genes of `generative_mask`."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.scgpt(
             input_ids,
@@ -631,23 +689,81 @@ class ScGPTForPreTraining(ScGPTPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            generative_mask=generative_mask,
             **kwargs,
         )
         output = self._decode(out)
         if labels is not None:
-            output.loss = expression_losses(output, labels, self._masked_positions(values, labels))
+            output.loss = expression_losses(output, labels, self._scored_positions(values, labels, generative_mask))
         return output if return_dict else output.to_tuple()
 
-    def _masked_positions(self, values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _scored_positions(
+        self, values: torch.Tensor, labels: torch.Tensor, generative_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if labels.shape != values.shape:
             raise ValueError(f"labels must have the shape of values {tuple(values.shape)}, got {tuple(labels.shape)}.")
-        masked = values == self.config.mask_value
-        if not masked.any():
+        scored = values == self.config.mask_value
+        if generative_mask is not None:
+            scored = scored | generative_mask
+        if not scored.any():
             raise ValueError(
-                f"No input value equals config.mask_value={self.config.mask_value}, so there is nothing to "
-                "score: mask some values (e.g. with ScGPTDataCollatorForMaskedExpression) before computing the loss."
+                f"No input value equals config.mask_value={self.config.mask_value} and no gene is marked for "
+                "generation, so there is nothing to score: mask values or mark genes with "
+                "ScGPTDataCollator(tokenizer, mask_ratio=..., generative=...) before computing the loss."
             )
-        return masked
+        return scored
+
+    @torch.no_grad()
+    def generate_expression(
+        self,
+        input_ids: torch.LongTensor,
+        values: torch.Tensor,
+        generative_mask: torch.BoolTensor,
+        attention_mask: torch.Tensor | None = None,
+        batch_labels: torch.LongTensor | None = None,
+        rounds: int = 1,
+    ) -> torch.Tensor:
+        """Predict the expression of the genes in `generative_mask` from the known genes, in `rounds`.
+
+        Each round predicts every still-unknown gene; the most confident share of them (an equal part of
+        what is left per round) is fixed and joins the known genes for the next round. Confidence is the
+        zero-probability head's certainty (|p - 0.5|) with `explicit_zero_prob`, else the agreement of
+        the token and MVC predictions; a gene predicted as not expressed (p < 0.5) is fixed at 0.
+        Returns `values` with the generated genes filled in.
+        """
+        if rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {rounds}.")
+        if rounds > 1 and not (self.config.explicit_zero_prob or self.config.do_mvc):
+            raise ValueError(
+                "Generation in several rounds ranks genes by confidence, which needs explicit_zero_prob or the "
+                "MVC decoder; this model has neither, so use rounds=1."
+            )
+        values = values.clone()
+        unknown = generative_mask.clone()
+        for round_index in range(rounds):
+            out = self(
+                input_ids, values, attention_mask=attention_mask, batch_labels=batch_labels, generative_mask=unknown
+            )
+            predicted = out.expression
+            if out.zero_probs is not None:
+                predicted = torch.where(out.zero_probs >= 0.5, predicted, torch.zeros_like(predicted))
+                confidence = (out.zero_probs - 0.5).abs()
+            elif out.mvc_expression is not None:
+                confidence = -(out.expression - out.mvc_expression).abs()
+            else:
+                confidence = torch.zeros_like(predicted)
+            rounds_left = rounds - round_index
+            fix = torch.zeros_like(unknown)
+            for row in range(unknown.shape[0]):
+                candidates = unknown[row].nonzero().squeeze(1)
+                if candidates.numel() == 0:
+                    continue
+                take = -(-candidates.numel() // rounds_left)  # ceil: the last round takes the rest
+                order = confidence[row, candidates].argsort(descending=True)
+                fix[row, candidates[order[:take]]] = True
+            values[fix] = predicted[fix].to(values.dtype)
+            unknown &= ~fix
+        return values
 
 
 # ----------------------------------------------------------------------------------------------

@@ -164,3 +164,17 @@ def test_dataset_errors_name_the_problem(cells):
         CellDataset(tokenizer, adata, label_key=SUBSET_KEY)
     with pytest.raises(ValueError, match="mask_ratio=0 for classification"):
         ScGPTDataCollator(tokenizer, mask_ratio=0.3)([{"input_ids": [1], "values": [1.0], "labels": 0}])
+
+
+def test_generative_pretraining_with_trainer(cells, tmp_path):
+    """The collator marks genes to generate; Trainer pretrains with the generative attention mask."""
+    adata, tokenizer = cells
+    dataset = CellDataset(tokenizer, adata)
+    collator = ScGPTDataCollator(tokenizer, mask_ratio=0.3, generative=True, seed=0)
+    batch = collator([dataset[i] for i in range(4)])
+    assert torch.equal(batch["generative_mask"], batch["values"] == -1.0)
+    assert not batch["generative_mask"][:, 0].any()
+    torch.manual_seed(0)
+    model = ScGPTForPreTraining(_config(tokenizer, use_generative_flag=True))
+    losses = _train(model, dataset, collator, tmp_path, steps=20)
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
