@@ -53,6 +53,8 @@ from scgpt_hf.configuration_scgpt import ScGPTConfig
 from scgpt_hf.modeling_scgpt import (
     ScGPTForBatchIntegration,
     ScGPTForCellClassification,
+    ScGPTForMultiOmicIntegration,
+    ScGPTForPerturbationPrediction,
     ScGPTForPreTraining,
     ScGPTModel,
     ScGPTPreTrainedModel,
@@ -200,6 +202,28 @@ register_task(
         outputs=("cell_embedding", "batch_logits"),
     )
 )
+register_task(
+    TaskSpec(
+        name="perturbation",
+        description="perturbation prediction: expression (batch, seq) after perturbing the flagged genes",
+        load=lambda path: ScGPTForPerturbationPrediction.from_pretrained(path),
+        adapt=_expect(ScGPTForPerturbationPrediction, "perturbation"),
+        outputs=("expression", "zero_probs"),
+        extra_inputs=lambda config: ("perturbation_flags",),
+    )
+)
+register_task(
+    TaskSpec(
+        name="multiomic",
+        description="multi-omic integration: cell_embedding, expression and batch_logits over modality tokens",
+        load=lambda path: ScGPTForMultiOmicIntegration.from_pretrained(path),
+        adapt=_expect(ScGPTForMultiOmicIntegration, "multiomic"),
+        outputs=("cell_embedding", "expression", "batch_logits"),
+        extra_inputs=lambda config: _batch_label_inputs(config) + ("modality_ids",),
+    )
+)
+# Inputs with one integer per token, besides input_ids and attention_mask.
+PER_TOKEN_INPUTS = ("perturbation_flags", "modality_ids")
 
 
 class _ExportWrapper(nn.Module):
@@ -485,8 +509,22 @@ def _validation_batches(cells: list, config: ScGPTConfig, shapes: Sequence[tuple
         feed = pad_cells([cells[k] for k in picks], config.pad_token_id, config.pad_value, max_len)
         if "batch_labels" in extra_inputs:
             feed["batch_labels"] = (np.arange(batch) % config.num_batch_labels).astype(np.int64)
+        feed.update({name: _token_ids_for(name, feed["attention_mask"], config) for name in extra_inputs
+                     if name in PER_TOKEN_INPUTS})
         batches.append(feed)
     return batches
+
+
+def _token_ids_for(name: str, mask: np.ndarray, config: ScGPTConfig) -> np.ndarray:
+    """Example per-token ids for validation: perturbation flags on every third gene, modalities in turn."""
+    positions = np.broadcast_to(np.arange(mask.shape[1]), mask.shape)
+    if name == "perturbation_flags":
+        ids, pad = (positions % 3 == 1).astype(np.int64), config.pert_pad_id
+    else:
+        pad = config.modality_pad_id
+        real = np.array([m for m in range(config.modality_vocab_size) if m != pad], dtype=np.int64)
+        ids = real[positions % len(real)]
+    return np.where(mask == 1, ids, pad).astype(np.int64)
 
 
 def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -716,6 +754,9 @@ def export_onnx(
         "batch_labels": torch.tensor([0, min(1, (config.num_batch_labels or 1) - 1)]),
     }
     example["input_ids"] = example["input_ids"].clamp(max=config.vocab_size - 1)
+    for name in PER_TOKEN_INPUTS:
+        example[name] = torch.from_numpy(_token_ids_for(name, example["attention_mask"].numpy(), config)) \
+            if name in input_names else None
     args = tuple(example[n] for n in input_names)
     try:
         with _sdpa_attention(model), torch.no_grad():
@@ -1044,7 +1085,7 @@ class OnnxScGPT:
         if ids.ndim != 2:
             raise OnnxInputError(f"input_ids must be 2-D (batch, sequence), got shape {ids.shape}; for one cell use "
                                  "input_ids[None, :].")
-        for name in ("values", "attention_mask"):
+        for name in ("values", "attention_mask", *PER_TOKEN_INPUTS):
             if name in out and out[name].shape != ids.shape:
                 raise OnnxInputError(f"{name} must have the shape of input_ids {ids.shape}, got {out[name].shape}.")
         if ids.shape[0] == 0 or ids.shape[1] == 0:

@@ -435,3 +435,44 @@ def test_head_tasks_export_and_match_pytorch(model_dir, long_cells, tmp_path, ta
     names = ["logits", "cell_embedding"] if task == "annotation" else ["cell_embedding", "batch_logits"]
     for name in names:
         np.testing.assert_allclose(got[name], getattr(ref, name).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("task", ["perturbation", "multiomic"])
+def test_token_input_heads_export_and_match_pytorch(model_dir, long_cells, tmp_path, task):
+    """Heads with a per-token integer input (perturbation flags, modality ids) export and match PyTorch."""
+    if task == "perturbation":
+        head_class, extra = scgpt_hf.ScGPTForPerturbationPrediction, dict(use_perturbation_flags=True)
+    else:
+        head_class = scgpt_hf.ScGPTForMultiOmicIntegration
+        extra = dict(use_modality_embeddings=True, modality_vocab={"RNA": 0, "ATAC": 1, "<pad>": 2}, modality_pad_id=2,
+                     modality_vocab_size=3, use_batch_labels=True, num_batch_labels=2, do_dab=True)
+    config = ScGPTConfig.from_pretrained(model_dir, **extra)
+    model = head_class(config)
+    reference.randomize_parameters(model, seed=6)
+    model.eval().save_pretrained(tmp_path / "head")
+    shutil.copy(model_dir / "vocab.json", tmp_path / "head" / "vocab.json")
+    shutil.copy(model_dir / "tokenizer_config.json", tmp_path / "head" / "tokenizer_config.json")
+    report = export_onnx(tmp_path / "head", tmp_path / "onnx", task=task, verbose=False)
+    assert report.passed is True
+    session = OnnxScGPT(tmp_path / "onnx")
+    feed = onnx_export.pad_cells(long_cells[:3], session.preprocessing["pad_token_id"], session.preprocessing["pad_value"])
+    for name in onnx_export.PER_TOKEN_INPUTS:
+        if name in session.input_names:
+            feed[name] = onnx_export._token_ids_for(name, feed["attention_mask"], model.config)
+    if "batch_labels" in session.input_names:
+        feed["batch_labels"] = np.array([0, 1, 1], dtype=np.int64)
+    got = session(feed)
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    real = feed["attention_mask"].astype(bool)
+    for name in session.output_names:
+        expected = getattr(ref, name).numpy()
+        if expected.ndim == 2 and expected.shape == real.shape:
+            np.testing.assert_allclose(got[name][real], expected[real], atol=1e-4)
+        else:
+            np.testing.assert_allclose(got[name], expected, atol=1e-4)
+    with pytest.raises(OnnxInputError, match="must have the shape of input_ids"):
+        bad = dict(feed)
+        bad[onnx_export.PER_TOKEN_INPUTS[0] if task == "perturbation" else "modality_ids"] = \
+            np.zeros((3, 2), dtype=np.int64)
+        session(bad)
