@@ -198,6 +198,8 @@ ARCHITECTURE_TEMPLATES: dict[str, str] = {
     "ScGPTForPreTraining": "pretrained",
     "ScGPTForCellClassification": "annotation",
     "ScGPTForBatchIntegration": "integration",
+    "ScGPTForPerturbationPrediction": "perturbation",
+    "ScGPTForMultiOmicIntegration": "integration",
 }
 # What the card says an architecture is (else the template's description).
 ARCHITECTURE_DESCRIPTIONS: dict[str, str] = {
@@ -205,6 +207,8 @@ ARCHITECTURE_DESCRIPTIONS: dict[str, str] = {
 }
 # Auto class used in a card's "how to use" for an architecture without its own Auto class registration.
 ARCHITECTURE_AUTO_CLASS: dict[str, str] = {"ScGPTForBatchIntegration": "AutoModel"}
+# Heads no Auto class fits: the card loads the head class itself from the repository's code.
+HEAD_CLASS_LOADED: set[str] = {"ScGPTForPerturbationPrediction", "ScGPTForMultiOmicIntegration"}
 
 
 def register_card_template(architecture: str, template: str, *, file: str | None = None,
@@ -373,7 +377,9 @@ def render_card(
     vocab_size = len(vocab) if vocab else config.vocab_size
     classes = {_qualname(c).split(".")[1]: name for name, c in _package_classes().items()}
     auto_class = ARCHITECTURE_AUTO_CLASS.get(architecture) or classes.get(architecture, "AutoModel")
-    if auto_class == "AutoModelForPreTraining":
+    if architecture in HEAD_CLASS_LOADED:
+        auto_class = None
+    elif auto_class == "AutoModelForPreTraining":
         auto_class = "AutoModel"  # the card's example embeds cells; the backbone loads from any checkpoint
     labels = [config.id2label[i] for i in sorted(config.id2label)] if template == "annotation" else []
     truncation = tok.get("truncation_strategy", "random")

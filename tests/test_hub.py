@@ -30,6 +30,7 @@ from scgpt_hf import (  # noqa: E402
     ScGPTConfig,
     ScGPTForCellClassification,
     ScGPTForPreTraining,
+    ScGPTForPerturbationPrediction,
     ScGPTModel,
     ScGPTTokenizer,
     hub,
@@ -496,3 +497,46 @@ def test_every_card_template_renders_and_validates(local_hub, tokenizer, tmp_pat
         card.validate()
         assert "{{" not in card.text and "## Preprocessing contract" in card.text
         assert re.search(r"\bTODO\b|XX\.X|0\.00 M", card.text) is None
+
+
+PERTURBATION_PULL = """
+import json, sys
+import numpy as np
+import torch
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+spec = json.load(open(sys.argv[1]))
+try:
+    import scgpt_hf  # noqa: F401
+    raise SystemExit("scgpt_hf must not be importable here")
+except ImportError:
+    pass
+model_class = get_class_from_dynamic_module("modeling_scgpt.ScGPTForPerturbationPrediction", spec["repo"])
+model = model_class.from_pretrained(spec["repo"]).eval()
+inputs = {k: torch.from_numpy(v) for k, v in np.load(spec["inputs"]).items()}
+with torch.no_grad():
+    out = model(**inputs)
+np.save(spec["output"], out.expression.numpy())
+"""
+
+
+def test_head_without_auto_class_pulls_through_its_own_code(local_hub, tokenizer, adata, tmp_path) -> None:
+    """A perturbation model (no Auto class fits it) loads from its repository's code, as its card shows."""
+    model = build(ScGPTForPerturbationPrediction, small_config(tokenizer, use_perturbation_flags=True), seed=7)
+    model_dir = save(model, tokenizer, tmp_path / "perturbation", metrics={"example_perturbation": ["CD3E"]})
+    hub.push(model_dir, "scgpt-org/perturbation", token=WRITE)
+    card = ModelCard.load("scgpt-org/perturbation")
+    assert 'get_class_from_dynamic_module("modeling_scgpt.ScGPTForPerturbationPrediction"' in card.text
+    assert "perturbation_flags=flags" in card.text
+    enc = tokenizer(adata[:6], padding=True, return_tensors="np")
+    flags = np.where(enc["attention_mask"] == 1, (np.arange(enc["input_ids"].shape[1]) % 4 == 1), 2).astype(np.int64)
+    inputs = {k: enc[k] for k in ("input_ids", "values", "attention_mask")} | {"perturbation_flags": flags}
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    spec = {"repo": "scgpt-org/perturbation", "inputs": str(tmp_path / "inputs.npz"),
+            "output": str(tmp_path / "expression.npy")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run_isolated(PERTURBATION_PULL, tmp_path, str(tmp_path / "spec.json"))
+    with torch.no_grad():
+        want = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).expression.numpy()
+    mask = enc["attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.load(tmp_path / "expression.npy")[mask], want[mask], atol=1e-6)
