@@ -94,6 +94,7 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", help="read adata.layers[LAYER] instead of X")
     p.add_argument("--use-raw", action="store_true", help="read adata.raw.X instead of X")
     p.add_argument("--gene-column", help="var column with gene symbols (default: var_names)")
+    p.add_argument("--batch-key", help="obs column of integer batch ids, for models trained with batch labels")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backed", action="store_true",
                    help="stream the input matrix from disk instead of loading it (large files)")
@@ -132,6 +133,7 @@ def _embed_run(args: argparse.Namespace) -> int:
             layer=args.layer,
             use_raw=args.use_raw,
             gene_column=args.gene_column,
+            batch_key=args.batch_key,
             device=args.device,
             progress=not args.no_progress,
         )

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
@@ -99,11 +100,6 @@ def _load(
     if not isinstance(tokenizer, ScGPTTokenizer):
         raise TypeError(f"tokenizer must be an ScGPTTokenizer, got {type(tokenizer).__name__}.")
     config = model.config
-    if config.use_batch_labels or config.domain_spec_batchnorm == "dsbn":
-        raise ValueError(
-            "This model needs batch labels (use_batch_labels or domain-specific batch norm); zero-shot "
-            "embedding, like the original's, supports models without them only."
-        )
     if len(tokenizer) > config.vocab_size or tokenizer.pad_token_id != config.pad_token_id:
         raise ValueError(
             f"Tokenizer and model disagree (tokenizer: {len(tokenizer)} tokens, pad id "
@@ -256,6 +252,7 @@ def _run_cells(
     width: int,
     *,
     cls_value: float,
+    batch_ids: np.ndarray | None = None,
     batch_size: int,
     max_length: int,
     seed: int,
@@ -325,10 +322,12 @@ def _run_cells(
                 for batch in _length_grouped_batches(
                     ids, vals, rows, batch_size, max_tokens, config.pad_token_id, float(config.pad_value)
                 ):
+                    labels = None if batch_ids is None else torch.from_numpy(batch_ids[start + batch.rows]).to(target)
                     result = model(
                         input_ids=batch.input_ids.to(target),
                         values=batch.values.to(target),
                         attention_mask=batch.attention_mask.to(target),
+                        batch_labels=labels,
                     )
                     out[start + batch.rows] = predict(result).float().cpu().numpy()
                     bar.update(len(batch.rows))
@@ -351,6 +350,36 @@ def _run_cells(
         "precision": "fp16-autocast" if target.type == "cuda" else "fp32",
     }
     return out, n_genes, facts
+
+
+def _batch_ids(adata: AnnData, config: Any, batch_key: str | None) -> np.ndarray | None:
+    """Integer batch ids from `obs[batch_key]` for models with batch embeddings or batch norm."""
+    needs = config.use_batch_labels or config.domain_spec_batchnorm == "dsbn"
+    if not needs:
+        if batch_key is not None:
+            raise ValueError(f"batch_key={batch_key!r} was given but this model takes no batch labels; drop it.")
+        return None
+    if batch_key is None:
+        raise ValueError(
+            "This model needs batch labels (batch embeddings or domain-specific batch norm): pass batch_key=, an "
+            "obs column with each cell's batch id (integers 0..num_batch_labels-1, as in training)."
+        )
+    if batch_key not in adata.obs:
+        raise ValueError(f"obs has no column {batch_key!r}; available: {list(adata.obs.columns)}.")
+    column = adata.obs[batch_key]
+    numeric = pd.to_numeric(column.astype(str) if column.dtype == "category" else column, errors="coerce")
+    if numeric.isna().any() or (numeric % 1 != 0).any():
+        raise ValueError(
+            f"obs[{batch_key!r}] must hold integer batch ids (the ones the model was trained with, e.g. "
+            "CellDataset(...).batch2id applied to the batch names); found non-integer entries."
+        )
+    ids = numeric.to_numpy(dtype=np.int64)
+    if ids.min() < 0 or ids.max() >= config.num_batch_labels:
+        raise ValueError(
+            f"obs[{batch_key!r}] has batch ids {ids.min()}..{ids.max()}, outside the model's "
+            f"[0, {config.num_batch_labels}) (config.num_batch_labels)."
+        )
+    return ids
 
 
 def _warn_empty(n_empty: int, n_obs: int, where: str, n_genes_key: str) -> None:
@@ -379,6 +408,7 @@ def embed(
     max_tokens: int | None | str = "auto",
     num_threads: int | None = None,
     progress: bool = True,
+    batch_key: str | None = None,
 ) -> AnnData:
     """Embed every cell of `adata` with an scGPT model (zero-shot) and store the result on `adata`.
 
@@ -404,6 +434,9 @@ def embed(
             ~2x faster than 64 x 1200 tokens), no cap on GPU. None: no cap.
         num_threads: CPU threads for torch during the call (default: torch's, capped at usable CPUs).
         progress: show a tqdm progress bar.
+        batch_key: for models with batch embeddings or domain-specific batch norm (e.g. a fine-tuned
+            `ScGPTForBatchIntegration`, whose cell embeddings are the integrated representation): the obs
+            column of integer batch ids the model was trained with.
 
     Returns:
         `adata` itself, with `obsm[key_added]` (n_obs x hidden_size float32, L2-normalised, NaN rows for
@@ -419,6 +452,7 @@ def embed(
     out, n_genes, facts = _run_cells(
         adata, backbone, tokenizer, lambda result: result.cell_embedding, config.hidden_size,
         cls_value=float(config.pad_value),  # the original's embedding path puts pad_value at <cls>
+        batch_ids=_batch_ids(adata, config, batch_key),
         batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
         gene_column=gene_column, device=device, chunk_size=chunk_size, max_tokens=max_tokens,
         num_threads=num_threads, progress=progress, desc="Embedding cells",
@@ -431,6 +465,7 @@ def embed(
     adata.uns[f"{key_added}_params"] = {
         "model": name or type(backbone).__name__,
         "cell_emb_style": str(config.cell_emb_style),
+        "batch_key": batch_key,
         **facts,
         "scgpt_hf_version": str(__version__),
     }
@@ -454,11 +489,12 @@ def annotate(
     max_tokens: int | None | str = "auto",
     num_threads: int | None = None,
     progress: bool = True,
+    batch_key: str | None = None,
 ) -> AnnData:
     """Predict cell types with a fine-tuned `ScGPTForCellClassification` and store them on `adata`.
 
     Cells are prepared as in fine-tuning (`<cls>` value = the tokenizer's `cls_value`), streamed and
-    length-grouped as in `embed` (same arguments).
+    length-grouped as in `embed` (same arguments, `batch_key` included).
 
     Returns:
         `adata` itself, with `obs[key_added]` (categorical label from `config.id2label`; missing for cells
@@ -466,8 +502,6 @@ def annotate(
         `obsm[key_added + "_probabilities"]` (n_obs x num_labels, columns in `config.id2label` order),
         `uns[key_added + "_params"]` (how it was computed, as in `embed`, plus `labels`).
     """
-    import pandas as pd
-
     from . import __version__
 
     classifier, tokenizer, name = _load(model, tokenizer, ScGPTForCellClassification)
@@ -476,6 +510,7 @@ def annotate(
     probs, n_genes, facts = _run_cells(
         adata, classifier, tokenizer, lambda result: torch.softmax(result.logits.float(), dim=-1), config.num_labels,
         cls_value=float(tokenizer.cls_value),
+        batch_ids=_batch_ids(adata, config, batch_key),
         batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
         gene_column=gene_column, device=device, chunk_size=chunk_size, max_tokens=max_tokens,
         num_threads=num_threads, progress=progress, desc="Annotating cells",

@@ -202,3 +202,35 @@ def test_errors_are_clear(ours, cells):
     config._name_or_path = ""
     with pytest.raises(ValueError, match="No tokenizer given"):
         embed(cells.copy(), ScGPTModel(config), progress=False)
+
+
+@pytest.mark.parametrize("batch_norm", [False, "dsbn"])
+def test_batch_label_models_embed_with_batch_key(ours, cells, batch_norm):
+    """An integration-style model (batch embedding, optional per-batch norm) embeds with obs batch ids,
+    equal to running it directly with those batch labels."""
+    model, tok = ours
+    config = copy.deepcopy(model.config)
+    config.use_batch_labels, config.num_batch_labels, config.domain_spec_batchnorm = True, 3, batch_norm
+    torch.manual_seed(0)
+    batched = ScGPTModel(config).eval()
+    batched.load_state_dict(model.state_dict(), strict=False)
+    if batch_norm:
+        for bn in batched.embeddings.dsbn.bns:
+            bn.running_mean.normal_()
+    adata = cells.copy()
+    adata.obs["batch_id"] = np.arange(adata.n_obs) % 3
+    embed(adata, batched, tok, batch_key="batch_id", progress=False, max_length=64)
+    enc = tok(adata, max_length=64, truncation="random", seed=0, cls_value=config.pad_value, return_tensors="pt")
+    with torch.no_grad():
+        direct = batched(**enc, batch_labels=torch.as_tensor(adata.obs["batch_id"].to_numpy())).cell_embedding
+    direct = torch.nn.functional.normalize(direct, dim=1).numpy()
+    np.testing.assert_allclose(adata.obsm["X_scGPT"], direct, atol=1e-5)
+    assert adata.uns["X_scGPT_params"]["batch_key"] == "batch_id"
+    with pytest.raises(ValueError, match="needs batch labels"):
+        embed(cells.copy(), batched, tok, progress=False)
+    bad = cells.copy()
+    bad.obs["batch_id"] = 5
+    with pytest.raises(ValueError, match=r"outside the model's \[0, 3\)"):
+        embed(bad, batched, tok, batch_key="batch_id", progress=False)
+    with pytest.raises(ValueError, match="takes no batch labels"):
+        embed(cells.copy(), model, tok, batch_key="batch_id", progress=False)
