@@ -406,7 +406,15 @@ def import_original() -> types.ModuleType:
     for name, make in makers.items():
         if name in sys.modules or _real_import_works(name):
             continue
-        sys.modules.update(make())
+        modules = make()
+        for module_name, module in modules.items():
+            # A spec lets importlib.util.find_spec (transformers' availability checks) see the stand-in
+            # without raising; with no distribution behind it, transformers treats it as absent.
+            if getattr(module, "__spec__", None) is None:
+                module.__spec__ = importlib.machinery.ModuleSpec(
+                    module_name, None, is_package=hasattr(module, "__path__")
+                )
+        sys.modules.update(modules)
         _STAND_INS_USED.append(name)
     sys.modules.update(_make_flash_attn())
     _STAND_INS_USED.append("flash_attn.flash_attention")
@@ -419,6 +427,11 @@ def import_original() -> types.ModuleType:
         importlib.import_module("scgpt.tokenizer")
     if not getattr(scgpt.model.model, "flash_attn_available", False):
         raise RuntimeError("scgpt did not pick up the FlashMHA stand-in")
+    if "datasets" in _STAND_INS_USED:
+        # Only scbank's import needed it (its names are bound now); left in sys.modules it would look like
+        # the real package to transformers' Trainer.
+        for key in [k for k in sys.modules if k == "datasets" or k.startswith("datasets.")]:
+            del sys.modules[key]
     scgpt.__standins__ = tuple(_STAND_INS_USED)  # type: ignore[attr-defined]
     _ORIGINAL = scgpt
     return scgpt
