@@ -412,20 +412,24 @@ def test_cli_exports_and_reports(model_dir, tmp_path, capsys):
         main(["export", "onnx", str(model_dir), str(out), "--task", "nope"])
 
 
+def _export_head(model_dir, tmp_path, head_class, task, seed, **config_changes):
+    """A head with random weights over the small model's config and tokenizer, exported for `task`."""
+    model = head_class(ScGPTConfig.from_pretrained(model_dir, **config_changes))
+    reference.randomize_parameters(model, seed=seed)
+    model.eval().save_pretrained(tmp_path / "head")
+    for name in ("vocab.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, tmp_path / "head" / name)
+    report = export_onnx(tmp_path / "head", tmp_path / "onnx", task=task, verbose=False)
+    assert report.passed is True
+    return model, OnnxScGPT(tmp_path / "onnx")
+
+
 @pytest.mark.parametrize("task", ["annotation", "integration"])
 def test_head_tasks_export_and_match_pytorch(model_dir, long_cells, tmp_path, task):
     """The fine-tuning heads export too: classifier logits; integrated embedding and discriminator logits."""
     head_class = scgpt_hf.ScGPTForCellClassification if task == "annotation" else scgpt_hf.ScGPTForBatchIntegration
     extra = dict(num_labels=5) if task == "annotation" else dict(use_batch_labels=True, num_batch_labels=3, do_dab=True)
-    config = ScGPTConfig.from_pretrained(model_dir, **extra)
-    model = head_class(config)
-    reference.randomize_parameters(model, seed=5)
-    model.eval().save_pretrained(tmp_path / "head")
-    shutil.copy(model_dir / "vocab.json", tmp_path / "head" / "vocab.json")
-    shutil.copy(model_dir / "tokenizer_config.json", tmp_path / "head" / "tokenizer_config.json")
-    report = export_onnx(tmp_path / "head", tmp_path / "onnx", task=task, verbose=False)
-    assert report.passed is True
-    session = OnnxScGPT(tmp_path / "onnx")
+    model, session = _export_head(model_dir, tmp_path, head_class, task, seed=5, **extra)
     feed = onnx_export.pad_cells(long_cells[:4], session.preprocessing["pad_token_id"], session.preprocessing["pad_value"])
     if task == "integration":
         feed["batch_labels"] = np.array([0, 2, 1, 2], dtype=np.int64)
@@ -446,15 +450,7 @@ def test_token_input_heads_export_and_match_pytorch(model_dir, long_cells, tmp_p
         head_class = scgpt_hf.ScGPTForMultiOmicIntegration
         extra = dict(use_modality_embeddings=True, modality_vocab={"RNA": 0, "ATAC": 1, "<pad>": 2}, modality_pad_id=2,
                      modality_vocab_size=3, use_batch_labels=True, num_batch_labels=2, do_dab=True)
-    config = ScGPTConfig.from_pretrained(model_dir, **extra)
-    model = head_class(config)
-    reference.randomize_parameters(model, seed=6)
-    model.eval().save_pretrained(tmp_path / "head")
-    shutil.copy(model_dir / "vocab.json", tmp_path / "head" / "vocab.json")
-    shutil.copy(model_dir / "tokenizer_config.json", tmp_path / "head" / "tokenizer_config.json")
-    report = export_onnx(tmp_path / "head", tmp_path / "onnx", task=task, verbose=False)
-    assert report.passed is True
-    session = OnnxScGPT(tmp_path / "onnx")
+    model, session = _export_head(model_dir, tmp_path, head_class, task, seed=6, **extra)
     feed = onnx_export.pad_cells(long_cells[:3], session.preprocessing["pad_token_id"], session.preprocessing["pad_value"])
     for name in onnx_export.PER_TOKEN_INPUTS:
         if name in session.input_names:
