@@ -91,30 +91,38 @@ class ScGPTDataCollator:
 
     With `mask_ratio > 0` it also masks that fraction of each cell's gene values (never `<cls>` nor
     padding; at least one gene per cell with genes) to `mask_value` and returns the true values as
-    `labels`: the masked-expression objective of pretraining and batch integration. With
+    `labels`: the masked-expression objective of pretraining and batch integration. A sequence of
+    ratios draws one of them per batch (the original's generative pretraining cycles 0.25, 0.5, 0.75). With
     `generative=True` the chosen genes are also returned as `generative_mask`, so the model predicts them
     from the known genes only (generative pretraining; needs `config.use_generative_flag`). Otherwise
     per-cell `labels` (cell-type ids) and `batch_labels` in the features pass through as tensors.
 
     Args:
         tokenizer: pads with its pad id and pad value.
-        mask_ratio: fraction of gene values to mask per cell (the original uses 0.25-0.75 in
-            pretraining and 0.4 in integration fine-tuning).
+        mask_ratio: fraction of gene values to mask per cell, or several fractions to draw from per batch
+            (the original uses 0.25/0.5/0.75 in pretraining and 0.4 in integration fine-tuning).
         mask_value: value put at masked positions (the model's `config.mask_value`).
         generative: mark the masked genes as genes to generate (`generative_mask`).
         seed: seeds the masking generator, for reproducible runs.
     """
 
     tokenizer: ScGPTTokenizer
-    mask_ratio: float = 0.0
+    mask_ratio: float | Sequence[float] = 0.0
     mask_value: float = -1.0
     generative: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}.")
-        if self.generative and self.mask_ratio == 0:
+        ratios = [self.mask_ratio] if isinstance(self.mask_ratio, (int, float)) else list(self.mask_ratio)
+        if not ratios or not all(0.0 <= float(r) < 1.0 for r in ratios):
+            raise ValueError(
+                f"mask_ratio must be a fraction in [0, 1) or a non-empty list of them, got {self.mask_ratio}."
+            )
+        if len(ratios) > 1 and min(ratios) == 0:
+            raise ValueError(f"A list of mask ratios cannot include 0 (batches without masked genes): {ratios}.")
+        self._ratios = [float(r) for r in ratios]
+        self._masks = self._ratios[0] > 0
+        if self.generative and not self._masks:
             raise ValueError("generative=True marks the masked genes for generation: set mask_ratio > 0.")
         self._generator = torch.Generator()
         if self.seed is None:
@@ -123,7 +131,7 @@ class ScGPTDataCollator:
             self._generator.manual_seed(self.seed)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if self.mask_ratio > 0 and "labels" in features[0]:
+        if self._masks and "labels" in features[0]:
             raise ValueError(
                 "Features carry 'labels' but masking writes the true expression into 'labels'; use mask_ratio=0 "
                 "for classification, or drop the labels for the masked-expression objective."
@@ -133,7 +141,7 @@ class ScGPTDataCollator:
         batch = dict(self.tokenizer.pad(tokens, padding="longest", return_tensors="pt"))
         for key, column in per_cell.items():
             batch[key] = torch.as_tensor(column, dtype=torch.long)
-        if self.mask_ratio > 0:
+        if self._masks:
             batch["values"], batch["labels"], chosen = self._mask(batch)
             if self.generative:
                 batch["generative_mask"] = chosen
@@ -145,11 +153,12 @@ class ScGPTDataCollator:
         values = labels.clone()
         maskable = batch["attention_mask"].bool() & (batch["input_ids"] != self.tokenizer.cls_token_id)
         chosen = torch.zeros_like(maskable)
+        ratio = self._ratios[int(torch.randint(len(self._ratios), (1,), generator=self._generator))]
         for row in range(values.shape[0]):
             positions = maskable[row].nonzero().squeeze(1)
             if positions.numel() == 0:
                 continue
-            n_mask = max(1, int(positions.numel() * self.mask_ratio))
+            n_mask = max(1, int(positions.numel() * ratio))
             chosen[row, positions[torch.randperm(positions.numel(), generator=self._generator)[:n_mask]]] = True
         values[chosen] = self.mask_value
         return values, labels, chosen

@@ -94,6 +94,25 @@ def test_collator_masks_genes_only(cells):
     assert torch.equal(again["values"], batch["values"])
 
 
+def test_collator_draws_one_ratio_per_batch(cells):
+    adata, tokenizer = cells
+    dataset = CellDataset(tokenizer, adata[:8])
+    features = [dataset[i] for i in range(8)]
+    collator = ScGPTDataCollator(tokenizer, mask_ratio=[0.25, 0.5, 0.75], seed=0)
+    seen = set()
+    for _ in range(30):
+        batch = collator(features)
+        genes = (batch["attention_mask"].bool() & (batch["input_ids"] != tokenizer.cls_token_id)).sum(1)
+        masked = (batch["values"] == -1.0).sum(1)
+        ratio = [r for r in (0.25, 0.5, 0.75) if torch.equal(masked, torch.clamp((genes * r).long(), min=1))]
+        assert len(ratio) == 1, "every cell of a batch is masked at the same one of the ratios"
+        seen.add(ratio[0])
+    assert seen == {0.25, 0.5, 0.75}
+    for bad in ([], [0.0, 0.5], [0.5, 1.0]):
+        with pytest.raises(ValueError, match="mask_ratio|mask ratios"):
+            ScGPTDataCollator(tokenizer, mask_ratio=bad)
+
+
 def test_pretraining_learns_masked_expression(cells, tmp_path):
     adata, tokenizer = cells
     torch.manual_seed(0)
