@@ -154,10 +154,11 @@ def _embed_run(args: argparse.Namespace) -> int:
 
 def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Pretrain a small scGPT from scratch (masked expression + MVC) on .h5ad files streamed from disk, with "
-        "transformers.Trainer. Multi-GPU runs unchanged under a launcher: "
+        "Pretrain a small scGPT from scratch (masked expression or generative, + MVC) on .h5ad files streamed from "
+        "disk, with transformers.Trainer. Multi-GPU runs unchanged under a launcher: "
         "`torchrun --nproc_per_node N -m scgpt_hf.cli pretrain ...` or `accelerate launch -m scgpt_hf.cli pretrain ...` "
-        "(--batch-size is per device; each process streams its own share of the files)."
+        "(--batch-size is per device; each process streams its own share of the files; without CUDA the processes "
+        "train together over gloo). The original's generative pretraining is `--generative --mask-ratio 0.25 0.5 0.75`."
     )
     p.add_argument("output_dir", help="folder for model + tokenizer (from_pretrained-ready) and training_metrics.json")
     p.add_argument("files", nargs="+", metavar="FILE.h5ad", help="training files (raw counts or log1p values)")
@@ -166,13 +167,18 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=4, help="transformer layers")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--max-length", type=int, default=1200, help="tokens per cell, <cls> included")
-    p.add_argument("--mask-ratio", type=float, default=0.4)
+    p.add_argument("--mask-ratio", type=float, nargs="+", default=[0.4], metavar="RATIO",
+                   help="fraction of each cell's genes masked; several values: one drawn per batch (default 0.4)")
+    p.add_argument("--generative", action="store_true",
+                   help="masked genes become genes to generate from the known ones (generative pretraining)")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
     p.add_argument("--epochs", type=float, help="passes over the cells (instead of --max-steps)")
     p.add_argument("--batch-size", type=int, default=32, help="cells per device per step")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--chunk-size", type=int, default=1024,
+                   help="rows read from a file at a time: bounds memory, and the unit of shuffling and sharding")
     p.add_argument("--layer", help="read adata.layers[LAYER] instead of X")
     p.add_argument("--use-raw", action="store_true", help="read adata.raw.X instead of X")
     p.add_argument("--gene-column", help="var column with gene symbols (default: var_names)")
@@ -180,6 +186,8 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 def _pretrain_run(args: argparse.Namespace) -> int:
     import json
+
+    import torch
 
     from .pretraining import METRICS_FILE, pretrain
 
@@ -193,22 +201,25 @@ def _pretrain_run(args: argparse.Namespace) -> int:
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         max_length=args.max_length,
-        mask_ratio=args.mask_ratio,
+        mask_ratio=args.mask_ratio[0] if len(args.mask_ratio) == 1 else args.mask_ratio,
+        generative=args.generative,
         max_steps=args.max_steps,
         num_epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
         num_workers=args.num_workers,
+        chunk_size=args.chunk_size,
         layer=args.layer,
         use_raw=args.use_raw,
         gene_column=args.gene_column,
     )
-    metrics_file = Path(out) / METRICS_FILE
-    if metrics_file.is_file():  # written by the main process only
-        metrics = json.loads(metrics_file.read_text())
-        print(f"Pretrained {metrics['global_step']} steps ({metrics['epochs_seen']:.2f} epochs of "
-              f"{metrics['cells_in_files']} cells), final loss {metrics['final_loss']:.4g}; saved to {out}")
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return 0  # the main process writes the metrics and reports
+    metrics = json.loads((Path(out) / METRICS_FILE).read_text())
+    processes = f", {metrics['world_size']} processes" if metrics["world_size"] > 1 else ""
+    print(f"Pretrained {metrics['global_step']} steps ({metrics['epochs_seen']:.2f} epochs of "
+          f"{metrics['cells_in_files']} cells{processes}), final loss {metrics['final_loss']:.4g}; saved to {out}")
     return 0
 
 

@@ -5,8 +5,8 @@ Pieces:
 * :func:`build_vocab` makes a vocabulary from the genes of the files (for users without one), and
   :func:`make_tokenizer` turns it into an :class:`~scgpt_hf.ScGPTTokenizer`;
 * :class:`StreamingCellDataset` streams tokenised cells from backed h5ad files, chunk by chunk;
-* :func:`pretrain` trains :class:`~scgpt_hf.ScGPTForPreTraining` (masked expression + MVC) on it with
-  ``transformers.Trainer`` and saves model, tokenizer and ``training_metrics.json`` in one folder.
+* :func:`pretrain` trains :class:`~scgpt_hf.ScGPTForPreTraining` (masked expression or generative, + MVC)
+  on it with ``transformers.Trainer`` and saves model, tokenizer and ``training_metrics.json`` in one folder.
 
 Why an ``IterableDataset``: a map-style dataset needs random access to any cell, i.e. one row read per cell
 from a backed file (slow on HDF5, and CSR rows scattered across the file) or an index of the whole corpus
@@ -22,20 +22,24 @@ reads and tokenises only its share of the files. ``Trainer`` would otherwise (a)
 ``dispatch_batches`` for iterable datasets read everything on rank 0 and concatenate per-rank batches,
 which breaks with per-batch padding, or (b) with ``dispatch_batches=False`` wrap the dataset in accelerate's
 ``IterableDatasetShard``, which keeps every ``num_processes``-th batch of an already sharded stream and so
-would drop data. :func:`pretrain` therefore sets ``dispatch_batches=False`` and makes that wrapper a
-pass-through (as ``Trainer`` itself does for its rank-aware batch samplers). With ``epochs=None`` (what
+would drop data. :func:`pretrain` therefore sets ``dispatch_batches=False``, makes that wrapper a
+pass-through (as ``Trainer`` itself does for its rank-aware batch samplers) and gives the dataset the
+Trainer's own rank and world size. On a machine without CUDA it also sets ``use_cpu`` and the ``gloo``
+backend: without them accelerate sets up no distributed training under ``torchrun`` and every process would
+train a model of its own on its share and write the output folder. With ``epochs=None`` (what
 :func:`pretrain` uses) the stream repeats forever, reshuffled each pass, so ranks never run out at
 different times; training length is ``max_steps`` (or ``num_epochs`` converted into steps from the cell
 counts in the files' metadata). To use the dataset with a plain ``Trainer`` on several processes, pass
 ``shard_by_process=False`` and ``TrainingArguments(accelerator_config={"dispatch_batches": False})``: each
 process then reads every chunk and accelerate keeps its share of the batches.
 
-Run on several GPUs with no change::
+Run on several GPUs (or CPU processes) with no change::
 
     torchrun --nproc_per_node 4 -m scgpt_hf.cli pretrain OUT a.h5ad b.h5ad ...
-    accelerate launch -m scgpt_hf.cli pretrain OUT a.h5ad b.h5ad ...
+    accelerate launch -m scgpt_hf.cli pretrain OUT a.h5ad b.h5ad ...   # every GPU of the machine
 
-(``--batch-size`` is per device.)
+(``--batch-size`` is per device. accelerate launch starts one process on a machine without GPUs unless given
+``--multi_gpu --num_processes N``.) ``training_metrics.json`` records per process what it read.
 """
 
 from __future__ import annotations
@@ -194,6 +198,9 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         shard_by_process: split units over processes (rank / world size, see module docstring).
         process_index, num_processes: override the detected rank and world size.
         return_index: also yield ``file`` and ``row`` of each cell (for inspection; not a model input).
+
+    What the iterating process has read is kept in ``units_read`` ((epoch, unit) in reading order) and
+    ``cells_read`` (rows read), so a run can show how the data was split (see `read_summary`).
     """
 
     def __init__(
@@ -230,6 +237,8 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         self.process_index, self.num_processes = process_index, num_processes
         self.return_index = return_index
         self.n_skipped_empty = 0
+        self.units_read: list[tuple[int, _Unit]] = []
+        self.cells_read = 0
         self.gene_ids: list[np.ndarray] = []
         self.n_cells: list[int] = []
         tok_logger = logging.getLogger(ScGPTTokenizer.__module__)
@@ -288,14 +297,24 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
             yield start, block
             start += block.shape[0]
 
-    def _cells(self, units: Sequence[_Unit]) -> Iterator[dict[str, Any]]:
+    def read_summary(self) -> dict[str, Any]:
+        """What this process has read: rows (``cells``) and ``units`` as ``[epoch, file index, first row,
+        stop row]`` in reading order. Per process: DataLoader workers read in copies of the dataset."""
+        return {
+            "cells": self.cells_read,
+            "units": [[epoch, u.file, u.start, u.stop] for epoch, u in self.units_read],
+        }
+
+    def _cells(self, units: Sequence[_Unit], epoch: int) -> Iterator[dict[str, Any]]:
         handles: dict[int, Any] = {}
         tok_logger = logging.getLogger(ScGPTTokenizer.__module__)
         try:
             for unit in units:
                 if unit.file not in handles:
                     handles[unit.file] = _open_backed(self.files[unit.file])
+                self.units_read.append((epoch, unit))
                 for first, block in self._read(handles[unit.file], unit):
+                    self.cells_read += block.shape[0]
                     level = tok_logger.level
                     tok_logger.setLevel(logging.ERROR)  # empty cells are skipped and counted here
                     try:
@@ -328,7 +347,7 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
             if self.shuffle:
                 order = np.random.default_rng([self.seed, epoch]).permutation(len(units))
             mine = [units[i] for i in order[shard::n_shards]]
-            cells = self._cells(mine)
+            cells = self._cells(mine, epoch)
             if not self.shuffle:
                 yield from cells
             else:
@@ -368,6 +387,18 @@ def _trainer_class() -> type:
     return _StreamingTrainer
 
 
+def _cpu_launch_args(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings that make a multi-process launch on a machine without CUDA train as one DDP job.
+
+    Without ``use_cpu`` accelerate (1.15) sees no accelerator under ``torchrun``, sets up no distributed
+    training and every process trains its own model, alone, on its share of the data and writes
+    `output_dir`. ``gloo`` is PyTorch's CPU backend (accelerate would take ``mpi`` where available, which
+    ``torchrun`` does not set up). Nothing changes with CUDA, one process, or settings given by the user."""
+    if "use_cpu" in extra or torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        return {}
+    return {"use_cpu": True, "ddp_backend": "gloo"}
+
+
 def pretrain(
     files: Sequence[str | os.PathLike],
     output_dir: str | os.PathLike,
@@ -380,7 +411,8 @@ def pretrain(
     dropout: float = 0.1,
     config_overrides: Mapping[str, Any] | None = None,
     max_length: int = 1200,
-    mask_ratio: float = 0.4,
+    mask_ratio: float | Sequence[float] = 0.4,
+    generative: bool = False,
     max_steps: int | None = None,
     num_epochs: float | None = None,
     batch_size: int = 32,
@@ -401,9 +433,16 @@ def pretrain(
 
     The model learns masked expression (MSE on the masked genes' binned values, mask ``config.mask_value``)
     and the MVC/GEPC objective from the cell embedding, on cells streamed from the backed files (see
-    `StreamingCellDataset`). Written to `output_dir`: ``config.json`` + ``model.safetensors``
-    (``from_pretrained``-ready, also as `ScGPTModel` for `embed`), the tokenizer (``vocab.json`` and its
-    config, ``max_length`` set to `max_length`) and ``training_metrics.json`` (losses, steps, cells, time).
+    `StreamingCellDataset`). With `generative`, the masked genes are instead genes to generate: they carry
+    a flag embedding instead of a value and attend only to the known genes and themselves (the original's
+    generative pretraining; the model gets ``config.use_generative_flag``). Written to `output_dir`:
+    ``config.json`` + ``model.safetensors`` (``from_pretrained``-ready, also as `ScGPTModel` for `embed`),
+    the tokenizer (``vocab.json`` and its config, ``max_length`` set to `max_length`) and
+    ``training_metrics.json`` (losses, steps, cells, time, settings, and what each process read).
+
+    Under ``torchrun`` / ``accelerate launch`` each process trains on its own share of the (file, chunk)
+    units (see the module docstring); only the main process writes `output_dir`. On machines without CUDA
+    the processes train together over ``gloo``.
 
     Args:
         files: .h5ad files (raw counts or normalised/log1p values).
@@ -413,32 +452,37 @@ def pretrain(
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size (default 2 x hidden_size),
             dropout: model size; `config_overrides` sets any other `ScGPTConfig` field.
         max_length: tokens per cell, ``<cls>`` included.
-        mask_ratio: fraction of each cell's genes masked (the original cycles 0.25, 0.5, 0.75).
+        mask_ratio: fraction of each cell's genes masked, or several fractions, one drawn per batch (the
+            original's generative pretraining draws from 0.25, 0.5, 0.75).
+        generative: masked genes become genes to generate (see above).
         max_steps: optimizer steps; or `num_epochs`, converted to steps from the files' cell counts
             (``ceil(cells x epochs / (batch_size x processes x accumulation))``). One of them is required.
         batch_size: cells per device per step.
         learning_rate, warmup_ratio, weight_decay: AdamW with linear decay.
-        seed: model initialisation, data order, masking and tokenisation.
+        seed: model initialisation, data order, masking (offset by the process rank, so processes mask
+            differently) and tokenisation.
         layer, use_raw, gene_column: matrix and gene names to read from every file.
         chunk_size, shuffle_buffer: see `StreamingCellDataset`.
-        num_workers: DataLoader worker processes (each streams its own share of the chunks).
+        num_workers: DataLoader worker processes (each streams its own share of the chunks; what they read
+            is then not in the metrics).
         logging_steps: log the loss every this many steps.
         training_args: more `TrainingArguments` (override the ones above; e.g. ``bf16``,
             ``gradient_accumulation_steps``, ``save_steps``).
     """
+    from accelerate.utils import gather_object
     from transformers import TrainingArguments, set_seed
 
     from .modeling_scgpt import ScGPTForPreTraining
 
     paths = _check_files(files)
     output_dir = Path(output_dir)
+    ratios = [float(mask_ratio)] if isinstance(mask_ratio, (int, float)) else [float(r) for r in mask_ratio]
+    if not ratios or min(ratios) <= 0:
+        raise ValueError(f"mask_ratio must be above 0 (the loss is on masked genes), got {mask_ratio}.")
+    mask_ratio = ratios if len(ratios) > 1 else ratios[0]
     if tokenizer is None:
         tokenizer = build_vocab(paths, layer=layer, use_raw=use_raw, gene_column=gene_column)
     tokenizer = make_tokenizer(tokenizer, max_length=max_length)
-    dataset = StreamingCellDataset(
-        paths, tokenizer, max_length=max_length, layer=layer, use_raw=use_raw, gene_column=gene_column,
-        chunk_size=chunk_size, shuffle_buffer=shuffle_buffer, seed=seed, epochs=None,
-    )
 
     extra = dict(training_args or {})
     args = TrainingArguments(
@@ -457,7 +501,20 @@ def pretrain(
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,
         accelerator_config={"dispatch_batches": False},
-        **extra,
+        **{**_cpu_launch_args(extra), **extra},
+    )
+    launched = int(os.environ.get("WORLD_SIZE", 1))
+    if args.world_size != launched:
+        raise ValueError(
+            f"WORLD_SIZE={launched} makes this one of {launched} processes, but the Trainer set up distributed "
+            f"training for {args.world_size}, so each process would train alone. Launch with torchrun or "
+            "accelerate launch; on devices other than CUDA GPUs and CPUs pass training_args={'ddp_backend': ...}."
+        )
+    # The Trainer's rank and world size, so the data shards match the processes that train.
+    dataset = StreamingCellDataset(
+        paths, tokenizer, max_length=max_length, layer=layer, use_raw=use_raw, gene_column=gene_column,
+        chunk_size=chunk_size, shuffle_buffer=shuffle_buffer, seed=seed, epochs=None,
+        process_index=args.process_index, num_processes=args.world_size,
     )
     per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
     if max_steps is None:
@@ -470,27 +527,30 @@ def pretrain(
     if "warmup_steps" not in extra:
         args.warmup_steps = int(round(warmup_ratio * args.max_steps))
 
-    overrides = dict(config_overrides or {})
-    config = ScGPTConfig(
-        **{
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "num_hidden_layers": num_hidden_layers,
-            "num_attention_heads": num_attention_heads,
-            "intermediate_size": intermediate_size or 2 * hidden_size,
-            "dropout": dropout,
-            "pad_token_id": tokenizer.pad_token_id,
-            "cls_token_id": tokenizer.cls_token_id,
-            "eoc_token_id": tokenizer.convert_tokens_to_ids("<eoc>"),
-            "pad_value": tokenizer.pad_value,
-            "n_bins": tokenizer.n_bins,
-            "max_seq_len": max_length,
-            **overrides,
-        }
-    )
+    values = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "intermediate_size": intermediate_size or 2 * hidden_size,
+        "dropout": dropout,
+        "pad_token_id": tokenizer.pad_token_id,
+        "cls_token_id": tokenizer.cls_token_id,
+        "eoc_token_id": tokenizer.convert_tokens_to_ids("<eoc>"),
+        "pad_value": tokenizer.pad_value,
+        "n_bins": tokenizer.n_bins,
+        "max_seq_len": max_length,
+        **(config_overrides or {}),
+    }
+    if generative:
+        values["use_generative_flag"] = True  # the flag embedding marks the genes to generate
+    config = ScGPTConfig(**values)
     set_seed(seed)
     model = ScGPTForPreTraining(config)
-    collator = ScGPTDataCollator(tokenizer, mask_ratio=mask_ratio, mask_value=config.mask_value, seed=seed)
+    collator = ScGPTDataCollator(
+        tokenizer, mask_ratio=mask_ratio, mask_value=config.mask_value,
+        generative=generative, seed=seed + args.process_index,
+    )
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator)
     started = time.perf_counter()
     result = trainer.train()
@@ -498,6 +558,8 @@ def pretrain(
 
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     trainer.save_model(str(output_dir))  # main process only; safetensors
+    # Every process takes part in the gather; workers read in their own copies, which are not seen here.
+    read = gather_object([dataset.read_summary()]) if args.dataloader_num_workers == 0 else None
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(output_dir))
         n_last = max(1, len(losses) // 10)
@@ -515,8 +577,12 @@ def pretrain(
             "files": [str(p) for p in paths],
             "batch_size_per_device": args.per_device_train_batch_size,
             "world_size": args.world_size,
+            # Per process (rank order): rows read and the (file, chunk) units read, as
+            # [epoch, index in "files", first row, stop row]; None with DataLoader workers.
+            "data_read_by_process": read,
             "learning_rate": args.learning_rate,
             "mask_ratio": mask_ratio,
+            "generative": generative,
             "max_length": max_length,
             "seed": seed,
             "train_runtime_s": round(elapsed, 2),

@@ -143,6 +143,11 @@ def test_pretrain_learns_and_saves_a_loadable_folder(corpus, tmp_path):
     assert np.isfinite(losses).all() and len(losses) == 8
     assert metrics["final_loss"] < 0.7 * metrics["first_loss"], losses
     assert metrics["global_step"] == 40 and metrics["cells_seen"] == 640 and metrics["cells_in_files"] == 200
+    assert metrics["world_size"] == 1 and metrics["mask_ratio"] == 0.4 and metrics["generative"] is False
+    # One process read every cell of the first pass, and more than it trained on.
+    (read,) = metrics["data_read_by_process"]
+    first_pass = sorted(u[1:] for u in read["units"] if u[0] == 0)
+    assert sum(stop - start for _, start, stop in first_pass) == 200 and read["cells"] >= 640
     assert (out / "model.safetensors").is_file()
     model = ScGPTForPreTraining.from_pretrained(out)
     assert model.config.hidden_size == 32 and model.config.vocab_size == len(tokenizer)
@@ -175,12 +180,40 @@ def test_cli_pretrain(corpus, tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["pretrain", str(out), *map(str, files), "--vocab", str(vocab_file), "--hidden-size", "16",
                  "--layers", "1", "--heads", "2", "--max-length", "32", "--max-steps", "3", "--batch-size", "8",
-                 "--seed", "1"])
+                 "--seed", "1", "--chunk-size", "50"])
     assert code == 0
-    assert "Pretrained 3 steps" in capsys.readouterr().out
+    assert "Pretrained 3 steps (" in capsys.readouterr().out
     metrics = json.loads((out / pt.METRICS_FILE).read_text())
     assert metrics["global_step"] == 3 and metrics["seed"] == 1 and metrics["max_length"] == 32
+    assert metrics["mask_ratio"] == 0.4 and metrics["generative"] is False
+    first_pass = sorted(u[1:] for u in metrics["data_read_by_process"][0]["units"] if u[0] == 0)
+    assert first_pass == [[0, 0, 50], [0, 50, 90], [1, 0, 50], [1, 50, 100], [1, 100, 110]]  # 90 + 110 cells
     assert ScGPTForPreTraining.from_pretrained(out).config.num_hidden_layers == 1
+
+
+def test_generative_pretraining_with_mask_ratios_drawn_per_batch(corpus, tmp_path, capsys):
+    """The original's generative pretraining settings, through the CLI."""
+    files, _, _, vocab_file = corpus
+    out = tmp_path / "gen"
+    code = main(["pretrain", str(out), *map(str, files), "--vocab", str(vocab_file), "--hidden-size", "16",
+                 "--layers", "1", "--heads", "2", "--max-length", "32", "--max-steps", "6", "--batch-size", "8",
+                 "--generative", "--mask-ratio", "0.25", "0.5", "0.75"])
+    assert code == 0 and "Pretrained 6 steps" in capsys.readouterr().out
+    metrics = json.loads((out / pt.METRICS_FILE).read_text())
+    assert metrics["mask_ratio"] == [0.25, 0.5, 0.75] and metrics["generative"] is True
+    assert np.isfinite(metrics["train_loss"])
+    model = ScGPTForPreTraining.from_pretrained(out)
+    assert model.config.use_generative_flag
+    assert model.scgpt.embeddings.flag_embeddings.weight.shape == (2, 16)
+
+
+def test_launch_without_distributed_training_is_refused(corpus, tmp_path, monkeypatch):
+    """WORLD_SIZE says several processes, but nothing set up distributed training: each would train alone."""
+    files, _, tokenizer, _ = corpus
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 makes this one of 2 processes.*training for 1"):
+        pretrain(files, tmp_path / "x", tokenizer=tokenizer, max_steps=1, training_args={"use_cpu": False})
+    assert not (tmp_path / "x").exists()
 
 
 def test_errors_name_the_file(corpus, tmp_path, capsys):
@@ -196,6 +229,8 @@ def test_errors_name_the_file(corpus, tmp_path, capsys):
         StreamingCellDataset([files[0], missing], tokenizer)
     with pytest.raises(ValueError, match="max_steps or num_epochs"):
         pretrain(files, tmp_path / "x", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="mask_ratio must be above 0"):
+        pretrain(files, tmp_path / "x", tokenizer=tokenizer, max_steps=1, mask_ratio=0.0)
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", str(tmp_path / "y"), str(missing), "--vocab", str(vocab_file), "--max-steps", "1"])
     assert exit_info.value.code == 2
