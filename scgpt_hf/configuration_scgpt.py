@@ -2,12 +2,44 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 from transformers import PretrainedConfig
 
 INPUT_EMB_STYLES = ("continuous", "category", "scaling")
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
 MVC_DECODER_STYLES = ("inner product", "concat query", "sum query")
 BATCH_NORM_STYLES = (False, "dsbn", "batchnorm")
+
+
+class _Derived:
+    """A config attribute computed from other attributes unless set explicitly to something else.
+
+    Only a value that differs from the derived one is stored, so the attribute follows its sources when
+    they change later, as `from_pretrained(path, n_bins=101)` and `from_dict(d, modality_vocab=...)` do
+    (they set kwargs after `__init__`). Saved configs hold the derived values too (`to_dict` writes them
+    for readers of config.json); loading one stores nothing explicit, since those values match.
+    """
+
+    def __init__(self, derive: Callable[[ScGPTConfig], Any]):
+        self.derive = derive
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, config: ScGPTConfig | None, owner: type | None = None) -> Any:
+        if config is None:
+            return self
+        explicit = config._explicit.get(self.name)
+        return explicit if explicit is not None else self.derive(config)
+
+    def __set__(self, config: ScGPTConfig, value: Any) -> None:
+        config.__dict__.setdefault("_explicit", {})
+        if value is None or value == self.derive(config):
+            config._explicit.pop(self.name, None)
+        else:
+            config._explicit[self.name] = value
 
 
 class ScGPTConfig(PretrainedConfig):
@@ -32,13 +64,18 @@ class ScGPTConfig(PretrainedConfig):
         max_seq_len: Longest cell (genes plus `<cls>`) the model was trained on.
         input_emb_style: "continuous" (MLP on the value), "category" (embedding per bin) or
             "scaling" (gene embedding times value).
-        n_input_bins: Rows of the "category" value embedding (default n_bins + 2: bins, pad, mask).
+        n_input_bins: Rows of the "category" value embedding (default, and re-derived when n_bins changes:
+            n_bins + 2, i.e. bins, pad, mask).
         max_value: Values are clamped to at most this before the continuous value encoder.
         cell_emb_style: "cls" (output at `<cls>`), "avg-pool" or "w-pool" (value-weighted sum).
         pre_norm: Use the original's pre-norm layers instead of post-norm.
         explicit_zero_prob: Add heads predicting the probability that a gene is not expressed.
         use_batch_labels: Concatenate a batch embedding to the decoders' input.
-        num_batch_labels: Number of batches (needed with batch labels or batch norm).
+        num_batch_labels: Number of batches (needed with batch labels, batch norm or the discriminator);
+            defaults to the size of `batch2id`.
+        batch2id: Batch name -> id of the batches a model was fine-tuned on (like `label2id` for cell
+            types), e.g. `CellDataset(...).batch2id`; `embed` / `annotate(..., batch_key=...)` map obs batch
+            names through it and name unknown batches. Ids must be 0..num_batch_labels-1.
         domain_spec_batchnorm: False, "dsbn" (one BatchNorm per batch) or "batchnorm".
         do_mvc: Whether the pretraining head has the MVC (gene expression from cell embedding) decoder.
         mvc_decoder_style: "inner product", "concat query" or "sum query".
@@ -62,7 +99,7 @@ class ScGPTConfig(PretrainedConfig):
             modality (e.g. RNA, ATAC peak, protein) and add it to the batch embedding at the decoders'
             input, as the original `MultiOmicTransformerModel` (`use_mod`).
         modality_vocab_size: Rows of the modality embedding (the original's `ntokens_mod`: modalities
-            plus its special tokens).
+            plus its special tokens); defaults to the size of `modality_vocab`.
         modality_vocab: Modality name -> id (e.g. {"RNA": 0, "ATAC": 1, "protein": 2, "<pad>": 3,
             "<cls>": 4, "<eoc>": 5}); optional, but needed to turn names into ids and to check a dataset's
             modality vocabulary against the model's.
@@ -78,6 +115,16 @@ class ScGPTConfig(PretrainedConfig):
         "d_hid": "intermediate_size",
         "nlayers": "num_hidden_layers",
     }
+
+    # transformers makes subclasses dataclasses, whose generated __eq__ would compare the base fields only
+    # (configs differing in every scGPT setting would be equal); compare all attributes, as transformers does.
+    __eq__ = PretrainedConfig.__eq__
+
+    # Values that follow other attributes unless set explicitly (see `_Derived`).
+    n_input_bins = _Derived(lambda config: config.n_bins + 2)
+    num_batch_labels = _Derived(lambda config: len(config.batch2id) if config.batch2id else None)
+    modality_vocab_size = _Derived(lambda config: len(config.modality_vocab) if config.modality_vocab else None)
+    modality_pad_id = _Derived(lambda config: (config.modality_vocab or {}).get("<pad>"))
 
     def __init__(
         self,
@@ -103,6 +150,7 @@ class ScGPTConfig(PretrainedConfig):
         explicit_zero_prob: bool = False,
         use_batch_labels: bool = False,
         num_batch_labels: int | None = None,
+        batch2id: Mapping[str, int] | None = None,
         domain_spec_batchnorm: bool | str = False,
         do_mvc: bool = True,
         mvc_decoder_style: str = "inner product",
@@ -125,25 +173,7 @@ class ScGPTConfig(PretrainedConfig):
     ):
         if domain_spec_batchnorm is True:
             domain_spec_batchnorm = "dsbn"
-        _check_choice("input_emb_style", input_emb_style, INPUT_EMB_STYLES)
-        _check_choice("cell_emb_style", cell_emb_style, CELL_EMB_STYLES)
-        _check_choice("mvc_decoder_style", mvc_decoder_style, MVC_DECODER_STYLES)
-        _check_choice("domain_spec_batchnorm", domain_spec_batchnorm, BATCH_NORM_STYLES)
-        if hidden_size % num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})."
-            )
-        if (use_batch_labels or do_dab or domain_spec_batchnorm == "dsbn") and not num_batch_labels:
-            raise ValueError(
-                "num_batch_labels is required with batch labels, the batch discriminator or domain-specific "
-                "batch norm: "
-                "pass the number of batches in the training data."
-            )
-        if pert_pad_id not in (0, 1, 2):
-            raise ValueError(f"pert_pad_id must be one of the 3 perturbation flags 0, 1, 2; got {pert_pad_id!r}.")
-        modality_vocab_size, modality_pad_id = _check_modalities(
-            use_modality_embeddings, modality_vocab_size, modality_vocab, modality_pad_id
-        )
+        self._explicit = {}  # values of `_Derived` attributes set to something other than their default
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -158,12 +188,14 @@ class ScGPTConfig(PretrainedConfig):
         self.n_bins = n_bins
         self.max_seq_len = max_seq_len
         self.input_emb_style = input_emb_style
-        self.n_input_bins = n_input_bins if n_input_bins is not None else n_bins + 2
+        self.n_input_bins = n_input_bins
         self.max_value = float(max_value)
         self.cell_emb_style = cell_emb_style
         self.pre_norm = pre_norm
         self.explicit_zero_prob = explicit_zero_prob
         self.use_batch_labels = use_batch_labels
+        # JSON keys are strings: keep them so in memory too, so a saved and reloaded mapping is equal.
+        self.batch2id = {str(name): int(i) for name, i in batch2id.items()} if batch2id is not None else None
         self.num_batch_labels = num_batch_labels
         self.domain_spec_batchnorm = domain_spec_batchnorm
         self.do_mvc = do_mvc
@@ -180,10 +212,62 @@ class ScGPTConfig(PretrainedConfig):
         self.perturbation_decoder_activation = perturbation_decoder_activation
         self.perturbation_decoder_adaptive_bias = bool(perturbation_decoder_adaptive_bias)
         self.use_modality_embeddings = bool(use_modality_embeddings)
-        self.modality_vocab_size = modality_vocab_size
         self.modality_vocab = dict(modality_vocab) if modality_vocab is not None else None
+        self.modality_vocab_size = modality_vocab_size
         self.modality_pad_id = modality_pad_id
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+        self._validate()
+
+    @property
+    def needs_batch_labels(self) -> bool:
+        """Whether the forward pass reads batch labels (batch embedding or per-batch norm)."""
+        return bool(self.use_batch_labels) or self.domain_spec_batchnorm == "dsbn"
+
+    def _validate(self) -> None:
+        """Raise on settings that contradict each other; run after `__init__` and after `from_dict` kwargs."""
+        _check_choice("input_emb_style", self.input_emb_style, INPUT_EMB_STYLES)
+        _check_choice("cell_emb_style", self.cell_emb_style, CELL_EMB_STYLES)
+        _check_choice("mvc_decoder_style", self.mvc_decoder_style, MVC_DECODER_STYLES)
+        _check_choice("domain_spec_batchnorm", self.domain_spec_batchnorm, BATCH_NORM_STYLES)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        _check_mapping("batch2id", self.batch2id, "num_batch_labels", self.num_batch_labels)
+        if (self.use_batch_labels or self.do_dab or self.domain_spec_batchnorm == "dsbn") and not self.num_batch_labels:
+            raise ValueError(
+                "num_batch_labels is required with batch labels, the batch discriminator or domain-specific "
+                "batch norm: pass the number of batches in the training data, or batch2id (batch name -> id)."
+            )
+        if self.pert_pad_id not in (0, 1, 2):
+            raise ValueError(
+                f"pert_pad_id must be one of the 3 perturbation flags 0, 1, 2; got {self.pert_pad_id!r}."
+            )
+        _check_mapping("modality_vocab", self.modality_vocab, "modality_vocab_size", self.modality_vocab_size)
+        size, pad_id = self.modality_vocab_size, self.modality_pad_id
+        if self.use_modality_embeddings and not size:
+            raise ValueError(
+                "use_modality_embeddings needs modality_vocab_size (or modality_vocab): the number of modality ids."
+            )
+        if pad_id is not None and size is not None and not 0 <= pad_id < size:
+            raise ValueError(f"modality_pad_id={pad_id} is outside the modality vocabulary [0, {size}).")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> ScGPTConfig | tuple[ScGPTConfig, dict[str, Any]]:
+        """As `PretrainedConfig.from_dict`, which sets `kwargs` after `__init__`, then checks the result."""
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result)._validate()
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        """As `PretrainedConfig.to_dict`, with every `_Derived` value written under its own name."""
+        output = super().to_dict()
+        del output["_explicit"]
+        output.update(
+            {name: getattr(self, name) for name, value in vars(ScGPTConfig).items() if isinstance(value, _Derived)}
+        )
+        return output
 
 
 def _check_choice(name: str, value, choices: tuple) -> None:
@@ -191,27 +275,17 @@ def _check_choice(name: str, value, choices: tuple) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}.")
 
 
-def _check_modalities(use, size, vocab, pad_id) -> tuple[int | None, int | None]:
-    """Validate the modality settings; returns (size, pad id) with defaults filled from the vocabulary."""
-    if vocab is not None:
-        if not isinstance(vocab, dict) or not vocab:
-            raise ValueError("modality_vocab must be a non-empty mapping of modality names to ids.")
-        ids = sorted(vocab.values())
-        if ids != list(range(len(ids))):
-            raise ValueError(f"modality_vocab ids must be the distinct integers 0..{len(ids) - 1}; got {vocab}.")
-        if size is None:
-            size = len(vocab)
-        elif size != len(vocab):
-            raise ValueError(
-                f"modality_vocab has {len(vocab)} entries ({sorted(vocab, key=vocab.get)}) but "
-                f"modality_vocab_size is {size}: the modality vocabulary does not belong to this model."
-            )
-        if pad_id is None and "<pad>" in vocab:
-            pad_id = vocab["<pad>"]
-    if use and not size:
+def _check_mapping(name: str, mapping: Mapping[str, int] | None, size_name: str, size: int | None) -> None:
+    """A name -> id mapping (batches, modalities) must number its names 0..n-1 and have `size` entries."""
+    if mapping is None:
+        return
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise ValueError(f"{name} must be a non-empty mapping of names to ids; got {mapping!r}.")
+    ids = sorted(mapping.values())
+    if ids != list(range(len(ids))):
+        raise ValueError(f"{name} ids must be the distinct integers 0..{len(ids) - 1}; got {dict(mapping)}.")
+    if size != len(mapping):
         raise ValueError(
-            "use_modality_embeddings needs modality_vocab_size (or modality_vocab): the number of modality ids."
+            f"{name} has {len(mapping)} entries ({sorted(mapping, key=mapping.get)}) but {size_name} is {size}: "
+            f"{name} does not belong to this model (leave {size_name} unset to take it from {name})."
         )
-    if pad_id is not None and size is not None and not 0 <= pad_id < size:
-        raise ValueError(f"modality_pad_id={pad_id} is outside the modality vocabulary [0, {size}).")
-    return size, pad_id
