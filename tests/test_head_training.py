@@ -25,7 +25,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from reference import make_vocab
-from scgpt_hf import ScGPTConfig, ScGPTForBatchIntegration, ScGPTTokenizer, predict_perturbation
+from scgpt_hf import ScGPTForBatchIntegration, ScGPTTokenizer, predict_perturbation
 from scgpt_hf.data import (
     CellDataset,
     DomainGroupedSampler,
