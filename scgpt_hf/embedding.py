@@ -352,34 +352,24 @@ def _run_cells(
     return out, n_genes, facts
 
 
-def _batch_ids(adata: AnnData, config: Any, batch_key: str | None) -> np.ndarray | None:
-    """Integer batch ids from `obs[batch_key]` for models with batch embeddings or batch norm."""
-    needs = config.use_batch_labels or config.domain_spec_batchnorm == "dsbn"
-    if not needs:
+def _batch_ids(adata: AnnData, model: ScGPTPreTrainedModel, batch_key: str | None) -> np.ndarray | None:
+    """Each cell's batch id from `obs[batch_key]` (names through `config.batch2id`, or integer ids), for
+    models with batch embeddings or batch norm."""
+    if not model.config.needs_batch_labels:
         if batch_key is not None:
             raise ValueError(f"batch_key={batch_key!r} was given but this model takes no batch labels; drop it.")
         return None
     if batch_key is None:
         raise ValueError(
-            "This model needs batch labels (batch embeddings or domain-specific batch norm): pass batch_key=, an "
-            "obs column with each cell's batch id (integers 0..num_batch_labels-1, as in training)."
+            "This model needs batch labels (batch embeddings or domain-specific batch norm): pass batch_key=, the "
+            "obs column with each cell's batch (names of config.batch2id, or the integer ids used in training)."
         )
     if batch_key not in adata.obs:
         raise ValueError(f"obs has no column {batch_key!r}; available: {list(adata.obs.columns)}.")
-    column = adata.obs[batch_key]
-    numeric = pd.to_numeric(column.astype(str) if column.dtype == "category" else column, errors="coerce")
-    if numeric.isna().any() or (numeric % 1 != 0).any():
-        raise ValueError(
-            f"obs[{batch_key!r}] must hold integer batch ids (the ones the model was trained with, e.g. "
-            "CellDataset(...).batch2id applied to the batch names); found non-integer entries."
-        )
-    ids = numeric.to_numpy(dtype=np.int64)
-    if ids.min() < 0 or ids.max() >= config.num_batch_labels:
-        raise ValueError(
-            f"obs[{batch_key!r}] has batch ids {ids.min()}..{ids.max()}, outside the model's "
-            f"[0, {config.num_batch_labels}) (config.num_batch_labels)."
-        )
-    return ids
+    try:
+        return model.encode_batch_labels(adata.obs[batch_key]).cpu().numpy()
+    except ValueError as err:
+        raise ValueError(f"obs[{batch_key!r}]: {err}") from err
 
 
 def _warn_empty(n_empty: int, n_obs: int, where: str, n_genes_key: str) -> None:
@@ -436,7 +426,8 @@ def embed(
         progress: show a tqdm progress bar.
         batch_key: for models with batch embeddings or domain-specific batch norm (e.g. a fine-tuned
             `ScGPTForBatchIntegration`, whose cell embeddings are the integrated representation): the obs
-            column of integer batch ids the model was trained with.
+            column of each cell's batch, as names of the model's `config.batch2id` or as the integer ids
+            it was trained with. A batch the model was not trained on is an error.
 
     Returns:
         `adata` itself, with `obsm[key_added]` (n_obs x hidden_size float32, L2-normalised, NaN rows for
@@ -452,7 +443,7 @@ def embed(
     out, n_genes, facts = _run_cells(
         adata, backbone, tokenizer, lambda result: result.cell_embedding, config.hidden_size,
         cls_value=float(config.pad_value),  # the original's embedding path puts pad_value at <cls>
-        batch_ids=_batch_ids(adata, config, batch_key),
+        batch_ids=_batch_ids(adata, backbone, batch_key),
         batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
         gene_column=gene_column, device=device, chunk_size=chunk_size, max_tokens=max_tokens,
         num_threads=num_threads, progress=progress, desc="Embedding cells",
@@ -510,7 +501,7 @@ def annotate(
     probs, n_genes, facts = _run_cells(
         adata, classifier, tokenizer, lambda result: torch.softmax(result.logits.float(), dim=-1), config.num_labels,
         cls_value=float(tokenizer.cls_value),
-        batch_ids=_batch_ids(adata, config, batch_key),
+        batch_ids=_batch_ids(adata, classifier, batch_key),
         batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
         gene_column=gene_column, device=device, chunk_size=chunk_size, max_tokens=max_tokens,
         num_threads=num_threads, progress=progress, desc="Annotating cells",

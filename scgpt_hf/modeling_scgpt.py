@@ -7,8 +7,9 @@ runs through transformers' attention interface, so `attn_implementation="eager" 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -349,6 +350,64 @@ class ScGPTPreTrainedModel(PreTrainedModel):
             # As the original: gene embeddings start uniform in [-0.1, 0.1].
             module.gene_embeddings.weight.uniform_(-0.1, 0.1)
 
+    def encode_batch_labels(self, batches: Iterable[Any]) -> torch.LongTensor:
+        """Each cell's batch -> `batch_labels`: names through `config.batch2id`, or integer ids as they are.
+
+        Names are tried first (a model fine-tuned on an integer obs column has "0", "1", ... as names, in
+        sorted-string order); integers are taken as ids when no entry is a known name. Raises, naming them,
+        for batches the model was not trained on and for ids outside [0, num_batch_labels).
+        """
+        config = self.config
+        if not config.num_batch_labels:
+            raise ValueError(
+                "This model has no batches (config.num_batch_labels is unset), so it takes no batch labels."
+            )
+        batches = list(batches)
+        known = config.batch2id or {}
+        names = [str(batch) for batch in batches]
+        if any(name in known for name in names):
+            ids = [known.get(name) for name in names]
+        else:
+            ids = [_as_batch_id(batch) for batch in batches]
+        unknown = sorted({name for name, i in zip(names, ids) if i is None})
+        if unknown:
+            listed = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            if known:
+                raise ValueError(
+                    f"Batches {listed} are not among the {len(known)} this model was trained on (config.batch2id: "
+                    f"{sorted(known, key=known.get)[:10]}): it has no batch embedding or batch norm for them. Drop "
+                    "those cells, or fine-tune a model whose training data includes them."
+                )
+            raise ValueError(
+                f"Batch labels {listed} are not integer ids, and this model has no config.batch2id to map batch "
+                f"names: pass the ids 0..{config.num_batch_labels - 1} used in training, or set config.batch2id "
+                "(e.g. to the training CellDataset's batch2id) and save the model."
+            )
+        labels = torch.tensor(ids, dtype=torch.long, device=self.device)
+        _check_batch_ids(labels, config)
+        return labels
+
+
+def _as_batch_id(value: Any) -> int | None:
+    """An integer batch id from an int, an integral float or a numeric string; None for anything else."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def _check_batch_ids(batch_labels: torch.Tensor, config: ScGPTConfig) -> None:
+    """Batch ids must index the model's batches; the one check for the forward pass, losses and `embed`."""
+    if batch_labels.numel() and (batch_labels.min() < 0 or batch_labels.max() >= config.num_batch_labels):
+        known = config.batch2id
+        names = f"; config.batch2id names them: {sorted(known, key=known.get)[:10]}" if known else ""
+        raise ValueError(
+            f"Batch ids range from {int(batch_labels.min())} to {int(batch_labels.max())}, outside the model's "
+            f"[0, {config.num_batch_labels}) (config.num_batch_labels{names}): use the batch ids the model was "
+            "trained with."
+        )
+
 
 def _generative_attention_mask(
     attention_mask: torch.Tensor | None, generative_mask: torch.Tensor
@@ -393,9 +452,7 @@ class ScGPTModel(ScGPTPreTrainedModel):
         self.embeddings.gene_embeddings = value
 
     def _check_batch_labels(self, batch_labels: torch.Tensor | None, batch_size: int) -> None:
-        config = self.config
-        needs = config.use_batch_labels or config.domain_spec_batchnorm == "dsbn"
-        if not needs:
+        if not self.config.needs_batch_labels:
             if batch_labels is not None:
                 raise ValueError(
                     "batch_labels were given but this model has no batch embedding or domain-specific batch norm "
@@ -403,16 +460,15 @@ class ScGPTModel(ScGPTPreTrainedModel):
                 )
             return
         if batch_labels is None:
-            raise ValueError("This model needs batch_labels (one integer batch id per cell); pass batch_labels=...")
+            raise ValueError(
+                "This model needs batch_labels (one batch id per cell): pass "
+                "batch_labels=model.encode_batch_labels(each cell's batch name or id)."
+            )
         if batch_labels.shape != (batch_size,):
             raise ValueError(f"batch_labels must have shape ({batch_size},), got {tuple(batch_labels.shape)}.")
-        if torch.compiler.is_exporting():
-            return  # value checks branch on data, which graph export cannot trace; OnnxScGPT checks ids instead
-        if batch_labels.numel() and (batch_labels.min() < 0 or batch_labels.max() >= config.num_batch_labels):
-            raise ValueError(
-                f"batch_labels must lie in [0, {config.num_batch_labels}) (config.num_batch_labels); "
-                f"got values from {int(batch_labels.min())} to {int(batch_labels.max())}."
-            )
+        # Value checks branch on data, which graph export cannot trace (OnnxScGPT checks ids itself).
+        if not torch.compiler.is_exporting():
+            _check_batch_ids(batch_labels, self.config)
 
     def _check_generative_mask(self, generative_mask: torch.Tensor | None, input_ids: torch.Tensor) -> None:
         if generative_mask is None:
@@ -917,7 +973,7 @@ class ScGPTForCellClassification(ScGPTPreTrainedModel):
 @dataclass
 class ScGPTForBatchIntegrationOutput(ModelOutput):
     """Batch-integration output: the pretraining outputs plus `batch_logits` from the adversarial
-    discriminator (`config.do_dab`) and the elastic cell similarity loss `ecs_loss` (training)."""
+    discriminator (`config.do_dab`) and the elastic cell similarity loss `ecs_loss` (with `labels` only)."""
 
     loss: torch.FloatTensor | None = None
     expression: torch.FloatTensor | None = None
@@ -960,12 +1016,16 @@ class ScGPTForBatchIntegration(ScGPTForPreTraining):
         return_dict: bool | None = None,
         **kwargs,
     ) -> ScGPTForBatchIntegrationOutput | tuple:
+        """`batch_labels`: (batch,) batch ids (see `encode_batch_labels`), read by the batch embedding / norm
+        and, with `labels`, by the discriminator's loss; `labels`: true expression values, scored where the
+        input value is `config.mask_value`. The ECS and discriminator loss terms are computed with `labels`
+        only, so inference (e.g. `embed`) pays for neither."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         base = super().forward(
             input_ids,
             values,
             attention_mask=attention_mask,
-            batch_labels=batch_labels,
+            batch_labels=_backbone_batch_labels(self.config, batch_labels),
             labels=labels,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
@@ -977,24 +1037,43 @@ class ScGPTForBatchIntegration(ScGPTForPreTraining):
         return output if return_dict else output.to_tuple()
 
 
+def _backbone_batch_labels(config: ScGPTConfig, batch_labels: torch.Tensor | None) -> torch.Tensor | None:
+    """The batch labels the backbone reads: a model whose only batch-aware part is the discriminator
+    (`do_dab` without batch embedding or per-batch norm) uses them in its loss alone."""
+    return None if config.do_dab and not config.needs_batch_labels else batch_labels
+
+
 def _add_integration_terms(
-    model: ScGPTPreTrainedModel, output: ScGPTForBatchIntegrationOutput, batch_labels, with_loss: bool
+    model: ScGPTPreTrainedModel,
+    output: ScGPTForBatchIntegrationOutput,
+    batch_labels: torch.Tensor | None,
+    with_loss: bool,
+    ecs_without_loss: bool = False,
 ) -> None:
-    """Discriminator logits and ECS, and their weighted terms added to `output.loss` when training."""
+    """Discriminator logits, and with a loss the ECS and discriminator terms added to `output.loss`.
+
+    ECS (a cells x cells similarity) is a training term only; `ecs_without_loss` still reports it without
+    labels, for the multi-omic head whose parity test reads it so (to be dropped with that test's update).
+    """
     config = model.config
     if config.do_dab:
         output.batch_logits = model.discriminator(output.cell_embedding)
-    if config.ecs_threshold > 0:
+    if config.ecs_threshold > 0 and (with_loss or ecs_without_loss):
         output.ecs_loss = elastic_cell_similarity_loss(output.cell_embedding, config.ecs_threshold)
-    if with_loss:
-        loss = output.loss
-        if output.ecs_loss is not None:
-            loss = loss + config.ecs_weight * output.ecs_loss
-        if config.do_dab:
-            if batch_labels is None:
-                raise ValueError("The adversarial batch discriminator needs batch_labels to compute the loss.")
-            loss = loss + config.dab_weight * F.cross_entropy(output.batch_logits, batch_labels)
-        output.loss = loss
+    if not with_loss:
+        return
+    loss = output.loss
+    if output.ecs_loss is not None:
+        loss = loss + config.ecs_weight * output.ecs_loss
+    if config.do_dab:
+        if batch_labels is None:
+            raise ValueError(
+                "The adversarial batch discriminator needs batch_labels to compute the loss: pass "
+                "batch_labels=model.encode_batch_labels(each cell's batch)."
+            )
+        _check_batch_ids(batch_labels, config)
+        loss = loss + config.dab_weight * F.cross_entropy(output.batch_logits, batch_labels)
+    output.loss = loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1242,7 +1321,7 @@ class ScGPTForMultiOmicIntegration(ScGPTPreTrainedModel):
             input_ids,
             values,
             attention_mask=attention_mask,
-            batch_labels=batch_labels,
+            batch_labels=_backbone_batch_labels(self.config, batch_labels),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -1292,5 +1371,5 @@ class ScGPTForMultiOmicIntegration(ScGPTPreTrainedModel):
                     "score: mask some values before computing the loss."
                 )
             output.loss = expression_losses(output, labels, masked)
-        _add_integration_terms(self, output, batch_labels, labels is not None)
+        _add_integration_terms(self, output, batch_labels, labels is not None, ecs_without_loss=True)
         return output if return_dict else output.to_tuple()

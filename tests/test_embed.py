@@ -8,6 +8,7 @@ import warnings
 
 import anndata
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -234,3 +235,12 @@ def test_batch_label_models_embed_with_batch_key(ours, cells, batch_norm):
         embed(bad, batched, tok, batch_key="batch_id", progress=False)
     with pytest.raises(ValueError, match="takes no batch labels"):
         embed(cells.copy(), model, tok, batch_key="batch_id", progress=False)
+    # With the training batch names in config.batch2id, obs may hold the names.
+    batched.config.batch2id = {"donor_a": 0, "donor_b": 1, "donor_c": 2}
+    named = cells.copy()
+    named.obs["donor"] = pd.Categorical(np.array(["donor_a", "donor_b", "donor_c"])[adata.obs["batch_id"]])
+    embed(named, batched, tok, batch_key="donor", progress=False, max_length=64)
+    np.testing.assert_allclose(named.obsm["X_scGPT"], adata.obsm["X_scGPT"], atol=1e-6)
+    named.obs["donor"] = named.obs["donor"].cat.rename_categories({"donor_c": "donor_z"})
+    with pytest.raises(ValueError, match=r"obs\['donor'\]: Batches 'donor_z' are not among the 3 .*donor_a"):
+        embed(named, batched, tok, batch_key="donor", progress=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 
-from scgpt_hf import ScGPTConfig, ScGPTForPreTraining, ScGPTModel
+from scgpt_hf import ScGPTConfig, ScGPTForBatchIntegration, ScGPTForPreTraining, ScGPTModel
 
 VOCAB = 30
 
@@ -139,6 +139,40 @@ def test_bad_inputs_get_clear_errors():
         batched(ids, values, mask)
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         batched(ids, values, mask, batch_labels=torch.tensor([0, 1, 2]))
+
+
+def test_encode_batch_labels_maps_names_and_ids():
+    model = ScGPTModel(small_config(use_batch_labels=True, batch2id={"p1": 0, "p10": 1, "p2": 2})).eval()
+    assert model.encode_batch_labels(["p2", "p1", "p10"]).tolist() == [2, 0, 1]
+    assert model.encode_batch_labels([2, 0, 1.0, "1"]).tolist() == [2, 0, 1, 1]  # ids when no entry is a name
+    with pytest.raises(ValueError, match=r"Batches 'p3' are not among the 3 .*\['p1', 'p10', 'p2'\].*fine-tune"):
+        model.encode_batch_labels(["p1", "p3"])
+    with pytest.raises(ValueError, match=r"outside the model's \[0, 3\).*config.batch2id names them"):
+        model.encode_batch_labels([0, 3])
+    # An integer obs column trained through CellDataset has names "0", "1", "10" in string order: names win.
+    numbered = ScGPTModel(small_config(use_batch_labels=True, batch2id={"0": 0, "1": 1, "10": 2})).eval()
+    assert numbered.encode_batch_labels([10, 0]).tolist() == [2, 0]
+    plain = ScGPTModel(small_config(use_batch_labels=True, num_batch_labels=2)).eval()
+    with pytest.raises(ValueError, match="not integer ids, and this model has no config.batch2id"):
+        plain.encode_batch_labels(["donor_a"])
+
+
+def test_integration_skips_training_terms_at_inference():
+    """ECS and the loss are computed with labels only; a discriminator-only model takes batch labels for its loss."""
+    torch.manual_seed(0)
+    model = ScGPTForBatchIntegration(small_config(do_dab=True, batch2id={"a": 0, "b": 1}, ecs_threshold=0.6)).eval()
+    ids, values, mask = cells()
+    masked_values = values.clone()
+    masked_values[:, 2] = model.config.mask_value
+    batch_labels = model.encode_batch_labels(["a", "b", "a"])
+    with torch.no_grad():
+        inference = model(ids, masked_values, mask)
+        trained = model(ids, masked_values, mask, batch_labels=batch_labels, labels=values)
+    assert inference.loss is None and inference.ecs_loss is None and inference.batch_logits is not None
+    assert trained.ecs_loss is not None and torch.isfinite(trained.loss)
+    torch.testing.assert_close(inference.cell_embedding, trained.cell_embedding, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="discriminator needs batch_labels"):
+        model(ids, masked_values, mask, labels=values)
 
 
 def test_dsbn_normalises_each_cell_by_its_own_batch():

@@ -177,6 +177,8 @@ def test_annotation_head_matches_original(tmp_path, original_scgpt):
 
 
 def test_integration_head_matches_original(tmp_path, original_scgpt):
+    """Outputs, the ECS term and the whole training loss equal the original's on the same masked cells;
+    without labels (inference) the training-only ECS is skipped and the outputs are unchanged."""
     from scgpt_hf import ScGPTForBatchIntegration
 
     original, vocab, _ = _converted_pair(
@@ -185,15 +187,47 @@ def test_integration_head_matches_original(tmp_path, original_scgpt):
     )
     ours = ScGPTForBatchIntegration.from_pretrained(tmp_path / "integration", ecs_threshold=0.6).eval()
     ids, values, mask = _inputs(vocab, False, -2, padded=True)
+    labels, masked_values, masked = _masked(values, mask)
     batch_labels = torch.full((4,), 1, dtype=torch.long)
-    ref = original_forward(original, ids, values, mask, batch_labels=batch_labels, MVC=True, ECS=True)
+    ref = original_forward(original, ids, masked_values, mask, batch_labels=batch_labels, MVC=True, ECS=True)
     with torch.no_grad():
-        out = ours(ids, values, mask, batch_labels=batch_labels)
+        out = ours(ids, masked_values, mask, batch_labels=batch_labels, labels=labels)
+        inference = ours(ids, masked_values, mask, batch_labels=batch_labels)
     real = mask.bool()
     torch.testing.assert_close(out.batch_logits, ref["dab_output"], atol=TOL, rtol=0)
     torch.testing.assert_close(out.ecs_loss, ref["loss_ecs"], atol=TOL, rtol=0)
     torch.testing.assert_close(out.mvc_expression[real], ref["mvc_output"][real], atol=TOL, rtol=0)
     torch.testing.assert_close(out.expression[real], ref["mlm_output"][real], atol=TOL, rtol=0)
+    loss_fns = original_scgpt.loss
+    expected = (
+        _original_expression_loss(loss_fns, ref, labels, masked)
+        + ours.config.ecs_weight * ref["loss_ecs"]
+        + ours.config.dab_weight * torch.nn.functional.cross_entropy(ref["dab_output"], batch_labels)
+    )
+    torch.testing.assert_close(out.loss, expected, atol=TOL, rtol=0)
+    assert inference.loss is None and inference.ecs_loss is None
+    torch.testing.assert_close(inference.cell_embedding, out.cell_embedding, atol=0, rtol=0)
+    torch.testing.assert_close(inference.batch_logits, out.batch_logits, atol=0, rtol=0)
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labels, values with genes 2..4 of each cell at mask_value -1, the masked positions)."""
+    masked = torch.zeros_like(mask, dtype=torch.bool)
+    masked[:, 2:5] = True
+    masked &= mask.bool()
+    masked_values = values.clone()
+    masked_values[masked] = -1.0
+    return values.clone(), masked_values, masked
+
+
+def _original_expression_loss(loss_fns, ref: dict, labels: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """The original's masked expression, MVC and zero-probability losses on its outputs."""
+    return (
+        loss_fns.masked_mse_loss(ref["mlm_output"], labels, masked)
+        + loss_fns.criterion_neg_log_bernoulli(ref["mlm_zero_probs"], labels, masked)
+        + loss_fns.masked_mse_loss(ref["mvc_output"], labels, masked)
+        + loss_fns.criterion_neg_log_bernoulli(ref["mvc_zero_probs"], labels, masked)
+    )
 
 
 def test_training_losses_match_original_loss_functions(tmp_path, original_scgpt):
@@ -203,20 +237,9 @@ def test_training_losses_match_original_loss_functions(tmp_path, original_scgpt)
     original, vocab, _ = _converted_pair(tmp_path, "pretraining", explicit_zero_prob=True, do_mvc=True)
     ours = ScGPTForPreTraining.from_pretrained(tmp_path / "pretraining").eval()
     ids, values, mask = _inputs(vocab, False, -2, padded=True)
-    labels = values.clone()
-    masked_values = values.clone()
-    masked = torch.zeros_like(mask, dtype=torch.bool)
-    masked[:, 2:5] = True
-    masked &= mask.bool()
-    masked_values[masked] = -1.0
+    labels, masked_values, masked = _masked(values, mask)
     ref = original_forward(original, ids, masked_values, mask, MVC=True)
-    loss_fns = original_scgpt.loss
-    expected = (
-        loss_fns.masked_mse_loss(ref["mlm_output"], labels, masked)
-        + loss_fns.criterion_neg_log_bernoulli(ref["mlm_zero_probs"], labels, masked)
-        + loss_fns.masked_mse_loss(ref["mvc_output"], labels, masked)
-        + loss_fns.criterion_neg_log_bernoulli(ref["mvc_zero_probs"], labels, masked)
-    )
+    expected = _original_expression_loss(original_scgpt.loss, ref, labels, masked)
     with torch.no_grad():
         out = ours(ids, masked_values, mask, labels=labels)
     torch.testing.assert_close(out.loss, expected, atol=TOL, rtol=0)
