@@ -10,9 +10,9 @@ from transformers import (
 
 from .configuration_scgpt import ScGPTConfig
 from .convert import ConversionReport, convert_original_checkpoint
-from .data import CellDataset, ScGPTDataCollator
+from .data import CellDataset, DomainGroupedSampler, DomainGroupedTrainer, MultiOmicCellDataset, ScGPTDataCollator
 from .embedding import annotate, embed
-from .perturbation import predict_perturbation
+from .perturbation import PerturbationDataset, predict_perturbation
 from .pretraining import StreamingCellDataset, build_vocab, make_tokenizer, pretrain
 from .gene_networks import (
     attention_gene_scores,
@@ -48,7 +48,11 @@ AutoTokenizer.register(ScGPTConfig, tokenizer_class=ScGPTTokenizer)
 __all__ = [
     "CellDataset",
     "ConversionReport",
+    "DomainGroupedSampler",
+    "DomainGroupedTrainer",
     "GeneMatch",
+    "MultiOmicCellDataset",
+    "PerturbationDataset",
     "ScGPTConfig",
     "ScGPTDataCollator",
     "ScGPTForBatchIntegration",

@@ -296,10 +296,24 @@ class ScGPTDataCollator:
                 "mask_ratio=0 for perturbation."
             )
         self._generator = torch.Generator()
+        self._worker_seed: int | None = None
         if self.seed is None:
             self._generator.seed()
         else:
             self._generator.manual_seed(self.seed)
+
+    def _rng(self) -> torch.Generator:
+        """The masking/subsampling generator, reseeded once per DataLoader worker.
+
+        Each worker holds a copy of the collator whose generator is in the same state, so without this every
+        worker would mask its batches identically. The worker's seed (distinct per worker and per epoch,
+        derived from the main process's torch seed) is combined with `seed`, so runs stay reproducible.
+        """
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.seed != self._worker_seed:
+            self._worker_seed = info.seed
+            self._generator.manual_seed((info.seed + (self.seed or 0)) % 2**63)
+        return self._generator
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if self._masks and "labels" in features[0]:
@@ -363,7 +377,7 @@ class ScGPTDataCollator:
                 f"max_length={self.max_length}; raise max_length."
             )
         optional = np.flatnonzero(~required)
-        order = torch.randperm(len(optional), generator=self._generator).numpy()
+        order = torch.randperm(len(optional), generator=self._rng()).numpy()
         keep = np.sort(np.concatenate([np.flatnonzero(required), optional[order[: self.max_length - required.sum()]]]))
         return {k: (np.asarray(v)[keep] if k in per_token else v) for k, v in feature.items()}
 
@@ -373,13 +387,13 @@ class ScGPTDataCollator:
         values = labels.clone()
         maskable = batch["attention_mask"].bool() & (batch["input_ids"] != self.tokenizer.cls_token_id)
         chosen = torch.zeros_like(maskable)
-        ratio = self._ratios[int(torch.randint(len(self._ratios), (1,), generator=self._generator))]
+        ratio = self._ratios[int(torch.randint(len(self._ratios), (1,), generator=self._rng()))]
         for row in range(values.shape[0]):
             positions = maskable[row].nonzero().squeeze(1)
             if positions.numel() == 0:
                 continue
             n_mask = max(1, int(positions.numel() * ratio))
-            chosen[row, positions[torch.randperm(positions.numel(), generator=self._generator)[:n_mask]]] = True
+            chosen[row, positions[torch.randperm(positions.numel(), generator=self._rng())[:n_mask]]] = True
         values[chosen] = self.mask_value
         return values, labels, chosen
 

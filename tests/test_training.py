@@ -113,6 +113,24 @@ def test_collator_draws_one_ratio_per_batch(cells):
             ScGPTDataCollator(tokenizer, mask_ratio=bad)
 
 
+def test_dataloader_workers_mask_differently_and_reproducibly(cells):
+    """Each worker holds a copy of the collator; copies must not mask the same cells' genes alike."""
+    adata, tokenizer = cells
+    dataset = CellDataset(tokenizer, adata[:4])
+    same_cells = torch.utils.data.Subset(dataset, [0, 1, 2, 3] * 2)  # worker 0 and worker 1 get the same cells
+
+    def masks(seed):
+        torch.manual_seed(seed)
+        loader = torch.utils.data.DataLoader(
+            same_cells, batch_size=4, num_workers=2, collate_fn=ScGPTDataCollator(tokenizer, mask_ratio=0.4, seed=0)
+        )
+        return [batch["values"] == -1.0 for batch in loader]
+
+    first, second = masks(0)
+    assert not torch.equal(first, second), "the two workers drew the same masks"
+    assert all(torch.equal(a, b) for a, b in zip(masks(0), (first, second))), "same torch seed, same masks"
+
+
 def test_pretraining_learns_masked_expression(cells, tmp_path):
     adata, tokenizer = cells
     torch.manual_seed(0)
