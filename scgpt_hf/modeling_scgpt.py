@@ -403,9 +403,8 @@ def _check_batch_ids(batch_labels: torch.Tensor, config: ScGPTConfig) -> None:
         known = config.batch2id
         names = f"; config.batch2id names them: {sorted(known, key=known.get)[:10]}" if known else ""
         raise ValueError(
-            f"Batch ids range from {int(batch_labels.min())} to {int(batch_labels.max())}, outside the model's "
-            f"[0, {config.num_batch_labels}) (config.num_batch_labels{names}): use the batch ids the model was "
-            "trained with."
+            f"batch_labels must lie in [0, {config.num_batch_labels}) (config.num_batch_labels{names}); got values "
+            f"from {int(batch_labels.min())} to {int(batch_labels.max())}: use the batch ids the model was trained with."
         )
 
 

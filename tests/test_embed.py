@@ -231,7 +231,7 @@ def test_batch_label_models_embed_with_batch_key(ours, cells, batch_norm):
         embed(cells.copy(), batched, tok, progress=False)
     bad = cells.copy()
     bad.obs["batch_id"] = 5
-    with pytest.raises(ValueError, match=r"outside the model's \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"obs\['batch_id'\]: batch_labels must lie in \[0, 3\)"):
         embed(bad, batched, tok, batch_key="batch_id", progress=False)
     with pytest.raises(ValueError, match="takes no batch labels"):
         embed(cells.copy(), model, tok, batch_key="batch_id", progress=False)
