@@ -118,9 +118,11 @@ def _dims(dims: Sequence[int]) -> str:
     return "[ " + ", ".join(str(int(d)) for d in dims) + " ]"
 
 
-def _tensor(name: str, dtype: str, dims: Sequence[int], *, ragged: bool = False, optional: bool = False) -> str:
+def _tensor(name: str, dtype: str, dims: Sequence[int], *, ragged: bool = False, optional: bool = False,
+            reshape: Sequence[int] | None = None) -> str:
     extra = "\n    allow_ragged_batch: true" if ragged else ""
     extra += "\n    optional: true" if optional else ""
+    extra += f"\n    reshape: {{ shape: {_dims(reshape)} }}" if reshape is not None else ""
     return f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: {_dims(dims)}{extra}\n  }}'
 
 
@@ -220,19 +222,44 @@ def validate_repository(repository: str | os.PathLike) -> dict[str, Any]:
 # Building
 
 
-def _is_classifier(model_or_path: Any) -> bool:
-    try:
-        from scgpt_hf.modeling_scgpt import ScGPTForCellClassification
-    except ImportError:  # pragma: no cover
-        return False
+def _source_config(model_or_path: Any) -> Any:
+    """The model's config: the object's, or a folder's / Hub id's config.json (no weights are loaded)."""
     if isinstance(model_or_path, (str, os.PathLike)):
         from transformers import AutoConfig
 
         import scgpt_hf  # noqa: F401 - registers the config class
 
-        config = AutoConfig.from_pretrained(os.fspath(model_or_path))
+        return AutoConfig.from_pretrained(os.fspath(model_or_path))
+    return getattr(model_or_path, "config", None)
+
+
+def _is_classifier(model_or_path: Any, config: Any) -> bool:
+    from scgpt_hf.modeling_scgpt import ScGPTForCellClassification
+
+    if isinstance(model_or_path, (str, os.PathLike)):
         return "ScGPTForCellClassification" in (getattr(config, "architectures", None) or [])
     return isinstance(model_or_path, ScGPTForCellClassification)
+
+
+def _check_servable(config: Any) -> None:
+    """Refuse models the repository cannot serve faithfully, before any export work."""
+    if getattr(config, "domain_spec_batchnorm", None) == "dsbn":
+        raise NotImplementedError(
+            "Models with domain-specific batch norm (config.domain_spec_batchnorm='dsbn') cannot be served: they "
+            "pick a BatchNorm per batch with data-dependent control flow, which has no static ONNX graph (`export "
+            "onnx` refuses them too). Embed them in Python with scgpt_hf.embed(adata, model, batch_key=...), or "
+            "fine-tune with batch embeddings instead (use_batch_labels=True, domain_spec_batchnorm False or "
+            "'batchnorm'): such models are served with a batch_labels input."
+        )
+
+
+def _batch_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """Config parameters naming a batch-label model's batches, for clients mapping batch names to ids."""
+    batch2id = config.get("batch2id") or {}
+    params: dict[str, Any] = {"num_batch_labels": int(config["num_batch_labels"])}
+    if batch2id:
+        params["batch2id"] = json.dumps(dict(sorted(batch2id.items(), key=lambda kv: kv[1])), ensure_ascii=False)
+    return params
 
 
 def _preferred(max_batch_size: int) -> list[int]:
@@ -328,6 +355,12 @@ def export_triton(
     if any(s < 1 or s > max_batch_size for s in preferred):
         raise ValueError(f"preferred batch sizes {preferred} must lie in 1..max_batch_size={max_batch_size}.")
 
+    classifier = False
+    if onnx_dir is None:  # refuse before touching the repository folder
+        source_config = _source_config(model_or_path)
+        _check_servable(source_config)
+        classifier = _is_classifier(model_or_path, source_config)
+
     repo = Path(repository_dir)
     if repo.exists() and any(repo.iterdir()):
         if not overwrite:
@@ -336,10 +369,7 @@ def export_triton(
     repo.mkdir(parents=True, exist_ok=True)
 
     # 1. ONNX graph (export, or reuse one).
-    classifier = onnx_dir is None and _is_classifier(model_or_path)
     task = ANNOTATION_TASK if classifier else "embedding"
-    if classifier and task is None:  # pragma: no cover
-        raise RuntimeError("The model is a classifier but no ONNX export task produces logits.")
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(onnx_dir) if onnx_dir is not None else Path(tmp)
         if onnx_dir is None:
@@ -379,8 +409,13 @@ def export_triton(
     if len(vocab) != int(contract.get("vocab_size", len(vocab))):
         raise ValueError("The tokenizer's vocabulary does not belong to the exported model.")
     extra_inputs = [i["name"] for i in meta.get("inputs", []) if i["name"] not in ("input_ids", "values", "attention_mask")]
-    if extra_inputs:
-        raise NotImplementedError(f"Models that take {extra_inputs} (batch labels) are not served yet.")
+    unsupported = [name for name in extra_inputs if name != "batch_labels"]
+    if unsupported:
+        raise NotImplementedError(
+            f"Models that take {unsupported} (per-token inputs the server tokenizer does not produce) are not "
+            "served; run their ONNX graph with scgpt_hf.export.onnx_export.OnnxScGPT instead."
+        )
+    batch_params = _batch_parameters(config) if "batch_labels" in extra_inputs else {}
     tok = {
         "n_bins": int(contract.get("n_bins", tokenizer.n_bins)),
         "pad_value": float(contract.get("pad_value", tokenizer.pad_value)),
@@ -443,6 +478,14 @@ def export_triton(
     enc_out = [_tensor(n, "TYPE_FP32", dims) for n, dims in enc_outputs.items()]
     enc_params = {"pad_token_id": int(contract.get("pad_token_id", tokenizer.pad_token_id)),
                   "pad_value": tok["pad_value"], "vocab_size": int(contract.get("vocab_size", len(vocab)))}
+    ragged = device == "cpu"  # the python backend pads ragged batches itself; the native backend cannot
+    enc_in_tensors = [_tensor("input_ids", "TYPE_INT64", [-1], ragged=ragged),
+                      _tensor("values", "TYPE_FP32", [-1], ragged=ragged),
+                      _tensor("attention_mask", "TYPE_INT64", [-1], ragged=ragged)]
+    # batch_labels: one id per cell, [cells, 1] on the wire, [cells] as the ONNX graph takes it.
+    batch_in = [_tensor("batch_labels", "TYPE_INT64", [1])] if batch_params else []
+    enc_in_tensors += [_tensor("batch_labels", "TYPE_INT64", [1], reshape=[])] if batch_params else []
+    enc_params.update({k: v for k, v in batch_params.items() if k == "num_batch_labels"})
     if device == "gpu":
         accel = ""
         if tensorrt:
@@ -462,8 +505,7 @@ def export_triton(
                 f"multiples of {pad_multiple} so requests in one length bucket share a batch."
             ), platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=max_batch_size)
             + 'default_model_filename: "model.onnx"\n'
-            + _io("input", [_tensor("input_ids", "TYPE_INT64", [-1]), _tensor("values", "TYPE_FP32", [-1]),
-                            _tensor("attention_mask", "TYPE_INT64", [-1])])
+            + _io("input", enc_in_tensors)
             + _io("output", enc_out)
             + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_GPU") + accel
         )
@@ -478,32 +520,38 @@ def export_triton(
                 "batches: 1/model.py pads the requests of a dynamic batch to a common length and splits the\n"
                 "results. Needs numpy and onnxruntime in the server's Python."
             ), backend="python", max_batch_size=max_batch_size)
-            + _io("input", [_tensor("input_ids", "TYPE_INT64", [-1], ragged=True),
-                            _tensor("values", "TYPE_FP32", [-1], ragged=True),
-                            _tensor("attention_mask", "TYPE_INT64", [-1], ragged=True)])
+            + _io("input", enc_in_tensors)
             + _io("output", enc_out)
             + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_CPU")
         )
     (repo / ENCODER_MODEL / "config.pbtxt").write_text(encoder_cfg + _parameters(enc_params))
 
     # 4. ensembles (and the label decoder for a classification head).
-    wire_in = [_tensor("gene_ids", "TYPE_INT64", [-1]), _tensor("counts", "TYPE_FP32", [-1])]
+    wire_in = [_tensor("gene_ids", "TYPE_INT64", [-1]), _tensor("counts", "TYPE_FP32", [-1]), *batch_in]
     tok_step = _ensemble_step(TOKENIZER_MODEL, {"gene_ids": "gene_ids", "counts": "counts"},
                               {"input_ids": "_input_ids", "values": "_values", "attention_mask": "_attention_mask",
                                "n_genes": "n_genes"})
     enc_in = {"input_ids": "_input_ids", "values": "_values", "attention_mask": "_attention_mask"}
-    ensembles = {EMBED_MODEL: f"{TOKENIZER_MODEL} -> {ENCODER_MODEL}: gene_ids, counts -> cell_embedding, n_genes"}
+    wire_names = "gene_ids, counts"
+    batch_note = ""
+    if batch_params:  # straight to the encoder: the tokenizer does not need it
+        enc_in["batch_labels"] = "batch_labels"
+        wire_names += ", batch_labels"
+        batch_note = ("\nbatch_labels [cells, 1]: each cell's batch id; the batch2id parameter names the model's "
+                      f"{batch_params['num_batch_labels']} batches.")
+    ensembles = {EMBED_MODEL: f"{TOKENIZER_MODEL} -> {ENCODER_MODEL}: {wire_names} -> cell_embedding, n_genes"}
     (repo / EMBED_MODEL / "1").mkdir(parents=True)
     (repo / EMBED_MODEL / "1" / ".gitkeep").write_text("")
     (repo / EMBED_MODEL / "config.pbtxt").write_text(
         _header(EMBED_MODEL, (
             "Counts in, cell embeddings out: scgpt_tokenizer then scgpt_encoder.\n"
             "cell_embedding is the model's raw cell embedding (clients L2-normalise it, as scgpt_hf.embed does);\n"
-            "n_genes: each cell's expressed vocabulary genes before truncation."
+            "n_genes: each cell's expressed vocabulary genes before truncation." + batch_note
         ), platform="ensemble", max_batch_size=max_batch_size)
         + _io("input", wire_in)
         + _io("output", [_tensor("cell_embedding", "TYPE_FP32", [hidden]), _tensor("n_genes", "TYPE_INT64", [1])])
         + _ensemble([tok_step, _ensemble_step(ENCODER_MODEL, enc_in, {"cell_embedding": "cell_embedding"})])
+        + _parameters(batch_params)
     )
     models = [VOCAB_MODEL, TOKENIZER_MODEL, ENCODER_MODEL, EMBED_MODEL]
     if labels is not None:
@@ -524,8 +572,8 @@ def export_triton(
         (repo / ANNOTATE_MODEL / "1").mkdir(parents=True)
         (repo / ANNOTATE_MODEL / "1" / ".gitkeep").write_text("")
         (repo / ANNOTATE_MODEL / "config.pbtxt").write_text(
-            _header(ANNOTATE_MODEL, "Counts in, cell types out: scgpt_tokenizer, scgpt_encoder, scgpt_labels.",
-                    platform="ensemble", max_batch_size=max_batch_size)
+            _header(ANNOTATE_MODEL, "Counts in, cell types out: scgpt_tokenizer, scgpt_encoder, scgpt_labels."
+                    + batch_note, platform="ensemble", max_batch_size=max_batch_size)
             + _io("input", wire_in)
             + _io("output", [_tensor("label", "TYPE_STRING", [1]), _tensor("probability", "TYPE_FP32", [1]),
                              _tensor("probabilities", "TYPE_FP32", [n]), _tensor("cell_embedding", "TYPE_FP32", [hidden]),
@@ -536,9 +584,10 @@ def export_triton(
                 _ensemble_step(LABELS_MODEL, {"logits": "_logits"},
                                {"label": "label", "probability": "probability", "probabilities": "probabilities"}),
             ])
+            + _parameters(batch_params)
         )
         models += [LABELS_MODEL, ANNOTATE_MODEL]
-        ensembles[ANNOTATE_MODEL] = (f"{TOKENIZER_MODEL} -> {ENCODER_MODEL} -> {LABELS_MODEL}: gene_ids, counts -> "
+        ensembles[ANNOTATE_MODEL] = (f"{TOKENIZER_MODEL} -> {ENCODER_MODEL} -> {LABELS_MODEL}: {wire_names} -> "
                                      "label, probability, probabilities, cell_embedding, n_genes")
 
     report = TritonExportReport(
@@ -549,7 +598,7 @@ def export_triton(
         onnx_sha256=_sha256(encoder_dir / "model.onnx"),
         onnx_validation_passed=export_report.get("passed") if export_report else None,
     )
-    (repo / "README.md").write_text(_model_card(report, config, export_report), encoding="utf-8")
+    (repo / "README.md").write_text(_model_card(report, config, export_report, batch_params), encoding="utf-8")
     report.files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()) + [REPORT_FILE]
     report.files.sort()
     (repo / REPORT_FILE).write_text(report.to_json() + "\n")
@@ -560,7 +609,8 @@ def export_triton(
     return report
 
 
-def _model_card(report: TritonExportReport, config: dict[str, Any], export_report: dict[str, Any]) -> str:
+def _model_card(report: TritonExportReport, config: dict[str, Any], export_report: dict[str, Any],
+                batch_params: dict[str, Any]) -> str:
     tok = report.tokenizer
     size = (f"{config.get('hidden_size')} hidden, {config.get('num_hidden_layers')} layers, "
             f"{config.get('num_attention_heads')} heads, vocabulary {config.get('vocab_size')}")
@@ -577,6 +627,21 @@ def _model_card(report: TritonExportReport, config: dict[str, Any], export_repor
             f"{len(report.labels)} classes ({', '.join(report.labels[:8])}{', ...' if len(report.labels) > 8 else ''}), "
             "plus `cell_embedding` and `n_genes`.\n"
         )
+    batch_row = batch_error = ""
+    embed_call = "client.embed(adata, batch_size=32, concurrency=4)"
+    if batch_params:
+        n_batches = batch_params["num_batch_labels"]
+        names = list(json.loads(batch_params.get("batch2id", "{}")))
+        named = (f"the ensembles' `batch2id` parameter maps the model's batch names ({', '.join(names[:6])}"
+                 f"{', ...' if len(names) > 6 else ''}) to ids" if names else "the model has no batch names")
+        batch_row = (f"| `batch_labels` | INT64 | [cells, 1] | each cell's batch id in 0..{n_batches - 1}, the batches "
+                     f"the model was fine-tuned on; {named} |\n")
+        if report.device == "cpu":
+            batch_error = f", batch ids outside [0, {n_batches})"
+        else:
+            batch_row += ("\nThe native onnxruntime backend does not range-check `batch_labels`: send them through "
+                          "`TritonClient`, which maps and checks them.\n")
+        embed_call = 'client.embed(adata, batch_key="batch", batch_size=32)  # obs["batch"]: names or ids'
     return f"""# scGPT Triton model repository
 
 scGPT ({report.task}, {size}) for Triton Inference Server, built by `scgpt-hf export triton`
@@ -597,7 +662,7 @@ Cells are the batch dimension (at most {report.max_batch_size} per request); a r
 |---|---|---|---|
 | `gene_ids` | INT64 | [cells, n] | vocabulary ids of the cell's measured genes, in the dataset's column order; -1 = unused slot (padding, unknown gene) |
 | `counts` | FP32 | [cells, n] | expression values: raw counts or normalised/log1p (binning is rank-based per cell); 0 = not expressed |
-
+{batch_row}
 `scgpt_embed` answers `cell_embedding` FP32 [cells, {config.get('hidden_size')}] (raw; L2-normalise it as
 `scgpt_hf.embed` does) and `n_genes` INT64 [cells, 1] (expressed vocabulary genes before truncation).
 {annotate}
@@ -608,7 +673,7 @@ of {tok['pad_to_multiple_of']}.
 
 Errors come back per request and the server keeps serving: wrong dtype or rank (rejected by Triton), `gene_ids` and
 `counts` of different shapes, ids outside the vocabulary, a gene twice in a cell, negative or non-finite
-counts, a cell with no expressed vocabulary gene, more than {report.max_batch_size} cells.
+counts, a cell with no expressed vocabulary gene{batch_error}, more than {report.max_batch_size} cells.
 
 ## Serve and query
 
@@ -621,7 +686,7 @@ counts, a cell with no expressed vocabulary gene, more than {report.max_batch_si
 ```python
 from scgpt_hf.serving import TritonClient
 client = TritonClient("127.0.0.1:8001", protocol="grpc")
-client.embed(adata, batch_size=32, concurrency=4)   # -> adata.obsm["X_scGPT"], obs["X_scGPT_n_genes"]
+{embed_call}   # -> adata.obsm["X_scGPT"], obs["X_scGPT_n_genes"]
 ```
 
 `export_report.json`: the ONNX export (fusion, precision, validation figures). `triton_report.json`: this
