@@ -16,6 +16,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -315,6 +317,26 @@ class _Chunk:
     counts: np.ndarray  # [cells, n] float32
 
 
+class _ServedBatches:
+    """A served model's batches in the form `scgpt_hf.embed`'s batch mapping reads (config and device, no
+    weights), so obs batch names and ids map, and fail, exactly as in ``embed(..., batch_key=)``."""
+
+    device = "cpu"
+
+    def __init__(self, model_config: dict[str, Any]) -> None:
+        params = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+        self.config = SimpleNamespace(
+            needs_batch_labels=any(i["name"] == "batch_labels" for i in model_config.get("input", [])),
+            num_batch_labels=int(params.get("num_batch_labels") or 0) or None,
+            batch2id=json.loads(params["batch2id"]) if params.get("batch2id") else None,
+        )
+
+    def encode_batch_labels(self, batches: Any) -> Any:
+        from .modeling_scgpt import ScGPTPreTrainedModel
+
+        return ScGPTPreTrainedModel.encode_batch_labels(self, batches)
+
+
 def _status(err: Exception) -> str:
     status = getattr(err, "status", None)
     return str(status() if callable(status) else status or "")
@@ -370,7 +392,7 @@ class TritonClient:
         self._module = module
         self._local = threading.local()
         self._gene_cache: dict[str, np.ndarray] = {}
-        self._max_batch: dict[str, int] = {}
+        self._configs: dict[str, dict[str, Any]] = {}
 
     # -------------------------------------------------------------- plumbing
     def _client(self) -> Any:
@@ -436,16 +458,20 @@ class TritonClient:
         except TritonServerError:
             return False
 
-    def max_batch_size(self, model: str) -> int:
-        """The model's max_batch_size from its configuration (cached)."""
-        if model not in self._max_batch:
+    def model_config(self, model: str) -> dict[str, Any]:
+        """The model's configuration as the server has it, as a dict (HTTP's JSON form; cached)."""
+        if model not in self._configs:
             cfg = self._call("get_model_config", model)
             if self.protocol == "grpc":
-                value = cfg.config.max_batch_size
-            else:
-                value = cfg.get("max_batch_size", 0)
-            self._max_batch[model] = int(value)
-        return self._max_batch[model]
+                from google.protobuf.json_format import MessageToDict
+
+                cfg = MessageToDict(cfg.config, preserving_proto_field_name=True)
+            self._configs[model] = cfg
+        return self._configs[model]
+
+    def max_batch_size(self, model: str) -> int:
+        """The model's max_batch_size from its configuration (cached)."""
+        return int(self.model_config(model).get("max_batch_size", 0))
 
     def statistics(self, model: str = "") -> dict[str, Any]:
         """Inference statistics as a dict (the server's JSON / protobuf, normalised to dicts)."""
@@ -528,10 +554,13 @@ class TritonClient:
             flush()
         return chunks, n_genes
 
-    def _run(self, model: str, chunks: list[_Chunk], outputs: Sequence[str], concurrency: int,
-             progress: bool) -> Iterator[tuple[_Chunk, dict[str, np.ndarray]]]:
+    def _run(self, model: str, chunks: list[_Chunk], batch_ids: np.ndarray | None, outputs: Sequence[str],
+             concurrency: int, progress: bool) -> Iterator[tuple[_Chunk, dict[str, np.ndarray]]]:
         def one(chunk: _Chunk) -> tuple[_Chunk, dict[str, np.ndarray]]:
-            return chunk, self.infer(model, {"gene_ids": chunk.gene_ids, "counts": chunk.counts}, outputs)
+            inputs = {"gene_ids": chunk.gene_ids, "counts": chunk.counts}
+            if batch_ids is not None:
+                inputs["batch_labels"] = batch_ids[chunk.rows].astype(np.int64).reshape(-1, 1)
+            return chunk, self.infer(model, inputs, outputs)
 
         bar = None
         if progress:
@@ -555,8 +584,18 @@ class TritonClient:
             if bar is not None:
                 bar.close()
 
+    def batch_ids(self, adata: Any, model: str, batch_key: str | None) -> np.ndarray | None:
+        """Each cell's batch id for `model` from ``obs[batch_key]`` (names through the served model's batch2id,
+        or integer ids), or None for a model without batch labels; raises ValueError, naming unknown batches,
+        as :func:`scgpt_hf.embed` does, before anything is sent."""
+        from .embedding import _batch_ids
+
+        return _batch_ids(adata, _ServedBatches(self.model_config(model)), batch_key)
+
     def _prepare(self, adata: Any, model: str, batch_size: int | None, layer: str | None, use_raw: bool,
-                 gene_column: str | None) -> tuple[list[_Chunk], np.ndarray, np.ndarray]:
+                 gene_column: str | None, batch_key: str | None
+                 ) -> tuple[list[_Chunk], np.ndarray, np.ndarray, np.ndarray | None]:
+        batch_ids = self.batch_ids(adata, model, batch_key)
         matrix, names = self._matrix(adata, layer, use_raw, gene_column)
         limit = self.max_batch_size(model)
         batch_size = int(batch_size or limit or 16)
@@ -566,7 +605,7 @@ class TritonClient:
             raise ValueError(f"batch_size={batch_size} exceeds {model}'s max_batch_size={limit}.")
         ids = self.gene_ids(names)
         chunks, n_genes = self._chunks(matrix, ids, batch_size)
-        return chunks, n_genes, ids
+        return chunks, n_genes, ids, batch_ids
 
     def embed(
         self,
@@ -580,17 +619,22 @@ class TritonClient:
         gene_column: str | None = None,
         normalize: bool = True,
         progress: bool = False,
+        batch_key: str | None = None,
     ) -> Any:
         """Embed every cell of `adata` on the server; writes ``obsm[key_added]`` and ``obs[key_added + "_n_genes"]``.
 
         Cells with no expressed vocabulary gene are not sent and get NaN rows (n_genes 0), as in
         :func:`scgpt_hf.embed`; the others get the model's cell embedding, L2-normalised unless
         ``normalize=False``.  ``batch_size``: cells per request (default and maximum: the model's
-        max_batch_size); ``concurrency``: requests in flight.
+        max_batch_size); ``concurrency``: requests in flight.  ``batch_key``: for models served with batch
+        labels (e.g. a fine-tuned ``ScGPTForBatchIntegration``), the obs column of each cell's batch, as
+        names of the model's batch2id or integer ids, as in :func:`scgpt_hf.embed`.
         """
-        chunks, n_genes, ids = self._prepare(adata, self.embed_model, batch_size, layer, use_raw, gene_column)
+        chunks, n_genes, ids, batches = self._prepare(adata, self.embed_model, batch_size, layer, use_raw,
+                                                      gene_column, batch_key)
         out: np.ndarray | None = None
-        for chunk, res in self._run(self.embed_model, chunks, ["cell_embedding", "n_genes"], concurrency, progress):
+        for chunk, res in self._run(self.embed_model, chunks, batches, ["cell_embedding", "n_genes"], concurrency,
+                                    progress):
             emb = res["cell_embedding"].astype(np.float32)
             if out is None:
                 out = np.full((adata.n_obs, emb.shape[1]), np.nan, dtype=np.float32)
@@ -604,6 +648,7 @@ class TritonClient:
         adata.obs[f"{key_added}_n_genes"] = n_genes
         adata.uns[f"{key_added}_params"] = {
             "server": self.url, "protocol": self.protocol, "model": self.embed_model, "normalized": bool(normalize),
+            "batch_key": batch_key,
             "n_genes_matched": int((ids >= 0).sum()), "n_genes_total": int(ids.size),
             "n_cells_empty": int((n_genes == 0).sum()),
         }
@@ -621,8 +666,9 @@ class TritonClient:
         use_raw: bool = False,
         gene_column: str | None = None,
         progress: bool = False,
+        batch_key: str | None = None,
     ) -> Any:
-        """Predict cell types on the server (``scgpt_annotate``).
+        """Predict cell types on the server (``scgpt_annotate``); ``batch_key`` as in :meth:`embed`.
 
         Writes ``obs[key_added]`` (label; missing for cells with no vocabulary gene),
         ``obs[key_added + "_probability"]``, ``obsm[key_added + "_probabilities"]`` (n_obs x n_classes,
@@ -631,13 +677,14 @@ class TritonClient:
         """
         import pandas as pd
 
-        chunks, n_genes, _ = self._prepare(adata, self.annotate_model, batch_size, layer, use_raw, gene_column)
+        chunks, n_genes, _, batches = self._prepare(adata, self.annotate_model, batch_size, layer, use_raw,
+                                                    gene_column, batch_key)
         labels = np.full(adata.n_obs, None, dtype=object)
         prob = np.full(adata.n_obs, np.nan, dtype=np.float32)
         probs: np.ndarray | None = None
         emb: np.ndarray | None = None
         wanted = ["label", "probability", "probabilities", "cell_embedding"]
-        for chunk, res in self._run(self.annotate_model, chunks, wanted, concurrency, progress):
+        for chunk, res in self._run(self.annotate_model, chunks, batches, wanted, concurrency, progress):
             if probs is None:
                 probs = np.full((adata.n_obs, res["probabilities"].shape[1]), np.nan, dtype=np.float32)
                 emb = np.full((adata.n_obs, res["cell_embedding"].shape[1]), np.nan, dtype=np.float32)
