@@ -1047,17 +1047,15 @@ def _add_integration_terms(
     output: ScGPTForBatchIntegrationOutput,
     batch_labels: torch.Tensor | None,
     with_loss: bool,
-    ecs_without_loss: bool = False,
 ) -> None:
     """Discriminator logits, and with a loss the ECS and discriminator terms added to `output.loss`.
 
-    ECS (a cells x cells similarity) is a training term only; `ecs_without_loss` still reports it without
-    labels, for the multi-omic head whose parity test reads it so (to be dropped with that test's update).
+    ECS (a cells x cells similarity) is a training term only, so inference does not pay for it.
     """
     config = model.config
     if config.do_dab:
         output.batch_logits = model.discriminator(output.cell_embedding)
-    if config.ecs_threshold > 0 and (with_loss or ecs_without_loss):
+    if config.ecs_threshold > 0 and with_loss:
         output.ecs_loss = elastic_cell_similarity_loss(output.cell_embedding, config.ecs_threshold)
     if not with_loss:
         return
@@ -1370,5 +1368,5 @@ class ScGPTForMultiOmicIntegration(ScGPTPreTrainedModel):
                     "score: mask some values before computing the loss."
                 )
             output.loss = expression_losses(output, labels, masked)
-        _add_integration_terms(self, output, batch_labels, labels is not None, ecs_without_loss=True)
+        _add_integration_terms(self, output, batch_labels, labels is not None)
         return output if return_dict else output.to_tuple()

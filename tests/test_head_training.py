@@ -341,7 +341,7 @@ def test_dsbn_trains_on_one_domain_per_step(wu2020_adata, tmp_path):
             return batch
 
     torch.manual_seed(0)
-    config = _config(tokenizer, domain_spec_batchnorm="dsbn", num_batch_labels=len(dataset.batch2id))
+    config = _config(tokenizer, domain_spec_batchnorm="dsbn", batch2id=dataset.batch2id)
     model = ScGPTForBatchIntegration(config)
     trainer, losses = _fit(model, dataset, Recording(tokenizer, mask_ratio=0.4, seed=0), tmp_path,
                            steps=None, batch_size=8, trainer_cls=DomainGroupedTrainer, epochs=2)

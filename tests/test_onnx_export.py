@@ -448,8 +448,8 @@ def test_token_input_heads_export_and_match_pytorch(model_dir, long_cells, tmp_p
         head_class, extra = scgpt_hf.ScGPTForPerturbationPrediction, dict(use_perturbation_flags=True)
     else:
         head_class = scgpt_hf.ScGPTForMultiOmicIntegration
-        extra = dict(use_modality_embeddings=True, modality_vocab={"RNA": 0, "ATAC": 1, "<pad>": 2}, modality_pad_id=2,
-                     modality_vocab_size=3, use_batch_labels=True, num_batch_labels=2, do_dab=True)
+        extra = dict(use_modality_embeddings=True, modality_vocab={"RNA": 0, "ATAC": 1, "<pad>": 2},
+                     use_batch_labels=True, num_batch_labels=2, do_dab=True)
     model, session = _export_head(model_dir, tmp_path, head_class, task, seed=6, **extra)
     feed = onnx_export.pad_cells(long_cells[:3], session.preprocessing["pad_token_id"], session.preprocessing["pad_value"])
     for name in onnx_export.PER_TOKEN_INPUTS:

@@ -181,7 +181,7 @@ def test_integration_trains_with_batch_labels(cells, tmp_path):
     dataset = CellDataset(tokenizer, adata, batch_key="patient")
     torch.manual_seed(0)
     config = _config(
-        tokenizer, use_batch_labels=True, num_batch_labels=len(dataset.batch2id), do_dab=True, ecs_threshold=0.8
+        tokenizer, use_batch_labels=True, batch2id=dataset.batch2id, do_dab=True, ecs_threshold=0.8
     )
     model = ScGPTForBatchIntegration(config)
     losses = _train(model, dataset, ScGPTDataCollator(tokenizer, mask_ratio=0.4, seed=0), tmp_path, steps=20)
