@@ -223,6 +223,22 @@ class ScGPTConfig(PretrainedConfig):
         """Whether the forward pass reads batch labels (batch embedding or per-batch norm)."""
         return bool(self.use_batch_labels) or self.domain_spec_batchnorm == "dsbn"
 
+    def checked_modality_vocab(self, given: Mapping[str, int] | None = None) -> dict[str, int]:
+        """The model's modality vocabulary (name -> id); `given`, e.g. a data pipeline's, must equal it,
+        since a different one would silently mean different modalities."""
+        if not self.use_modality_embeddings or self.modality_vocab is None:
+            raise ValueError(
+                "This config has no modality vocabulary (config.use_modality_embeddings / config.modality_vocab): "
+                "use a multi-omic model with modality embeddings, or set config.modality_vocab "
+                "(converter: modality_vocab=...)."
+            )
+        if given is not None and dict(given) != self.modality_vocab:
+            raise ValueError(
+                f"The data's modality vocabulary {dict(given)} differs from the model's {self.modality_vocab}; "
+                "encode modalities with the vocabulary the model was trained with (config.modality_vocab)."
+            )
+        return dict(self.modality_vocab)
+
     def _validate(self) -> None:
         """Raise on settings that contradict each other; run after `__init__` and after `from_dict` kwargs."""
         _check_choice("input_emb_style", self.input_emb_style, INPUT_EMB_STYLES)

@@ -141,17 +141,7 @@ class MultiOmicCellDataset(CellDataset):
         modality_vocab: Mapping[str, int] | None = None,
         **kwargs: Any,
     ):
-        known = config.modality_vocab
-        if not config.use_modality_embeddings or known is None:
-            raise ValueError(
-                "The config has no modality vocabulary (config.use_modality_embeddings / config.modality_vocab); "
-                "pass the config of an ScGPTForMultiOmicIntegration model with modality embeddings."
-            )
-        if modality_vocab is not None and dict(modality_vocab) != known:
-            raise ValueError(
-                f"The data's modality vocabulary {dict(modality_vocab)} differs from the model's {known}; tokenise "
-                "with the vocabulary the model was trained with (config.modality_vocab)."
-            )
+        known = config.checked_modality_vocab(modality_vocab)
         if "<cls>" not in known:
             raise ValueError(f"The model's modality vocabulary {known} has no '<cls>' entry for the <cls> token.")
         self.modality_key, self.modality_vocab = modality_key, dict(known)

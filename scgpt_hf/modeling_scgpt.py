@@ -1250,17 +1250,7 @@ class ScGPTForMultiOmicIntegration(ScGPTPreTrainedModel):
         `modality_vocab`, when given (e.g. the data pipeline's), must equal the model's; a different one
         would silently mean different modalities.
         """
-        known = self.config.modality_vocab
-        if known is None:
-            raise ValueError(
-                "This model's config has no modality_vocab, so names cannot be turned into ids; pass modality ids, "
-                "or set config.modality_vocab (converter: modality_vocab=...)."
-            )
-        if modality_vocab is not None and dict(modality_vocab) != known:
-            raise ValueError(
-                f"The modality vocabulary given ({dict(modality_vocab)}) differs from the model's ({known}); "
-                "encode modalities with the vocabulary the model was trained with."
-            )
+        known = self.config.checked_modality_vocab(modality_vocab)
 
         def lookup(name):
             if isinstance(name, (list, tuple)):

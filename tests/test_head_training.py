@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from reference import make_vocab
 from scgpt_hf import ScGPTForBatchIntegration, ScGPTTokenizer, predict_perturbation
@@ -36,6 +36,7 @@ from scgpt_hf.data import (
 from scgpt_hf.modeling_scgpt import ScGPTForMultiOmicIntegration, ScGPTForPerturbationPrediction
 from scgpt_hf.perturbation import PerturbationDataset
 from test_training import _config
+from trainer_utils import fit
 
 PROTEINS = ["CD4", "CD8A", "CD3E", "IL7R", "GZMB", "CCR7"]
 MODALITIES = {"RNA": 0, "protein": 1, "<pad>": 2, "<cls>": 3, "<eoc>": 4}
@@ -44,27 +45,6 @@ MODALITIES = {"RNA": 0, "protein": 1, "<pad>": 2, "<cls>": 3, "<eoc>": 4}
 def _tokenizer(genes, folder, **kwargs) -> ScGPTTokenizer:
     (folder / "vocab.json").write_text(json.dumps(make_vocab(len(genes), list(genes))))
     return ScGPTTokenizer(vocab_file=str(folder / "vocab.json"), **kwargs)
-
-
-def _fit(model, dataset, collator, tmp_path, steps, lr=3e-3, batch_size=16, trainer_cls=Trainer, epochs=None):
-    """Train with a real Trainer; returns (trainer, the logged losses)."""
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=steps if epochs is None else -1,
-        num_train_epochs=epochs or 1,
-        per_device_train_batch_size=batch_size,
-        learning_rate=lr,
-        logging_steps=2,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator)
-    trainer.train()
-    return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 def _assert_reloads(model, batch, folder):
@@ -131,7 +111,7 @@ def test_perturbation_head_trains_with_trainer(screen, tmp_path):
     torch.manual_seed(0)
     model = ScGPTForPerturbationPrediction(_config(tokenizer, pad_value=0.0))
     collator = ScGPTDataCollator.from_config(tokenizer, model.config, max_length=100, seed=0)
-    _, losses = _fit(model, dataset, collator, tmp_path, steps=30)
+    _, losses = fit(model, dataset, collator, tmp_path / "run", steps=30, logging_steps=2)
     assert np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:2]), losses
 
@@ -274,7 +254,7 @@ def test_multiomic_head_trains_with_trainer(multiome, tmp_path):
     collator = ScGPTDataCollator.from_config(tokenizer, model.config, mask_ratio=0.4, seed=0)
     batch = collator([dataset[i] for i in range(4)])
     assert (batch["modality_ids"][batch["attention_mask"] == 0] == model.config.modality_pad_id).all()
-    _, losses = _fit(model, dataset, collator, tmp_path, steps=30)
+    _, losses = fit(model, dataset, collator, tmp_path / "run", steps=30, logging_steps=2)
     assert np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:2]), losses
     _assert_reloads(model, collator([dataset[i] for i in range(8)]), tmp_path / "multiomic")
@@ -343,8 +323,8 @@ def test_dsbn_trains_on_one_domain_per_step(wu2020_adata, tmp_path):
     torch.manual_seed(0)
     config = _config(tokenizer, domain_spec_batchnorm="dsbn", batch2id=dataset.batch2id)
     model = ScGPTForBatchIntegration(config)
-    trainer, losses = _fit(model, dataset, Recording(tokenizer, mask_ratio=0.4, seed=0), tmp_path,
-                           steps=None, batch_size=8, trainer_cls=DomainGroupedTrainer, epochs=2)
+    trainer, losses = fit(model, dataset, Recording(tokenizer, mask_ratio=0.4, seed=0), tmp_path / "run",
+                          batch_size=8, logging_steps=2, trainer_cls=DomainGroupedTrainer, epochs=2)
     steps_per_epoch = len(seen) // 2
     assert trainer.state.global_step == len(seen) == 2 * steps_per_epoch
     assert all(len(set(labels)) == 1 for labels in seen), seen

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
 
 from reference import make_vocab
 from scgpt_hf import (
@@ -17,6 +16,7 @@ from scgpt_hf import (
     annotate,
 )
 from scgpt_hf.data import CellDataset, ScGPTDataCollator
+from trainer_utils import fit
 
 SUBSET_KEY = "cluster_orig"
 
@@ -56,26 +56,6 @@ def _config(tokenizer, **overrides) -> ScGPTConfig:
     )
     values.update(overrides)
     return ScGPTConfig(**values)
-
-
-def _train(model, dataset, collator, tmp_path, steps=40, lr=3e-3, batch_size=16):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=lr,
-        logging_steps=5,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return losses
 
 
 def test_collator_masks_genes_only(cells):
@@ -135,7 +115,7 @@ def test_pretraining_learns_masked_expression(cells, tmp_path):
     adata, tokenizer = cells
     torch.manual_seed(0)
     model = ScGPTForPreTraining(_config(tokenizer))
-    losses = _train(model, CellDataset(tokenizer, adata), ScGPTDataCollator(tokenizer, mask_ratio=0.4, seed=0), tmp_path)
+    _, losses = fit(model, CellDataset(tokenizer, adata), ScGPTDataCollator(tokenizer, mask_ratio=0.4, seed=0), tmp_path)
     assert np.isfinite(losses).all()
     assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
 
@@ -154,7 +134,7 @@ def test_classification_learns_t_cell_lineage(cells, tmp_path):
         label2id=dataset.label2id,
     )
     model = ScGPTForCellClassification(config)
-    losses = _train(model, dataset, ScGPTDataCollator(tokenizer), tmp_path, steps=120, lr=3e-3, batch_size=32)
+    _, losses = fit(model, dataset, ScGPTDataCollator(tokenizer), tmp_path, steps=120, lr=3e-3, batch_size=32)
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
     model.eval()
     batch = ScGPTDataCollator(tokenizer)([dataset[i] for i in range(len(dataset))])
@@ -184,7 +164,7 @@ def test_integration_trains_with_batch_labels(cells, tmp_path):
         tokenizer, use_batch_labels=True, batch2id=dataset.batch2id, do_dab=True, ecs_threshold=0.8
     )
     model = ScGPTForBatchIntegration(config)
-    losses = _train(model, dataset, ScGPTDataCollator(tokenizer, mask_ratio=0.4, seed=0), tmp_path, steps=20)
+    _, losses = fit(model, dataset, ScGPTDataCollator(tokenizer, mask_ratio=0.4, seed=0), tmp_path, steps=20)
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
 
 
@@ -213,5 +193,5 @@ def test_generative_pretraining_with_trainer(cells, tmp_path):
     assert not batch["generative_mask"][:, 0].any()
     torch.manual_seed(0)
     model = ScGPTForPreTraining(_config(tokenizer, use_generative_flag=True))
-    losses = _train(model, dataset, collator, tmp_path, steps=20)
+    _, losses = fit(model, dataset, collator, tmp_path, steps=20)
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
