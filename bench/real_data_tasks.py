@@ -23,8 +23,8 @@ One run, on CPU, in a few minutes on 2 cores. Stages (each timed):
    cosine silhouette of the cell embedding on `cluster_orig` (and on the CD4/CD8 lineage read off it;
    higher = cell types better separated) and on `patient` (lower = batches better mixed), for: PCA(50) of
    log1p-normalised counts, the pretrained embedding (`scgpt_hf.embed`), the integration model after
-   fine-tuning (cell embeddings computed with batch labels, model run in eval mode through the collator:
-   `embed` refuses batch-label models) and, as a control, the same steps of masked-expression + MVC
+   fine-tuning (cell embeddings computed with batch labels, model run in eval mode through the training
+   collator like the control; `embed(..., batch_key=)` differs only in the `<cls>` value) and, as a control, the same steps of masked-expression + MVC
    training without any batch term (`ScGPTForPreTraining`), to separate the effect of the integration
    objective from that of more training on these cells.
 
@@ -401,7 +401,7 @@ def integration_stage(folder: Path, args) -> dict:
     )
 
     dataset = CellDataset(tokenizer, wu, batch_key=BATCH, seed=args.seed, max_length=max_length)
-    overrides = dict(use_batch_labels=True, num_batch_labels=n_batches, do_dab=True,
+    overrides = dict(use_batch_labels=True, batch2id=dataset.batch2id, do_dab=True,
                      ecs_threshold=args.ecs_threshold, ecs_weight=args.ecs_weight, dab_weight=args.dab_weight)
     print(f"Fine-tuning ScGPTForBatchIntegration ({', '.join(f'{k}={v}' for k, v in overrides.items())}; "
           "no domain-specific batch norm; mask ratio 0.4):")
