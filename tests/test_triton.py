@@ -43,6 +43,7 @@ MAX_LEN = 256
 MAX_BATCH = 16
 LABELS = ["CD4 T", "CD8 T", "NK", "other"]
 ATOL = 1e-4
+BATCH_KEY = "patient"
 # Files that may differ between two exports of the same model (ONNX bytes, versions in the export report).
 VOLATILE = {"scgpt_encoder/1/model.onnx", "export_report.json", "triton_report.json"}
 
@@ -59,9 +60,9 @@ def _wu2020():
         return anndata.read_h5ad(reference.wu2020_path())
 
 
-def build_small_model(out: Path, adata) -> Path:
-    """A saved small ScGPTForCellClassification (seeded random weights) and its tokenizer of real genes."""
-    from scgpt_hf import ScGPTConfig, ScGPTForCellClassification
+def _save_small(model_class, out: Path, adata, seed: int, **settings) -> Path:
+    """Save a small `model_class` (seeded random weights, d_model 32, 2 layers) and its tokenizer of real genes."""
+    from scgpt_hf import ScGPTConfig
     from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
 
     X = adata.X.tocsc()
@@ -73,13 +74,30 @@ def build_small_model(out: Path, adata) -> Path:
     config = ScGPTConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         pad_token_id=vocab["<pad>"], cls_token_id=vocab["<cls>"], eoc_token_id=vocab["<eoc>"], max_seq_len=MAX_LEN,
-        num_labels=len(LABELS), id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
+        **settings,
     )
-    model = ScGPTForCellClassification(config)
-    reference.randomize_parameters(model, seed=3)
+    model = model_class(config)
+    reference.randomize_parameters(model, seed=seed)
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def build_small_model(out: Path, adata) -> Path:
+    """A saved small ScGPTForCellClassification and its tokenizer (the model of triton_repo/)."""
+    from scgpt_hf import ScGPTForCellClassification
+
+    return _save_small(ScGPTForCellClassification, out, adata, seed=3, num_labels=len(LABELS),
+                       id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+
+
+def build_batch_model(out: Path, adata) -> Path:
+    """A saved small ScGPTForBatchIntegration with batch embeddings over wu2020's patients (obs 'patient')."""
+    from scgpt_hf import ScGPTForBatchIntegration
+
+    patients = sorted(adata.obs[BATCH_KEY].astype(str).unique())
+    return _save_small(ScGPTForBatchIntegration, out, adata, seed=4, use_batch_labels=True, do_dab=True,
+                       do_mvc=True, batch2id={name: i for i, name in enumerate(patients)})
 
 
 def build_repository(model_dir: Path, repository: Path, **kwargs):
@@ -123,6 +141,27 @@ def server_env() -> Path:
 @pytest.fixture(scope="session")
 def server(repository, server_env):
     srv = TritonServer(repository, server_env=server_env)
+    srv.start(timeout=180)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def batch_model_dir(tmp_path_factory, adata) -> Path:
+    return build_batch_model(tmp_path_factory.mktemp("triton_batch_model") / "model", adata)
+
+
+@pytest.fixture(scope="session")
+def batch_repository(tmp_path_factory, batch_model_dir) -> Path:
+    repo = tmp_path_factory.mktemp("triton_batch_build") / "batch_repo"
+    build_repository(batch_model_dir, repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def batch_server(batch_repository, server_env):
+    """A second server, on the batch-label repository (its model names are the same as the first's)."""
+    srv = TritonServer(batch_repository, server_env=server_env)
     srv.start(timeout=180)
     yield srv
     srv.stop()
@@ -440,6 +479,8 @@ def test_client_errors_retries_and_timeouts(server, adata, tokenizer):
     assert time.monotonic() - start < 5
     with pytest.raises(ValueError, match="max_batch_size"):
         client.embed(adata.copy(), batch_size=MAX_BATCH * 2)
+    with pytest.raises(ValueError, match="takes no batch labels"):
+        client.embed(adata.copy(), batch_key=BATCH_KEY)
     with pytest.raises(TritonServerError, match="unknown|not found|not ready|Request for unknown model"):
         client.infer("no_such_model", {"gene_ids": np.zeros((1, 1), np.int64)}, ["cell_embedding"])
 
@@ -563,6 +604,104 @@ def test_cli_parsers():
     assert args.func is triton_export.run_export_triton
     args = parser.parse_args(["serve", "repo", "--grpc-port", "9001"])
     assert args.func is serving.run_serve and args.grpc_port == 9001
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch-label models (a fine-tuned ScGPTForBatchIntegration: batch embeddings over wu2020's patients)
+
+
+def test_batch_repository_configs(tmp_path, batch_repository, batch_model_dir, adata):
+    """CPU and GPU encoders declare batch_labels INT64 [1] reshaped to the graph's [cells]; the ensemble takes it
+    and routes it straight to the encoder; its parameters name the model's batches."""
+    from scgpt_hf.export.triton import export_triton, validate_repository
+
+    export_triton(batch_model_dir, tmp_path / "gpu", device="gpu", validate=False)
+    patients = sorted(adata.obs[BATCH_KEY].astype(str).unique())
+    for repo in (batch_repository, tmp_path / "gpu"):
+        configs = validate_repository(repo)
+        assert set(configs) == {"scgpt_vocab", "scgpt_tokenizer", "scgpt_encoder", "scgpt_embed"}
+        labels = {i.name: i for i in configs["scgpt_encoder"].input}["batch_labels"]
+        assert (labels.data_type, list(labels.dims), labels.HasField("reshape"), list(labels.reshape.shape)) == \
+            (9, [1], True, [])  # TYPE_INT64
+        assert configs["scgpt_encoder"].parameters["num_batch_labels"].string_value == str(len(patients))
+        embed_cfg = configs["scgpt_embed"]
+        assert [(i.name, i.data_type, list(i.dims)) for i in embed_cfg.input][-1] == ("batch_labels", 9, [1])
+        tok_step, enc_step = embed_cfg.ensemble_scheduling.step
+        assert "batch_labels" not in tok_step.input_map and enc_step.input_map["batch_labels"] == "batch_labels"
+        assert json.loads(embed_cfg.parameters["batch2id"].string_value) == {p: i for i, p in enumerate(patients)}
+        assert "`batch_labels` | INT64 | [cells, 1]" in (repo / "README.md").read_text()
+
+
+@pytest.fixture(scope="session")
+def batch_expected(adata, batch_model_dir) -> np.ndarray:
+    from scgpt_hf import ScGPTForBatchIntegration, embed
+
+    model = ScGPTForBatchIntegration.from_pretrained(batch_model_dir).eval()
+    return embed(adata.copy(), model, max_length=MAX_LEN, seed=0, progress=False, batch_key=BATCH_KEY).obsm["X_scGPT"]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_batch_embed_matches_embed(batch_server, protocol, adata, batch_expected):
+    url = batch_server.grpc_url if protocol == "grpc" else batch_server.http_url
+    client = TritonClient(url, protocol, retries=0)
+    got = client.embed(adata.copy(), batch_key=BATCH_KEY, batch_size=MAX_BATCH, concurrency=2).obsm["X_scGPT"]
+    np.testing.assert_allclose(got, batch_expected, atol=ATOL, rtol=0, equal_nan=True)
+    ids = adata.copy()  # integer ids (the model's batch2id order) are accepted as embed accepts them
+    patients = sorted(adata.obs[BATCH_KEY].astype(str).unique())
+    ids.obs["patient_id"] = [patients.index(name) for name in ids.obs[BATCH_KEY].astype(str)]
+    got = client.embed(ids, batch_key="patient_id", batch_size=5).obsm["X_scGPT"]
+    np.testing.assert_allclose(got, batch_expected, atol=ATOL, rtol=0, equal_nan=True)
+    client.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_batch_bad_inputs_get_errors(batch_server, protocol, adata, tokenizer):
+    """Out-of-range, missing or mistyped batch ids come back as errors and the server keeps serving; the client
+    refuses unknown batches and a missing batch_key before sending."""
+    url = batch_server.grpc_url if protocol == "grpc" else batch_server.http_url
+    client = TritonClient(url, protocol, retries=0)
+    g, c = _wire(adata, tokenizer, [0, 1])
+    n_batches = len(adata.obs[BATCH_KEY].unique())
+    good = {"gene_ids": g, "counts": c, "batch_labels": np.array([[0], [n_batches - 1]], np.int64)}
+    want = client.infer("scgpt_embed", good, ["cell_embedding"])["cell_embedding"]
+    for what, labels, needle in [
+        ("id too large", np.array([[0], [n_batches]], np.int64), f"must lie in [0, {n_batches})"),
+        ("negative id", np.array([[-1], [0]], np.int64), f"must lie in [0, {n_batches})"),
+        ("wrong dtype", np.array([[0], [1]], np.int32), "data-type"),
+        ("one id for two cells", np.array([[0]], np.int64), "batch size"),
+        ("missing", None, "batch_labels"),
+    ]:
+        feeds = {"gene_ids": g, "counts": c, **({} if labels is None else {"batch_labels": labels})}
+        with pytest.raises(TritonServerError) as info:
+            client.infer("scgpt_embed", feeds, ["cell_embedding"])
+        assert needle.lower() in str(info.value).lower(), f"{what}: {info.value}"
+        assert batch_server.process.poll() is None, f"server died after {what}"
+        np.testing.assert_array_equal(client.infer("scgpt_embed", good, ["cell_embedding"])["cell_embedding"], want)
+    unknown = adata.copy()
+    unknown.obs[BATCH_KEY] = unknown.obs[BATCH_KEY].astype(str)
+    unknown.obs.iloc[:2, unknown.obs.columns.get_loc(BATCH_KEY)] = "Lung99"
+    with pytest.raises(ValueError, match="'Lung99' are not among the 14"):
+        client.embed(unknown, batch_key=BATCH_KEY)
+    with pytest.raises(ValueError, match="needs batch labels"):
+        client.embed(adata.copy())
+    client.close()
+
+
+def test_dsbn_models_refused(tmp_path):
+    """Domain-specific batch norm has no static ONNX graph: refused with the reason and the way out, before the
+    repository folder is touched."""
+    from scgpt_hf import ScGPTConfig, ScGPTForBatchIntegration
+    from scgpt_hf.export.triton import export_triton
+
+    model = ScGPTForBatchIntegration(ScGPTConfig(
+        vocab_size=13, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+        pad_token_id=10, cls_token_id=11, eoc_token_id=12, domain_spec_batchnorm="dsbn", num_batch_labels=2))
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "keep.txt").write_text("x")
+    with pytest.raises(NotImplementedError, match=r"domain-specific batch norm.*static ONNX graph.*batch_key=.*"
+                                                  r"use_batch_labels=True"):
+        export_triton(model, tmp_path / "repo", overwrite=True)
+    assert (tmp_path / "repo" / "keep.txt").read_text() == "x"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ environment named by ``EXECUTION_ENV_PATH``).
 
 Dynamic batching hands ``execute`` several requests whose sequence lengths may differ (the inputs
 allow ragged batches): they are padded to the longest (pad id, pad value, mask 0), run as one batch,
-and split again.  Padding never changes a cell's outputs at its real positions.
+and split again.  Padding never changes a cell's outputs at its real positions.  Models with batch
+embeddings also take ``batch_labels`` (one id per cell), checked against the ``num_batch_labels``
+parameter: ONNX Runtime would not reject an id the graph never reads.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class TritonPythonModel:
         self.pad_id = int(params["pad_token_id"])
         self.pad_value = float(params["pad_value"])
         self.vocab_size = int(params["vocab_size"])
+        self.num_batch_labels = int(params.get("num_batch_labels", "0"))
         path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx"))
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -66,6 +69,14 @@ class TritonPythonModel:
             raise RequestError(f"input_ids must lie in [0, {self.vocab_size}); got {ids.min()}..{ids.max()}")
         if not np.isin(arrays["attention_mask"], (0, 1)).all():
             raise RequestError("attention_mask must hold only 0 and 1")
+        if "batch_labels" in arrays:
+            labels = arrays["batch_labels"]
+            if labels.shape != (ids.shape[0],):
+                raise RequestError(f"batch_labels must hold one batch id per cell ({ids.shape[0]}), got {labels.size}")
+            if labels.size and (labels.min() < 0 or labels.max() >= self.num_batch_labels):
+                raise RequestError(
+                    f"batch_labels must lie in [0, {self.num_batch_labels}), the batches the model was trained on "
+                    f"(names in the ensemble's batch2id parameter); got {labels.min()}..{labels.max()}")
         return arrays
 
     def execute(self, requests: list) -> list:
