@@ -482,10 +482,11 @@ def export_triton(
     enc_in_tensors = [_tensor("input_ids", "TYPE_INT64", [-1], ragged=ragged),
                       _tensor("values", "TYPE_FP32", [-1], ragged=ragged),
                       _tensor("attention_mask", "TYPE_INT64", [-1], ragged=ragged)]
-    # batch_labels: one id per cell, [cells, 1] on the wire, [cells] as the ONNX graph takes it.
-    batch_in = [_tensor("batch_labels", "TYPE_INT64", [1])] if batch_params else []
-    enc_in_tensors += [_tensor("batch_labels", "TYPE_INT64", [1], reshape=[])] if batch_params else []
-    enc_params.update({k: v for k, v in batch_params.items() if k == "num_batch_labels"})
+    batch_in: list[str] = []
+    if batch_params:  # one id per cell: [cells, 1] on the wire, [cells] as the ONNX graph takes it
+        batch_in.append(_tensor("batch_labels", "TYPE_INT64", [1]))
+        enc_in_tensors.append(_tensor("batch_labels", "TYPE_INT64", [1], reshape=[]))
+        enc_params["num_batch_labels"] = batch_params["num_batch_labels"]
     if device == "gpu":
         accel = ""
         if tensorrt:
