@@ -48,7 +48,7 @@ import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
 
-from .modeling_scgpt import ScGPTForCellClassification, ScGPTModel, ScGPTPreTrainedModel
+from .modeling_scgpt import ScGPTForCellClassification, ScGPTModel, ScGPTPreTrainedModel, batch_ids
 from .tokenization_scgpt import ScGPTTokenizer
 
 logger = logging.getLogger(__name__)
@@ -352,10 +352,10 @@ def _run_cells(
     return out, n_genes, facts
 
 
-def _batch_ids(adata: AnnData, model: ScGPTPreTrainedModel, batch_key: str | None) -> np.ndarray | None:
+def _batch_ids(adata: AnnData, config: Any, batch_key: str | None) -> np.ndarray | None:
     """Each cell's batch id from `obs[batch_key]` (names through `config.batch2id`, or integer ids), for
-    models with batch embeddings or batch norm."""
-    if not model.config.needs_batch_labels:
+    models with batch embeddings or batch norm. `config`: the model's, or a served model's batch settings."""
+    if not config.needs_batch_labels:
         if batch_key is not None:
             raise ValueError(f"batch_key={batch_key!r} was given but this model takes no batch labels; drop it.")
         return None
@@ -367,7 +367,7 @@ def _batch_ids(adata: AnnData, model: ScGPTPreTrainedModel, batch_key: str | Non
     if batch_key not in adata.obs:
         raise ValueError(f"obs has no column {batch_key!r}; available: {list(adata.obs.columns)}.")
     try:
-        return model.encode_batch_labels(adata.obs[batch_key]).cpu().numpy()
+        return np.asarray(batch_ids(adata.obs[batch_key], config), dtype=np.int64)
     except ValueError as err:
         raise ValueError(f"obs[{batch_key!r}]: {err}") from err
 
@@ -443,7 +443,7 @@ def embed(
     out, n_genes, facts = _run_cells(
         adata, backbone, tokenizer, lambda result: result.cell_embedding, config.hidden_size,
         cls_value=float(config.pad_value),  # the original's embedding path puts pad_value at <cls>
-        batch_ids=_batch_ids(adata, backbone, batch_key),
+        batch_ids=_batch_ids(adata, backbone.config, batch_key),
         batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
         gene_column=gene_column, device=device, chunk_size=chunk_size, max_tokens=max_tokens,
         num_threads=num_threads, progress=progress, desc="Embedding cells",
@@ -501,7 +501,7 @@ def annotate(
     probs, n_genes, facts = _run_cells(
         adata, classifier, tokenizer, lambda result: torch.softmax(result.logits.float(), dim=-1), config.num_labels,
         cls_value=float(tokenizer.cls_value),
-        batch_ids=_batch_ids(adata, classifier, batch_key),
+        batch_ids=_batch_ids(adata, classifier.config, batch_key),
         batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
         gene_column=gene_column, device=device, chunk_size=chunk_size, max_tokens=max_tokens,
         num_threads=num_threads, progress=progress, desc="Annotating cells",

@@ -357,35 +357,39 @@ class ScGPTPreTrainedModel(PreTrainedModel):
         sorted-string order); integers are taken as ids when no entry is a known name. Raises, naming them,
         for batches the model was not trained on and for ids outside [0, num_batch_labels).
         """
-        config = self.config
-        if not config.num_batch_labels:
+        return torch.tensor(batch_ids(batches, self.config), dtype=torch.long, device=self.device)
+
+
+def batch_ids(batches: Iterable[Any], config: Any) -> list[int]:
+    """`ScGPTPreTrainedModel.encode_batch_labels` for anything with a model's batch settings
+    (`num_batch_labels`, `batch2id`), e.g. a served model's configuration."""
+    if not config.num_batch_labels:
+        raise ValueError(
+            "This model has no batches (config.num_batch_labels is unset), so it takes no batch labels."
+        )
+    batches = list(batches)
+    known = config.batch2id or {}
+    names = [str(batch) for batch in batches]
+    if any(name in known for name in names):
+        ids = [known.get(name) for name in names]
+    else:
+        ids = [_as_batch_id(batch) for batch in batches]
+    unknown = sorted({name for name, i in zip(names, ids) if i is None})
+    if unknown:
+        listed = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        if known:
             raise ValueError(
-                "This model has no batches (config.num_batch_labels is unset), so it takes no batch labels."
+                f"Batches {listed} are not among the {len(known)} this model was trained on (config.batch2id: "
+                f"{sorted(known, key=known.get)[:10]}): it has no batch embedding or batch norm for them. Drop "
+                "those cells, or fine-tune a model whose training data includes them."
             )
-        batches = list(batches)
-        known = config.batch2id or {}
-        names = [str(batch) for batch in batches]
-        if any(name in known for name in names):
-            ids = [known.get(name) for name in names]
-        else:
-            ids = [_as_batch_id(batch) for batch in batches]
-        unknown = sorted({name for name, i in zip(names, ids) if i is None})
-        if unknown:
-            listed = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-            if known:
-                raise ValueError(
-                    f"Batches {listed} are not among the {len(known)} this model was trained on (config.batch2id: "
-                    f"{sorted(known, key=known.get)[:10]}): it has no batch embedding or batch norm for them. Drop "
-                    "those cells, or fine-tune a model whose training data includes them."
-                )
-            raise ValueError(
-                f"Batch labels {listed} are not integer ids, and this model has no config.batch2id to map batch "
-                f"names: pass the ids 0..{config.num_batch_labels - 1} used in training, or set config.batch2id "
-                "(e.g. to the training CellDataset's batch2id) and save the model."
-            )
-        labels = torch.tensor(ids, dtype=torch.long, device=self.device)
-        _check_batch_ids(labels, config)
-        return labels
+        raise ValueError(
+            f"Batch labels {listed} are not integer ids, and this model has no config.batch2id to map batch "
+            f"names: pass the ids 0..{config.num_batch_labels - 1} used in training, or set config.batch2id "
+            "(e.g. to the training CellDataset's batch2id) and save the model."
+        )
+    _check_batch_ids(torch.tensor(ids, dtype=torch.long), config)
+    return ids
 
 
 def _as_batch_id(value: Any) -> int | None:

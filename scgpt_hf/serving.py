@@ -317,24 +317,15 @@ class _Chunk:
     counts: np.ndarray  # [cells, n] float32
 
 
-class _ServedBatches:
-    """A served model's batches in the form `scgpt_hf.embed`'s batch mapping reads (config and device, no
-    weights), so obs batch names and ids map, and fail, exactly as in ``embed(..., batch_key=)``."""
-
-    device = "cpu"
-
-    def __init__(self, model_config: dict[str, Any]) -> None:
-        params = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
-        self.config = SimpleNamespace(
-            needs_batch_labels=any(i["name"] == "batch_labels" for i in model_config.get("input", [])),
-            num_batch_labels=int(params.get("num_batch_labels") or 0) or None,
-            batch2id=json.loads(params["batch2id"]) if params.get("batch2id") else None,
-        )
-
-    def encode_batch_labels(self, batches: Any) -> Any:
-        from .modeling_scgpt import ScGPTPreTrainedModel
-
-        return ScGPTPreTrainedModel.encode_batch_labels(self, batches)
+def _served_batches(model_config: dict[str, Any]) -> SimpleNamespace:
+    """A served model's batch settings, in the form `scgpt_hf.embed`'s batch mapping reads, so obs batch names
+    and ids map, and fail, exactly as in ``embed(..., batch_key=)``."""
+    params = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+    return SimpleNamespace(
+        needs_batch_labels=any(i["name"] == "batch_labels" for i in model_config.get("input", [])),
+        num_batch_labels=int(params.get("num_batch_labels") or 0) or None,
+        batch2id=json.loads(params["batch2id"]) if params.get("batch2id") else None,
+    )
 
 
 def _status(err: Exception) -> str:
@@ -590,7 +581,7 @@ class TritonClient:
         as :func:`scgpt_hf.embed` does, before anything is sent."""
         from .embedding import _batch_ids
 
-        return _batch_ids(adata, _ServedBatches(self.model_config(model)), batch_key)
+        return _batch_ids(adata, _served_batches(self.model_config(model)), batch_key)
 
     def _prepare(self, adata: Any, model: str, batch_size: int | None, layer: str | None, use_raw: bool,
                  gene_column: str | None, batch_key: str | None
