@@ -8,7 +8,9 @@ Pipeline of :func:`export_onnx` (every step is reported in ``export_report.json`
    sequence length in attention reshapes.
 2. Fuse with onnxscript's ``optimize_for_ort``: SDPA -> ``MultiHeadAttention`` and Add+LayerNorm ->
    ``SkipLayerNormalization``. This is not optional on CPU: unfused, ONNX Runtime materialises each
-   attention matrix and is slower than PyTorch (see REFERENCE.md section 8).
+   attention matrix and is slower than PyTorch (see REFERENCE.md section 8). In fp32 and int8 (CPU) graphs
+   the fused attention then takes the padding mask as ``key_padding_mask`` (batch, sequence) instead of a
+   (batch, 1, L, L) bias per layer; fp16 (CUDA) graphs keep the bias (see `_use_key_padding_mask`).
 3. Precision: ``fp32``; ``fp16`` (weights and compute in half, float32 inputs/outputs, meant for CUDA
    hosts); ``int8`` (``onnxruntime.quantization.quantize_dynamic``: int8 weights, dynamic int8
    activations, for CPU hosts).
@@ -257,6 +259,7 @@ class ExportReport:
     outputs: list[dict] = field(default_factory=list)
     fusion_rewrites: dict[str, int] = field(default_factory=dict)
     fused_ops: dict[str, int] = field(default_factory=dict)
+    attention_inputs: dict[str, int] = field(default_factory=dict)
     ort_session_ops: dict[str, int] = field(default_factory=dict)
     op_counts: dict[str, int] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
@@ -278,10 +281,13 @@ class ExportReport:
         lines.append("  inputs:  " + ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in self.inputs))
         lines.append("  outputs: " + ", ".join(f"{o['name']} {o['shape']}" for o in self.outputs))
         if self.fusion_rewrites:
-            lines.append("  fused (onnxscript optimize_for_ort): "
+            lines.append("  rewrites (onnxscript optimize_for_ort, then key_padding_mask): "
                          + ", ".join(f"{k} x{v}" for k, v in self.fusion_rewrites.items() if v))
         if self.fused_ops:
             lines.append("  fused ops in the saved graph: " + ", ".join(f"{k} x{v}" for k, v in self.fused_ops.items()))
+        if self.attention_inputs:
+            lines.append("  attention inputs: " + ", ".join(f"MultiHeadAttention({k}) x{v}"
+                                                        for k, v in self.attention_inputs.items()))
         if self.ort_session_ops:
             lines.append("  further fused by ONNX Runtime at load: "
                          + ", ".join(f"{k} x{v}" for k, v in self.ort_session_ops.items()))
@@ -584,6 +590,70 @@ def _ort_session_ops(path: Path, saved_counts: Mapping[str, int]) -> dict[str, i
     return {op: n for op, n in sorted(counts.items()) if op not in saved_counts}
 
 
+# Inputs of com.microsoft MultiHeadAttention, in order.
+MHA_INPUTS = ("query", "key", "value", "bias", "key_padding_mask", "attention_bias", "past_key", "past_value")
+
+
+def _graph_inputs_feeding(value: Any) -> set[str]:
+    """Names of the graph inputs whose data (not only their shape) flows into `value`."""
+    found: set[str] = set()
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.is_graph_input():
+            found.add(v.name)
+        node = v.producer()
+        if node is not None and node.op_type != "Shape":
+            stack.extend(node.inputs)
+    return found
+
+
+def _use_key_padding_mask(ir_model: Any) -> int:
+    """Feed fused attention the 2-D padding mask (``key_padding_mask``) instead of a (batch, 1, L, L) float bias.
+
+    The fusion hands MultiHeadAttention the additive bias that `create_bidirectional_mask` builds from
+    ``attention_mask``, expanded per layer: batch x L x L floats per layer (0.37 GB each at batch 64 x 1,200
+    tokens), which ONNX Runtime materialises and copies into every attention call. Exported graphs take no generative mask, so that bias is key
+    padding only (0 at real keys, a large negative value at padded keys, the same for every query); a bias fed
+    by no graph input but ``attention_mask`` is swapped for ``Cast(attention_mask, int32)``, which
+    MultiHeadAttention applies itself. Validation then checks the values against PyTorch on padded batches.
+
+    CPU graphs only: on CUDA a 2-D key padding mask sends MultiHeadAttention to its unfused kernel, while the
+    bias still gets the memory-efficient one when the length is a multiple of 8 (fp16; Triton pads to 64).
+    Returns the count of nodes changed.
+    """
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    graph = ir_model.graph
+    mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
+    attention = [node for node in graph
+                 if node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft" and len(node.inputs) > 5
+                 and node.inputs[4] is None and node.inputs[5] is not None
+                 and _graph_inputs_feeding(node.inputs[5]) == {"attention_mask"}]
+    if mask is None or not attention:
+        return 0
+    cast = ir.node("Cast", [mask], {"to": ir.DataType.INT32}, name="key_padding_mask")
+    cast.outputs[0].name = "key_padding_mask"
+    graph.insert_before(graph.node(0), cast)
+    for node in attention:
+        node.replace_input_with(4, cast.outputs[0])
+        node.replace_input_with(5, None)
+    RemoveUnusedNodesPass()(ir_model)
+    return len(attention)
+
+
+def _attention_inputs(model: Any) -> dict[str, int]:
+    """MultiHeadAttention nodes of an onnx.ModelProto counted by the inputs they are fed."""
+    counts = Counter(", ".join(name for name, value in zip(MHA_INPUTS, node.input) if value)
+                     for node in model.graph.node if node.op_type == "MultiHeadAttention")
+    return dict(sorted(counts.items()))
+
+
 def _save(model: Any, path: Path) -> None:
     import onnx
 
@@ -785,6 +855,8 @@ def export_onnx(
         with _quiet(False):
             ir_model, rewrites = optimize_for_ort(ir_model)
         rewrites = {k: int(v) for k, v in rewrites.items() if v}
+        if precision != "fp16":
+            rewrites["key_padding_mask"] = _use_key_padding_mask(ir_model)
     import onnx_ir as ir
 
     proto = ir.serde.serialize_model(ir_model)
@@ -833,7 +905,8 @@ def export_onnx(
     report = ExportReport(
         task=task, precision=precision, opset=int(opset), model_path=str(final_path),
         source=source or type(model_or_path).__name__, inputs=inputs_meta, outputs=outputs_meta,
-        fusion_rewrites=rewrites, fused_ops=_fused(counts, contrib), op_counts=dict(sorted(counts.items())),
+        fusion_rewrites=rewrites, fused_ops=_fused(counts, contrib), attention_inputs=_attention_inputs(proto),
+        op_counts=dict(sorted(counts.items())),
         vocab_sha256=vhash, versions=_versions(),
     )
     with contextlib.suppress(Exception):

@@ -146,8 +146,12 @@ def test_each_task_exports_with_dynamic_axes_and_fusions(exports, task):
     assert report.fused_ops.get("MultiHeadAttention") == 2
     assert report.fused_ops.get("SkipLayerNormalization") == 4
     assert "Softmax" not in report.op_counts  # no decomposed attention left
+    # attention takes the 2-D padding mask, not the (batch, 1, L, L) bias the fusion builds from it
+    assert report.attention_inputs == {"query, key, value, key_padding_mask": 2}
+    assert {"Where", "GatherND", "Expand"}.isdisjoint(report.op_counts)
     saved = json.loads((out / "export_report.json").read_text())
     assert saved["passed"] is True and saved["sha256"] == report.sha256
+    assert saved["attention_inputs"] == report.attention_inputs
     cases = saved["validation"]["cases"]
     assert len(cases) >= 2 and len({(c["batch"], c["length"]) for c in cases}) >= 2
     assert any(c["padded_tokens"] > 0 for c in cases)
@@ -201,8 +205,11 @@ def test_reduced_precision_within_bounds(exports, pretraining_model, long_cells,
         assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
         assert report.file_size < fp32_report.file_size
         assert "DynamicQuantizeMatMul" in report.ort_session_ops or "MatMulIntegerToFloat" in report.ort_session_ops
+        assert report.attention_inputs == {"query, key, value, key_padding_mask": 2}
     else:
         assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+        # CUDA's memory-efficient attention takes a bias but not a 2-D key padding mask
+        assert report.attention_inputs == {"query, key, value, attention_bias": 2}
         # inputs and outputs stay float32 so clients feed the same arrays as for fp32
         assert [vi.type.tensor_type.elem_type for vi in model.graph.output] == [onnx.TensorProto.FLOAT] * len(
             EXPECTED_OUTPUTS[task])
@@ -392,6 +399,38 @@ def test_bad_arguments(pretraining_model, tmp_path):
         export_onnx(ScGPTModel(dsbn), tmp_path, vocab=reference.make_vocab(40))
 
 
+def test_key_padding_mask_replaces_only_biases_built_from_attention_mask():
+    """A bias that depends on another input (not provably key padding) is left to MultiHeadAttention as is."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    def graph(scale):  # bias (batch, 1, 1, S) = (attention_mask - 1) * scale
+        nodes = [helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+                 helper.make_node("Unsqueeze", ["m", "axes"], ["m4"]),
+                 helper.make_node("Sub", ["m4", "one"], ["padded"]),
+                 helper.make_node("Mul", ["padded", scale], ["bias"]),
+                 helper.make_node("MultiHeadAttention", ["q", "q", "q", "", "", "bias"], ["out"], num_heads=2,
+                                  domain="com.microsoft")]
+        inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["B", "S", 4]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "S"]),
+                  helper.make_tensor_value_info("other", TensorProto.FLOAT, ["B", 1, 1, "S"])]
+        axes = helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2])
+        constants = [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+                     helper.make_tensor("big", TensorProto.FLOAT, [], [1e4])]
+        g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              initializer=[axes, *constants])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+        return ir.serde.deserialize_model(model)
+
+    padding_only = graph("big")
+    assert onnx_export._use_key_padding_mask(padding_only) == 1
+    assert onnx_export._attention_inputs(ir.serde.serialize_model(padding_only)) == {
+        "query, key, value, key_padding_mask": 1}
+    other = graph("other")
+    assert onnx_export._use_key_padding_mask(other) == 0
+    assert onnx_export._attention_inputs(ir.serde.serialize_model(other)) == {"query, key, value, attention_bias": 1}
+
+
 def test_cli_exports_and_reports(model_dir, tmp_path, capsys):
     from scgpt_hf.export.cli import main
 
@@ -401,6 +440,7 @@ def test_cli_exports_and_reports(model_dir, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "MultiHeadAttention x2" in printed and "SkipLayerNormalization x4" in printed
+    assert "MultiHeadAttention(query, key, value, key_padding_mask) x2" in printed  # kept through int8
     assert "validation PASSED" in printed
     saved = json.loads((out / "export_report.json").read_text())
     assert saved["precision"] == "int8" and saved["task"] == "expression"
