@@ -214,7 +214,13 @@ def _pretrain_run(args: argparse.Namespace) -> int:
         use_raw=args.use_raw,
         gene_column=args.gene_column,
     )
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    rank = 0
+    if torch.distributed.is_initialized():
+        # Leave the process group cleanly: a rank exiting with it open can abort at interpreter exit
+        # ("terminate called without an active exception"), and torchrun then fails the whole job.
+        rank = torch.distributed.get_rank()
+        torch.distributed.destroy_process_group()
+    if rank != 0:
         return 0  # the main process writes the metrics and reports
     metrics = json.loads((Path(out) / METRICS_FILE).read_text())
     processes = f", {metrics['world_size']} processes" if metrics["world_size"] > 1 else ""

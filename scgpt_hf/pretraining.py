@@ -199,8 +199,10 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         process_index, num_processes: override the detected rank and world size.
         return_index: also yield ``file`` and ``row`` of each cell (for inspection; not a model input).
 
-    What the iterating process has read is kept in ``units_read`` ((epoch, unit) in reading order) and
-    ``cells_read`` (rows read), so a run can show how the data was split (see `read_summary`).
+    What the iterating process has read is kept in ``first_pass_units`` (the units of the first pass, in
+    reading order; later passes are the same units reshuffled), ``passes`` (passes started) and
+    ``cells_read`` (rows read), so a run can show how the data was split (see `read_summary`) in memory
+    that does not grow with the length of the run.
     """
 
     def __init__(
@@ -237,7 +239,8 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         self.process_index, self.num_processes = process_index, num_processes
         self.return_index = return_index
         self.n_skipped_empty = 0
-        self.units_read: list[tuple[int, _Unit]] = []
+        self.first_pass_units: list[_Unit] = []
+        self.passes = 0
         self.cells_read = 0
         self.gene_ids: list[np.ndarray] = []
         self.n_cells: list[int] = []
@@ -298,11 +301,13 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
             start += block.shape[0]
 
     def read_summary(self) -> dict[str, Any]:
-        """What this process has read: rows (``cells``) and ``units`` as ``[epoch, file index, first row,
-        stop row]`` in reading order. Per process: DataLoader workers read in copies of the dataset."""
+        """What this process has read: rows (``cells``), passes started (``passes``) and the first pass's
+        units as ``[file index, first row, stop row]`` in reading order (``first_pass_units``). Per process:
+        DataLoader workers read in copies of the dataset."""
         return {
             "cells": self.cells_read,
-            "units": [[epoch, u.file, u.start, u.stop] for epoch, u in self.units_read],
+            "passes": self.passes,
+            "first_pass_units": [[u.file, u.start, u.stop] for u in self.first_pass_units],
         }
 
     def _cells(self, units: Sequence[_Unit], epoch: int) -> Iterator[dict[str, Any]]:
@@ -312,7 +317,9 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
             for unit in units:
                 if unit.file not in handles:
                     handles[unit.file] = _open_backed(self.files[unit.file])
-                self.units_read.append((epoch, unit))
+                self.passes = max(self.passes, epoch + 1)
+                if epoch == 0:
+                    self.first_pass_units.append(unit)
                 for first, block in self._read(handles[unit.file], unit):
                     self.cells_read += block.shape[0]
                     level = tok_logger.level
@@ -577,8 +584,8 @@ def pretrain(
             "files": [str(p) for p in paths],
             "batch_size_per_device": args.per_device_train_batch_size,
             "world_size": args.world_size,
-            # Per process (rank order): rows read and the (file, chunk) units read, as
-            # [epoch, index in "files", first row, stop row]; None with DataLoader workers.
+            # Per process (rank order): rows read, passes started and the first pass's (file, chunk) units
+            # as [index in "files", first row, stop row]; None with DataLoader workers.
             "data_read_by_process": read,
             "learning_rate": args.learning_rate,
             "mask_ratio": mask_ratio,
@@ -595,4 +602,6 @@ def pretrain(
             },
         }
         (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    # No process returns before the folder is complete (a caller may read it right away on any rank).
+    trainer.accelerator.wait_for_everyone()
     return output_dir

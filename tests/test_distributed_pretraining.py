@@ -83,7 +83,7 @@ def test_torchrun_two_processes_share_the_data_and_write_one_model(files, tmp_pa
     units = {(f, start, min(n, start + CHUNK)) for f, n in enumerate(n_cells) for start in range(0, n, CHUNK)}
     read = metrics["data_read_by_process"]
     assert len(read) == 2
-    shares = [{tuple(u[1:]) for u in rank["units"] if u[0] == 0} for rank in read]
+    shares = [{tuple(u) for u in rank["first_pass_units"]} for rank in read]
     assert all(shares) and not shares[0] & shares[1] and shares[0] | shares[1] == units
     for rank, share in zip(read, shares):
         assert rank["cells"] >= sum(stop - start for _, start, stop in share)
