@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -277,13 +278,22 @@ class ScGPTConfig(PretrainedConfig):
         return result
 
     def to_dict(self) -> dict[str, Any]:
-        """As `PretrainedConfig.to_dict`, with every `_Derived` value written under its own name."""
+        """As `PretrainedConfig.to_dict`, with every `_Derived` value written under its own name and batch
+        names as strings (as JSON keeps them, also when `batch2id` was assigned after construction)."""
         output = super().to_dict()
         del output["_explicit"]
         output.update(
             {name: getattr(self, name) for name, value in vars(ScGPTConfig).items() if isinstance(value, _Derived)}
         )
+        if output.get("batch2id") is not None:
+            output["batch2id"] = {str(name): int(i) for name, i in output["batch2id"].items()}
         return output
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> Any:
+        """Checks the settings first (attributes may have been changed since construction), so a folder that
+        would not load is never written."""
+        self._validate()
+        return super().save_pretrained(save_directory, **kwargs)
 
 
 def _check_choice(name: str, value, choices: tuple) -> None:

@@ -354,8 +354,9 @@ class ScGPTPreTrainedModel(PreTrainedModel):
         """Each cell's batch -> `batch_labels`: names through `config.batch2id`, or integer ids as they are.
 
         Names are tried first (a model fine-tuned on an integer obs column has "0", "1", ... as names, in
-        sorted-string order); integers are taken as ids when no entry is a known name. Raises, naming them,
-        for batches the model was not trained on and for ids outside [0, num_batch_labels).
+        sorted-string order, and then takes names only); integers are taken as ids when no entry is a known
+        name and no name is a number. Raises, naming them, for batches the model was not trained on and for
+        ids outside [0, num_batch_labels).
         """
         return torch.tensor(batch_ids(batches, self.config), dtype=torch.long, device=self.device)
 
@@ -368,9 +369,13 @@ def batch_ids(batches: Iterable[Any], config: Any) -> list[int]:
             "This model has no batches (config.num_batch_labels is unset), so it takes no batch labels."
         )
     batches = list(batches)
-    known = config.batch2id or {}
+    known = {str(name): int(i) for name, i in (config.batch2id or {}).items()}
     names = [str(batch) for batch in batches]
-    if any(name in known for name in names):
+    # Integers are ids only where they cannot be names: with numeric names ("3", "4", ...), id 1 would
+    # silently be another batch's id, so such models take names alone.
+    if known and (any(name in known for name in names) or any(_as_batch_id(name) is not None for name in known)):
+        as_id = [_as_batch_id(batch) for batch in batches]  # 4.0 from a float column is the name "4"
+        names = [name if name in known or i is None else str(i) for name, i in zip(names, as_id)]
         ids = [known.get(name) for name in names]
     else:
         ids = [_as_batch_id(batch) for batch in batches]

@@ -76,3 +76,15 @@ def test_bad_batch_settings(kwargs, message):
 def test_equality_compares_scgpt_settings():
     assert ScGPTConfig(n_bins=11) != ScGPTConfig()
     assert ScGPTConfig(batch2id={1: 0}) == ScGPTConfig(batch2id={"1": 0})  # names are strings, as in JSON
+
+
+def test_batch2id_assigned_later_is_saved_as_names_and_checked_before_writing(tmp_path):
+    config = ScGPTConfig(use_batch_labels=True, batch2id={"a": 0, "b": 1})
+    config.batch2id = {0: 0, 1: 1}  # e.g. ids of an integer obs column
+    config.save_pretrained(tmp_path / "ok")
+    assert ScGPTConfig.from_pretrained(tmp_path / "ok").batch2id == {"0": 0, "1": 1}
+    config = ScGPTConfig(use_batch_labels=True, num_batch_labels=2)
+    config.batch2id = {"a": 0, "b": 1, "c": 2}
+    with pytest.raises(ValueError, match=r"batch2id has 3 entries .* but num_batch_labels is 2"):
+        config.save_pretrained(tmp_path / "bad")
+    assert not (tmp_path / "bad" / "config.json").exists()

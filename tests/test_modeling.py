@@ -151,7 +151,12 @@ def test_encode_batch_labels_maps_names_and_ids():
         model.encode_batch_labels([0, 3])
     # An integer obs column trained through CellDataset has names "0", "1", "10" in string order: names win.
     numbered = ScGPTModel(small_config(use_batch_labels=True, batch2id={"0": 0, "1": 1, "10": 2})).eval()
-    assert numbered.encode_batch_labels([10, 0]).tolist() == [2, 0]
+    assert numbered.encode_batch_labels([10, 0, 1.0]).tolist() == [2, 0, 1]
+    # Donors 3, 4, 5 as names: donor 1 is unknown, not the id of donor "4".
+    donors = ScGPTModel(small_config(use_batch_labels=True, batch2id={"3": 0, "4": 1, "5": 2})).eval()
+    assert donors.encode_batch_labels([5, "3"]).tolist() == [2, 0]
+    with pytest.raises(ValueError, match=r"Batches '1' are not among the 3"):
+        donors.encode_batch_labels([1, 4])
     plain = ScGPTModel(small_config(use_batch_labels=True, num_batch_labels=2)).eval()
     with pytest.raises(ValueError, match="not integer ids, and this model has no config.batch2id"):
         plain.encode_batch_labels(["donor_a"])
