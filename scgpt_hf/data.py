@@ -8,6 +8,7 @@ same collator (`ScGPTDataCollator.from_config`).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -267,7 +268,7 @@ class ScGPTDataCollator:
         return cls(tokenizer, token_pad_values={**pads, **kwargs.pop("token_pad_values", {})}, **kwargs)
 
     def __post_init__(self) -> None:
-        ratios = [self.mask_ratio] if isinstance(self.mask_ratio, (int, float)) else list(self.mask_ratio)
+        ratios = [self.mask_ratio] if isinstance(self.mask_ratio, numbers.Real) else list(self.mask_ratio)
         if not ratios or not all(0.0 <= float(r) < 1.0 for r in ratios):
             raise ValueError(
                 f"mask_ratio must be a fraction in [0, 1) or a non-empty list of them, got {self.mask_ratio}."
@@ -302,7 +303,9 @@ class ScGPTDataCollator:
         info = torch.utils.data.get_worker_info()
         if info is not None and info.seed != self._worker_seed:
             self._worker_seed = info.seed
-            self._generator.manual_seed((info.seed + (self.seed or 0)) % 2**63)
+            # Hash the pair: a sum would give rank 0's worker 1 and rank 1's worker 0 (seed + rank) one stream.
+            mixed = np.random.SeedSequence([self.seed or 0, info.seed]).generate_state(1, dtype=np.uint64)[0]
+            self._generator.manual_seed(int(mixed) % 2**63)
         return self._generator
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -339,7 +342,10 @@ class ScGPTDataCollator:
                     "name its padding value in token_pad_values (ScGPTDataCollator.from_config does so for the "
                     "model's inputs)."
                 )
-            batch[key] = torch.tensor(column)
+            array = np.asarray(column)
+            # Ids as int64 whatever the source (e.g. int8 categorical codes): losses and embeddings need long.
+            dtype = torch.long if array.dtype.kind in "biu" else torch.float32 if array.dtype.kind == "f" else None
+            batch[key] = torch.as_tensor(array, dtype=dtype)
         if self._masks:
             batch["values"], batch["labels"], chosen = self._mask(batch)
             if self.generative:

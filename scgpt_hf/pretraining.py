@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import tempfile
 import time
@@ -483,7 +484,7 @@ def pretrain(
 
     paths = _check_files(files)
     output_dir = Path(output_dir)
-    ratios = [float(mask_ratio)] if isinstance(mask_ratio, (int, float)) else [float(r) for r in mask_ratio]
+    ratios = [float(mask_ratio)] if isinstance(mask_ratio, numbers.Real) else [float(r) for r in mask_ratio]
     if not ratios or min(ratios) <= 0:
         raise ValueError(f"mask_ratio must be above 0 (the loss is on masked genes), got {mask_ratio}.")
     mask_ratio = ratios if len(ratios) > 1 else ratios[0]

@@ -111,6 +111,30 @@ def test_dataloader_workers_mask_differently_and_reproducibly(cells):
     assert all(torch.equal(a, b) for a, b in zip(masks(0), (first, second))), "same torch seed, same masks"
 
 
+def test_collator_ids_are_long_and_numpy_ratios_work(cells):
+    adata, tokenizer = cells
+    dataset = CellDataset(tokenizer, adata[:4])
+    features = [{**dataset[i], "labels": np.int8(i % 2), "batch_labels": np.uint8(1)} for i in range(4)]
+    batch = ScGPTDataCollator(tokenizer)(features)  # e.g. int8 categorical codes
+    assert batch["labels"].dtype == batch["batch_labels"].dtype == torch.long
+    masked = ScGPTDataCollator(tokenizer, mask_ratio=np.float32(0.4), seed=0)([dataset[i] for i in range(4)])
+    assert (masked["values"] == -1.0).any()
+
+
+def test_worker_streams_differ_across_ranks(cells, monkeypatch):
+    """pretrain seeds each rank's collator with seed + rank; worker w of rank r must not share a stream with
+    worker w + 1 of rank r - 1 (all ranks draw the same worker base seed)."""
+    adata, tokenizer = cells
+    features = [CellDataset(tokenizer, adata[:4])[i] for i in range(4)]
+
+    def masks(rank, worker):
+        info = type("Info", (), {"seed": 1234 + worker, "id": worker})
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: info)
+        return ScGPTDataCollator(tokenizer, mask_ratio=0.4, seed=rank)(features)["values"] == -1.0
+
+    assert not torch.equal(masks(rank=0, worker=1), masks(rank=1, worker=0))
+
+
 def test_pretraining_learns_masked_expression(cells, tmp_path):
     adata, tokenizer = cells
     torch.manual_seed(0)
