@@ -7,6 +7,7 @@ same collator (`ScGPTDataCollator.from_config`).
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,6 +22,8 @@ from .cell_encoding import encode_cell
 from .configuration_scgpt import ScGPTConfig
 from .embedding import _select_matrix
 from .tokenization_scgpt import ScGPTTokenizer
+
+logger = logging.getLogger(__name__)
 
 # Per-token inputs that `ScGPTTokenizer.pad` pads itself.
 _TOKENIZER_INPUTS = ("input_ids", "values", "attention_mask")
@@ -437,9 +440,24 @@ class DomainGroupedSampler(torch.utils.data.Sampler[int]):
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank must lie in [0, {self.num_replicas}), got {self.rank}.")
-        domains = np.asarray(domains)
-        self._members = [np.flatnonzero(domains == d) for d in np.unique(domains)]
+        import pandas as pd
+
+        missing = pd.isna(pd.Series(np.asarray(domains, dtype=object)))
+        if missing.any():
+            raise ValueError(
+                f"{int(missing.sum())} cells have no domain (NaN/None); every cell needs one, or it would never be "
+                "sampled: drop those cells or give them a domain."
+            )
+        codes, names = pd.factorize(pd.Series(np.asarray(domains, dtype=object)), sort=True)
+        self._members = [np.flatnonzero(codes == d) for d in range(len(names))]
         self.batch_size, self.seed, self.drop_last, self.epoch = int(batch_size), int(seed), drop_last, 0
+        if drop_last:
+            short = {str(name): len(m) for name, m in zip(names, self._members) if len(m) < self.batch_size}
+            if short:
+                logger.warning(
+                    "drop_last=True: %d domains have fewer than batch_size=%d cells and are never sampled: %s.",
+                    len(short), self.batch_size, short,
+                )
         n_groups = sum(
             len(m) // self.batch_size if drop_last else math.ceil(len(m) / self.batch_size) for m in self._members
         )

@@ -297,6 +297,8 @@ def test_domain_grouped_sampler_groups_shuffles_and_shards():
     sampler.set_epoch(0)
     assert list(sampler) == order
     assert len(list(DomainGroupedSampler(domains, 4, drop_last=True))) == 4 * (2 + 1)  # "c" has no full group
+    with pytest.raises(ValueError, match="2 cells have no domain"):
+        DomainGroupedSampler([*domains, None, float("nan")], 4)
 
     ranks = [list(DomainGroupedSampler(domains, 4, seed=0, num_replicas=4, rank=r)) for r in range(4)]
     assert {len(r) for r in ranks} == {8}  # 6 groups padded to 8, two per rank
