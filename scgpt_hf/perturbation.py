@@ -131,8 +131,8 @@ def _expression_rows(matrix: Any, columns: np.ndarray, step: int) -> Iterator[tu
     warned = False
     for start in range(0, matrix.shape[0], step):
         block = matrix[start : start + step]
-        block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        block = np.asarray(block[:, columns], dtype=np.float32)
+        block = block[:, columns]  # the model's genes first, so only they are ever densified
+        block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32)
         stop = start + len(block) - 1
         if not np.isfinite(block).all():
             raise ValueError(f"adata's expression has NaN or infinite values in cells {start}..{stop}; fix or drop them.")
@@ -244,6 +244,7 @@ def predict_perturbation(
     gene_column: str | None = None,
     batch_size: int = 16,
     unknown_genes: str = "drop",
+    control_label: str = "ctrl",
 ) -> np.ndarray:
     """Predict post-perturbation expression for the cells of ``adata``.
 
@@ -252,8 +253,8 @@ def predict_perturbation(
             was fine-tuned on (log1p-normalised in the original).
         model: a fine-tuned ``ScGPTForPerturbationPrediction``.
         perturbed_genes: the genes to perturb together: a list of names, one name, or a GEARS condition
-            such as ``"KLF1+ctrl"`` or ``"CBL+CNN1"`` ("ctrl" is ignored). An empty list predicts the
-            unperturbed state.
+            such as ``"KLF1+ctrl"`` or ``"CBL+CNN1"`` (`control_label` is ignored). An empty list predicts
+            the unperturbed state.
         tokenizer: the model's ``ScGPTTokenizer`` or a gene -> id mapping; by default the tokenizer saved
             with the model (``model.name_or_path``).
         layer: read expression from ``adata.layers[layer]`` instead of ``X``.
@@ -261,6 +262,8 @@ def predict_perturbation(
         batch_size: cells per forward pass.
         unknown_genes: genes of ``adata`` missing from the vocabulary are left out of the input and get NaN
             predictions ("drop", default), or are fed as ``<pad>`` tokens like the original does ("pad").
+        control_label: the control placeholder in conditions (as in `PerturbationDataset`), so a
+            training condition can be passed as it is.
 
     Runs on the model's device, in eval mode (the model's mode is restored afterwards).
 
@@ -286,7 +289,7 @@ def predict_perturbation(
         )
     matrix, genes, _ = _select_matrix(adata, layer, False, gene_column)
     tokens = _GeneTokens.build(genes, vocab, unknown_genes)
-    perturbed = _parse_perturbed(perturbed_genes)
+    perturbed = _parse_perturbed(perturbed_genes, control_label)
     tokens.check({str(perturbed_genes): perturbed})
     n_tokens = len(tokens.columns)
     ids = torch.from_numpy(tokens.input_ids).to(model.device)

@@ -229,6 +229,8 @@ def test_predict_perturbation_on_real_cells(wu_small):
     assert not np.allclose(control, perturbed)
     # GEARS-style condition strings mean the same perturbation.
     np.testing.assert_allclose(predict_perturbation(wu_small, model, f"{target}+ctrl", tokenizer=vocab), perturbed)
+    renamed = predict_perturbation(wu_small, model, f"{target}+control", tokenizer=vocab, control_label="control")
+    np.testing.assert_allclose(renamed, perturbed)  # the dataset's control_label, as in training conditions
 
     # The same numbers as a direct forward with the flag on that gene's token: all genes, dataset order.
     x = torch.tensor(wu_small.X.toarray() if hasattr(wu_small.X, "toarray") else wu_small.X, dtype=torch.float32)
