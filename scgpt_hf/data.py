@@ -21,7 +21,7 @@ from transformers import Trainer
 from .cell_encoding import encode_cell
 from .configuration_scgpt import ScGPTConfig
 from .embedding import _select_matrix
-from .tokenization_scgpt import ScGPTTokenizer
+from .tokenization_scgpt import ScGPTTokenizer, quiet_tokenizer_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +187,10 @@ class MultiOmicCellDataset(CellDataset):
                     f"(e.g. {names[int(np.flatnonzero(modality == name)[0])]!r}) or drop the modality."
                 )
             modality_of_id.update(dict.fromkeys(ids[ids >= 0].tolist(), known[name]))
-            # Binned within the modality; joint truncation below.
-            parts.append(tokenizer.encode_with_ids(matrix, ids, truncation=False, padding=False, seed=seed))
+            # Binned within the modality; joint truncation below. A cell may lack one modality (e.g. no
+            # protein counts): only cells without any feature are reported, once, below.
+            with quiet_tokenizer_warnings():
+                parts.append(tokenizer.encode_with_ids(matrix, ids, truncation=False, padding=False, seed=seed))
         max_length = tokenizer.max_length if max_length is None else int(max_length)
         all_ids, all_values, self._modalities = [], [], []
         for cell in range(matrix.shape[0]):
@@ -202,6 +204,12 @@ class MultiOmicCellDataset(CellDataset):
             all_ids.append(ids)
             all_values.append(np.concatenate((parts[0]["values"][cell][:1], values)))
             self._modalities.append(np.array([modality_of_id[i] for i in ids.tolist()], dtype=np.int64))
+        n_empty = sum(len(ids) == 1 for ids in all_ids)
+        if n_empty:
+            logger.warning(
+                "%d of %d cells have no feature of the vocabulary in any modality; each is just <cls>. Filter "
+                "them out before training.", n_empty, len(all_ids),
+            )
         return all_ids, all_values
 
     def __getitem__(self, index: int) -> dict[str, Any]:

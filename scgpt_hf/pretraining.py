@@ -63,7 +63,7 @@ import torch
 from .configuration_scgpt import ScGPTConfig
 from .data import ScGPTDataCollator
 from .embedding import _row_blocks, _select_matrix
-from .tokenization_scgpt import ScGPTTokenizer
+from .tokenization_scgpt import ScGPTTokenizer, quiet_tokenizer_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -245,20 +245,16 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         self.cells_read = 0
         self.gene_ids: list[np.ndarray] = []
         self.n_cells: list[int] = []
-        tok_logger = logging.getLogger(ScGPTTokenizer.__module__)
         for path in self.files:
             names, n_obs = _file_genes(path, layer, use_raw, gene_column)
-            level = tok_logger.level
-            tok_logger.setLevel(logging.ERROR)  # the per-file coverage warning is reported below instead
             try:
-                match = tokenizer.match_genes(names)
+                with quiet_tokenizer_warnings():  # the per-file coverage is logged below instead
+                    match = tokenizer.match_genes(names)
             except ValueError as err:
                 raise ValueError(
                     f"{path}: no gene matches the vocabulary ({err}) Pass gene_column= / --gene-column naming a "
                     "var column with gene symbols, or leave this file out."
                 ) from None
-            finally:
-                tok_logger.setLevel(level)
             logger.info("%s: %d cells, %d of %d genes in the vocabulary.", path, n_obs, match.n_matched, len(names))
             self.gene_ids.append(match.ids)
             self.n_cells.append(n_obs)
@@ -313,7 +309,6 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
 
     def _cells(self, units: Sequence[_Unit], epoch: int) -> Iterator[dict[str, Any]]:
         handles: dict[int, Any] = {}
-        tok_logger = logging.getLogger(ScGPTTokenizer.__module__)
         try:
             for unit in units:
                 if unit.file not in handles:
@@ -323,17 +318,14 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
                     self.first_pass_units.append(unit)
                 for first, block in self._read(handles[unit.file], unit):
                     self.cells_read += block.shape[0]
-                    level = tok_logger.level
-                    tok_logger.setLevel(logging.ERROR)  # empty cells are skipped and counted here
                     try:
-                        enc = self.tokenizer.encode_with_ids(
-                            block, self.gene_ids[unit.file], max_length=self.max_length, padding=False,
-                            seed=self.seed, return_n_genes=True,
-                        )
+                        with quiet_tokenizer_warnings():  # empty cells are skipped and counted here
+                            enc = self.tokenizer.encode_with_ids(
+                                block, self.gene_ids[unit.file], max_length=self.max_length, padding=False,
+                                seed=self.seed, return_n_genes=True,
+                            )
                     except ValueError as err:
                         raise ValueError(f"{self.files[unit.file]}: {err}") from None
-                    finally:
-                        tok_logger.setLevel(level)
                     for i, n_genes in enumerate(enc["n_genes"]):
                         if n_genes == 0:
                             self.n_skipped_empty += 1

@@ -27,6 +27,7 @@ another tie-breaking.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +44,18 @@ from .cell_encoding import TRUNCATION_STRATEGIES as _TRUNCATION_STRATEGIES
 from .cell_encoding import bin_nonzero_values, cell_hash, encode_cell, match_gene_names
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_tokenizer_warnings() -> Iterator[None]:
+    """Silence the tokenizer's per-call warnings (gene coverage, cells without vocabulary genes) for callers
+    that tokenise in pieces and report the totals once themselves."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
 

@@ -15,6 +15,7 @@ No perturbation screen or multi-omic data is bundled, so both are simulated from
 from __future__ import annotations
 
 import json
+import logging
 
 import anndata
 import numpy as np
@@ -244,6 +245,20 @@ def test_multiomic_dataset_bins_each_modality_per_cell(multiome, tmp_path):
     short = MultiOmicCellDataset(tokenizer, multiome, config, max_length=20)
     assert max(len(short[i]["input_ids"]) for i in range(len(short))) == 20
     assert all(short[i]["input_ids"][0] == tokenizer.cls_token_id for i in range(len(short)))
+
+
+def test_multiomic_dataset_warns_once_only_for_cells_without_any_feature(multiome, tmp_path, caplog):
+    tokenizer = _tokenizer(multiome.var_names, tmp_path, max_length=1000)
+    cells = multiome[:4].copy()
+    x = cells.X.toarray()
+    x[0, cells.var["modality"] == "protein"] = 0  # a cell without protein counts: normal, no warning
+    x[1] = 0  # a cell without any feature: reported
+    cells.X = sp.csr_matrix(x)
+    with caplog.at_level(logging.WARNING):
+        MultiOmicCellDataset(tokenizer, cells, _multiomic_config(tokenizer, 14))
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == ["1 of 4 cells have no feature of the vocabulary in any modality; each is just <cls>. "
+                      "Filter them out before training."], warned
 
 
 def test_multiomic_head_trains_with_trainer(multiome, tmp_path):
