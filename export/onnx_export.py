@@ -332,6 +332,7 @@ def vocab_sha256(vocab: Mapping[str, int]) -> str:
 
 
 def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (ONNX models can be gigabytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

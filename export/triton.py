@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -269,14 +268,6 @@ def _preferred(max_batch_size: int) -> list[int]:
     return sizes[-3:]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _labels_from_config(config: dict[str, Any]) -> list[str]:
     id2label = config.get("id2label") or {}
     n = int(config.get("num_labels") or len(id2label))
@@ -334,7 +325,7 @@ def export_triton(
     from scgpt_hf import cell_encoding
     from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
 
-    from .onnx_export import PRECISIONS, export_onnx, read_onnx_metadata
+    from .onnx_export import PRECISIONS, _file_sha256, export_onnx, read_onnx_metadata
 
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}.")
@@ -596,7 +587,7 @@ def export_triton(
         instances=int(instances), preferred_batch_sizes=preferred, max_queue_delay_microseconds=delay,
         pad_to_multiple_of=pad_multiple, tensorrt=bool(tensorrt), models=models, ensembles=ensembles,
         tokenizer={k: v for k, v in tok.items()}, encoder_outputs=enc_outputs, labels=labels,
-        onnx_sha256=_sha256(encoder_dir / "model.onnx"),
+        onnx_sha256=_file_sha256(encoder_dir / "model.onnx"),
         onnx_validation_passed=export_report.get("passed") if export_report else None,
     )
     (repo / "README.md").write_text(_model_card(report, config, export_report, batch_params), encoding="utf-8")
