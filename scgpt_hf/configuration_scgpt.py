@@ -43,6 +43,23 @@ class _Derived:
             config._explicit[self.name] = value
 
 
+class _NameToId:
+    """A name -> id mapping attribute whose names are kept as strings, as JSON keys are, however it is set
+    (constructor, `from_pretrained` kwargs, later assignment), so lookups by `str(name)` work and a saved and
+    reloaded mapping is equal. Anything but a mapping is stored as given, for `_validate` to reject."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, config: ScGPTConfig | None, owner: type | None = None) -> Any:
+        return self if config is None else config.__dict__.get(self.name)
+
+    def __set__(self, config: ScGPTConfig, value: Any) -> None:
+        if isinstance(value, Mapping):
+            value = {str(name): int(i) for name, i in value.items()}
+        config.__dict__[self.name] = value
+
+
 class ScGPTConfig(PretrainedConfig):
     """Architecture of an scGPT model.
 
@@ -122,6 +139,7 @@ class ScGPTConfig(PretrainedConfig):
     __eq__ = PretrainedConfig.__eq__
 
     # Values that follow other attributes unless set explicitly (see `_Derived`).
+    batch2id = _NameToId()
     n_input_bins = _Derived(lambda config: config.n_bins + 2)
     num_batch_labels = _Derived(lambda config: len(config.batch2id) if config.batch2id else None)
     modality_vocab_size = _Derived(lambda config: len(config.modality_vocab) if config.modality_vocab else None)
@@ -195,8 +213,7 @@ class ScGPTConfig(PretrainedConfig):
         self.pre_norm = pre_norm
         self.explicit_zero_prob = explicit_zero_prob
         self.use_batch_labels = use_batch_labels
-        # JSON keys are strings: keep them so in memory too, so a saved and reloaded mapping is equal.
-        self.batch2id = {str(name): int(i) for name, i in batch2id.items()} if batch2id is not None else None
+        self.batch2id = batch2id
         self.num_batch_labels = num_batch_labels
         self.domain_spec_batchnorm = domain_spec_batchnorm
         self.do_mvc = do_mvc
@@ -278,15 +295,12 @@ class ScGPTConfig(PretrainedConfig):
         return result
 
     def to_dict(self) -> dict[str, Any]:
-        """As `PretrainedConfig.to_dict`, with every `_Derived` value written under its own name and batch
-        names as strings (as JSON keeps them, also when `batch2id` was assigned after construction)."""
+        """As `PretrainedConfig.to_dict`, with every `_Derived` value written under its own name."""
         output = super().to_dict()
         del output["_explicit"]
         output.update(
             {name: getattr(self, name) for name, value in vars(ScGPTConfig).items() if isinstance(value, _Derived)}
         )
-        if output.get("batch2id") is not None:
-            output["batch2id"] = {str(name): int(i) for name, i in output["batch2id"].items()}
         return output
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> Any:

@@ -369,7 +369,7 @@ def batch_ids(batches: Iterable[Any], config: Any) -> list[int]:
             "This model has no batches (config.num_batch_labels is unset), so it takes no batch labels."
         )
     batches = list(batches)
-    known = {str(name): int(i) for name, i in (config.batch2id or {}).items()}
+    known = config.batch2id or {}
     names = [str(batch) for batch in batches]
     # Integers are ids only where they cannot be names: with numeric names ("3", "4", ...), id 1 would
     # silently be another batch's id, so such models take names alone.
