@@ -56,6 +56,11 @@ def _vocabulary(model: ScGPTForPerturbationPrediction, tokenizer: Any) -> dict[s
                 "gene -> id mapping), or load the model from a folder that holds its tokenizer."
             )
         tokenizer = ScGPTTokenizer.from_pretrained(source)
+    return _as_vocab(tokenizer)
+
+
+def _as_vocab(tokenizer: Any) -> dict[str, int]:
+    """Gene -> id of an ScGPTTokenizer or of a mapping given directly."""
     if isinstance(tokenizer, ScGPTTokenizer):
         return tokenizer.get_vocab()
     if isinstance(tokenizer, Mapping):
@@ -186,7 +191,7 @@ class PerturbationDataset(torch.utils.data.Dataset):
         include_controls: bool = True,
         seed: int = 0,
     ):
-        vocab = tokenizer.get_vocab() if isinstance(tokenizer, ScGPTTokenizer) else dict(tokenizer)
+        vocab = _as_vocab(tokenizer)
         if condition_key not in adata.obs:
             raise ValueError(f"obs has no column {condition_key!r}; available: {list(adata.obs.columns)}.")
         conditions = pd.Series(adata.obs[condition_key])
