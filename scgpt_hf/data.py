@@ -395,7 +395,7 @@ class ScGPTDataCollator:
         maskable = batch["attention_mask"].bool() & (batch["input_ids"] != self.tokenizer.cls_token_id)
         chosen = torch.zeros_like(maskable)
         ratio = self._ratios[0]
-        if len(self._ratios) > 1:  # one draw per batch; a single ratio draws nothing (masks as before lists)
+        if len(self._ratios) > 1:  # one draw per batch; a single ratio draws nothing, so its masks stay as they were
             ratio = self._ratios[int(torch.randint(len(self._ratios), (1,), generator=self._rng()))]
         for row in range(values.shape[0]):
             positions = maskable[row].nonzero().squeeze(1)
