@@ -618,8 +618,9 @@ def _use_key_padding_mask(ir_model: Any) -> int:
 
     The fusion hands MultiHeadAttention the additive bias that `create_bidirectional_mask` builds from
     ``attention_mask``, expanded per layer: batch x L x L floats per layer (0.37 GB each at batch 64 x 1,200
-    tokens), which ONNX Runtime materialises and copies into every attention call. Exported graphs take no generative mask, so that bias is key
-    padding only (0 at real keys, a large negative value at padded keys, the same for every query); a bias fed
+    tokens), which ONNX Runtime materialises and copies into every attention call. Exported graphs take no
+    generative mask, so that bias is key padding only (0 at real keys, a large negative value at padded keys,
+    the same for every query); a bias fed
     by no graph input but ``attention_mask`` is swapped for ``Cast(attention_mask, int32)``, which
     MultiHeadAttention applies itself. Validation then checks the values against PyTorch on padded batches.
 
@@ -630,20 +631,21 @@ def _use_key_padding_mask(ir_model: Any) -> int:
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+    padding, bias = MHA_INPUTS.index("key_padding_mask"), MHA_INPUTS.index("attention_bias")
     graph = ir_model.graph
     mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
     attention = [node for node in graph
-                 if node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft" and len(node.inputs) > 5
-                 and node.inputs[4] is None and node.inputs[5] is not None
-                 and _graph_inputs_feeding(node.inputs[5]) == {"attention_mask"}]
+                 if node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft" and len(node.inputs) > bias
+                 and node.inputs[padding] is None and node.inputs[bias] is not None
+                 and _graph_inputs_feeding(node.inputs[bias]) == {"attention_mask"}]
     if mask is None or not attention:
         return 0
     cast = ir.node("Cast", [mask], {"to": ir.DataType.INT32}, name="key_padding_mask")
     cast.outputs[0].name = "key_padding_mask"
     graph.insert_before(graph.node(0), cast)
     for node in attention:
-        node.replace_input_with(4, cast.outputs[0])
-        node.replace_input_with(5, None)
+        node.replace_input_with(padding, cast.outputs[0])
+        node.replace_input_with(bias, None)
     RemoveUnusedNodesPass()(ir_model)
     return len(attention)
 
