@@ -259,7 +259,8 @@ def annotation_stage(folder: Path, args) -> dict:
         set_seed(args.seed)
         if pretrained:
             model = ScGPTForCellClassification.from_pretrained(
-                str(folder), num_labels=len(id2label), id2label=id2label, label2id=dataset.label2id
+                str(folder), num_labels=len(id2label), id2label=id2label, label2id=dataset.label2id,
+                train_new_weights=True,
             )
         else:
             config = ScGPTConfig.from_pretrained(
@@ -409,7 +410,7 @@ def integration_stage(folder: Path, args) -> dict:
     # Batch labels widen the expression and MVC decoders' input (hidden + batch embedding): those two
     # layers start fresh, as do the batch embedding and the discriminator.
     model, info = ScGPTForBatchIntegration.from_pretrained(
-        str(folder), ignore_mismatched_sizes=True, output_loading_info=True, **overrides
+        str(folder), ignore_mismatched_sizes=True, train_new_weights=True, output_loading_info=True, **overrides
     )
     missing = sorted(str(k) for k in info.get("missing_keys", []))
     mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys", []))

@@ -7,6 +7,7 @@ runs through transformers' attention interface, so `attn_implementation="eager" 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -343,6 +344,32 @@ class ScGPTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, train_new_weights: bool = False, **kwargs
+    ) -> ScGPTPreTrainedModel | tuple[ScGPTPreTrainedModel, dict[str, Any]]:
+        """`PreTrainedModel.from_pretrained` that refuses weights the folder lacks.
+
+        Weights missing from the folder (a classifier absent from a pretraining checkpoint, say) would start
+        random, and every answer read from them would be meaningless; loading raises, naming them, unless
+        `train_new_weights=True` says they are about to be trained (fine-tuning a head on a pretrained
+        backbone). They are then listed under `missing_keys` with `output_loading_info=True`.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        missing = set(info["missing_keys"])
+        if missing and not train_new_weights:
+            raise ValueError(
+                f"{os.fspath(pretrained_model_name_or_path)} has no weights for "
+                f"{', '.join(_missing_parts(model.state_dict(), missing))} of {cls.__name__}: they would start "
+                "random, and everything read from them would be meaningless. To fine-tune them, load with "
+                f"{cls.__name__}.from_pretrained(..., train_new_weights=True) and train (README: Heads and "
+                "fine-tuning); to predict, load a folder fine-tuned for this task."
+            )
+        return (model, info) if want_info else model
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -359,6 +386,20 @@ class ScGPTPreTrainedModel(PreTrainedModel):
         ids outside [0, num_batch_labels).
         """
         return torch.tensor(batch_ids(batches, self.config), dtype=torch.long, device=self.device)
+
+
+def _missing_parts(state: dict[str, Any], missing: set[str]) -> list[str]:
+    """The largest modules (or single tensors) all of whose weights are in `missing`, for error messages."""
+    parts = set()
+    for key in missing:
+        part = key
+        while "." in part:
+            parent = part.rsplit(".", 1)[0]
+            if any(k.startswith(parent + ".") and k not in missing for k in state):
+                break
+            part = parent
+        parts.add(part)
+    return sorted(parts)
 
 
 def batch_ids(batches: Iterable[Any], config: Any) -> list[int]:

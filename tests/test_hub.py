@@ -343,7 +343,7 @@ def test_finetuned_card_names_base_model_and_measured_metrics(local_hub, tokeniz
     label_ids = torch.tensor([names.index(str(x)) for x in cells.obs["cluster_orig"]])
     config = small_config(tokenizer, num_labels=len(names), id2label=dict(enumerate(names)),
                           label2id={n: i for i, n in enumerate(names)})
-    model = ScGPTForCellClassification.from_pretrained(base_repo, config=config).eval()
+    model = ScGPTForCellClassification.from_pretrained(base_repo, config=config, train_new_weights=True).eval()
     enc = tokenizer(cells, padding=True, return_tensors="pt")
     batch = {k: enc[k] for k in ("input_ids", "values", "attention_mask")}
     train, test = slice(0, 120), slice(120, 160)

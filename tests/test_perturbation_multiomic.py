@@ -176,7 +176,9 @@ def test_pretrained_backbone_loads_into_perturbation_head(tmp_path):
                          intermediate_size=48, pad_token_id=N_GENES, cls_token_id=N_GENES + 1,
                          eoc_token_id=N_GENES + 2)
     ScGPTForPreTraining(config).save_pretrained(tmp_path / "pre")
-    pert, info = ScGPTForPerturbationPrediction.from_pretrained(tmp_path / "pre", output_loading_info=True)
+    pert, info = ScGPTForPerturbationPrediction.from_pretrained(
+        tmp_path / "pre", train_new_weights=True, output_loading_info=True
+    )
     assert pert.config.use_perturbation_flags
     assert "scgpt.embeddings.perturbation_embeddings.weight" in info["missing_keys"]
     assert any(k.startswith("expression_decoder.coeff_decoder.") for k in info["missing_keys"])

@@ -62,7 +62,8 @@ def test_fine_tuned_from_pretraining_annotates_pbmc_well_above_chance(pretrained
     id2label = {i: name for name, i in dataset.label2id.items()}
     set_seed(SEED)
     model = ScGPTForCellClassification.from_pretrained(
-        str(pretrained), num_labels=len(id2label), id2label=id2label, label2id=dataset.label2id
+        str(pretrained), num_labels=len(id2label), id2label=id2label, label2id=dataset.label2id,
+        train_new_weights=True,
     )
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=300, per_device_train_batch_size=16, learning_rate=1e-3,

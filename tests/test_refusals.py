@@ -1,0 +1,79 @@
+"""Refusals instead of wrong answers (issue 11): untrained heads, batch values that are not the model's
+names, data hidden in padding, obs/obsm keys an .h5ad cannot hold."""
+
+from __future__ import annotations
+
+import json
+
+import anndata
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from scgpt_hf import ScGPTConfig, ScGPTForCellClassification, ScGPTForPreTraining, ScGPTModel, ScGPTTokenizer
+from scgpt_hf.embedding import annotate
+
+N_GENES = 40
+GENES = [f"G{i}" for i in range(N_GENES)]
+
+
+def _config(**overrides) -> ScGPTConfig:
+    values = dict(
+        vocab_size=N_GENES + 3, pad_token_id=N_GENES, cls_token_id=N_GENES + 1, eoc_token_id=N_GENES + 2,
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+    )
+    return ScGPTConfig(**{**values, **overrides})
+
+
+@pytest.fixture
+def tokenizer(tmp_path) -> ScGPTTokenizer:
+    vocab = {g: i for i, g in enumerate(GENES)} | {"<pad>": N_GENES, "<cls>": N_GENES + 1, "<eoc>": N_GENES + 2}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    return ScGPTTokenizer(str(tmp_path / "vocab.json"))
+
+
+@pytest.fixture
+def cells() -> anndata.AnnData:
+    counts = np.random.default_rng(0).poisson(1.0, size=(12, N_GENES)).astype(np.float32)
+    counts[:, 0] = 1.0  # every cell expresses a vocabulary gene
+    return anndata.AnnData(sp.csr_matrix(counts), var={"symbol": GENES}, obs={"n": np.arange(12)}).copy()
+
+
+def _folder(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads whose weights the folder lacks
+
+
+def test_head_missing_from_the_folder_is_refused_unless_it_is_to_be_trained(tmp_path, tokenizer, cells):
+    pretraining = _folder(ScGPTForPreTraining(_config()), tokenizer, tmp_path / "pretraining")
+    for load in (ScGPTForCellClassification.from_pretrained, AutoModelForSequenceClassification.from_pretrained):
+        with pytest.raises(ValueError, match=r"no weights for classifier.*train_new_weights=True"):
+            load(pretraining, num_labels=3)
+    cells.var_names = GENES
+    with pytest.raises(ValueError, match=r"no weights for classifier.*fine-tune"):
+        annotate(cells, pretraining, progress=False)
+
+    # Fine-tuning says so: the backbone is loaded, the classifier starts fresh and is reported.
+    model, info = ScGPTForCellClassification.from_pretrained(
+        pretraining, num_labels=3, train_new_weights=True, output_loading_info=True
+    )
+    assert info["missing_keys"] and all(k.startswith("classifier.") for k in info["missing_keys"])
+    trained = ScGPTForPreTraining.from_pretrained(pretraining)
+    torch.testing.assert_close(model.scgpt.embeddings.gene_embeddings.weight,
+                               trained.scgpt.embeddings.gene_embeddings.weight, atol=0, rtol=0)
+    # A folder holding every weight loads as before, without the switch.
+    annotated = _folder(model, tokenizer, tmp_path / "annotation")
+    assert isinstance(ScGPTForCellClassification.from_pretrained(annotated), ScGPTForCellClassification)
+    assert isinstance(ScGPTModel.from_pretrained(annotated), ScGPTModel)
+
+    # Backbone parts the folder lacks (a batch embedding) are refused as well.
+    with pytest.raises(ValueError, match=r"no weights for batch_encoder"):
+        ScGPTModel.from_pretrained(pretraining, use_batch_labels=True, num_batch_labels=2)
+
