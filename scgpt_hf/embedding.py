@@ -352,9 +352,10 @@ def _run_cells(
     return out, n_genes, facts
 
 
-def _batch_ids(adata: AnnData, config: Any, batch_key: str | None) -> np.ndarray | None:
-    """Each cell's batch id from `obs[batch_key]` (names through `config.batch2id`, or integer ids), for
-    models with batch embeddings or batch norm. `config`: the model's, or a served model's batch settings."""
+def _batch_ids(adata: AnnData, config: Any, batch_key: str | None, as_ids: bool = False) -> np.ndarray | None:
+    """Each cell's batch id from `obs[batch_key]` (names through `config.batch2id`; integer ids where the model
+    has no names, or with `as_ids`), for models with batch embeddings or batch norm. `config`: the model's, or
+    a served model's batch settings."""
     if not config.needs_batch_labels:
         if batch_key is not None:
             raise ValueError(f"batch_key={batch_key!r} was given but this model takes no batch labels; drop it.")
@@ -362,12 +363,13 @@ def _batch_ids(adata: AnnData, config: Any, batch_key: str | None) -> np.ndarray
     if batch_key is None:
         raise ValueError(
             "This model needs batch labels (batch embeddings or domain-specific batch norm): pass batch_key=, the "
-            "obs column with each cell's batch (names of config.batch2id, or the integer ids used in training)."
+            "obs column with each cell's batch (names of config.batch2id, or the integer ids used in training "
+            "when the model has no names)."
         )
     if batch_key not in adata.obs:
         raise ValueError(f"obs has no column {batch_key!r}; available: {list(adata.obs.columns)}.")
     try:
-        return np.asarray(batch_ids(adata.obs[batch_key], config), dtype=np.int64)
+        return np.asarray(batch_ids(adata.obs[batch_key], config, as_ids=as_ids), dtype=np.int64)
     except ValueError as err:
         raise ValueError(f"obs[{batch_key!r}]: {err}") from err
 
@@ -399,6 +401,7 @@ def embed(
     num_threads: int | None = None,
     progress: bool = True,
     batch_key: str | None = None,
+    batch_as_ids: bool = False,
 ) -> AnnData:
     """Embed every cell of `adata` with an scGPT model (zero-shot) and store the result on `adata`.
 
@@ -426,8 +429,11 @@ def embed(
         progress: show a tqdm progress bar.
         batch_key: for models with batch embeddings or domain-specific batch norm (e.g. a fine-tuned
             `ScGPTForBatchIntegration`, whose cell embeddings are the integrated representation): the obs
-            column of each cell's batch, as names of the model's `config.batch2id` or as the integer ids
-            it was trained with. A batch the model was not trained on is an error.
+            column of each cell's batch, as names of the model's `config.batch2id` (whatever the column's
+            dtype: "0" is a name, never id 0), or as the integer ids it was trained with when the model has
+            no names. A batch the model was not trained on is an error.
+        batch_as_ids: `obs[batch_key]` holds the integer ids the model was trained with, although the model
+            names its batches.
 
     Returns:
         `adata` itself, with `obsm[key_added]` (n_obs x hidden_size float32, L2-normalised, NaN rows for
@@ -443,7 +449,7 @@ def embed(
     out, n_genes, facts = _run_cells(
         adata, backbone, tokenizer, lambda result: result.cell_embedding, config.hidden_size,
         cls_value=float(config.pad_value),  # the original's embedding path puts pad_value at <cls>
-        batch_ids=_batch_ids(adata, backbone.config, batch_key),
+        batch_ids=_batch_ids(adata, backbone.config, batch_key, batch_as_ids),
         batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
         gene_column=gene_column, device=device, chunk_size=chunk_size, max_tokens=max_tokens,
         num_threads=num_threads, progress=progress, desc="Embedding cells",
@@ -457,6 +463,7 @@ def embed(
         "model": name or type(backbone).__name__,
         "cell_emb_style": str(config.cell_emb_style),
         "batch_key": batch_key,
+        "batch_as_ids": bool(batch_as_ids),
         **facts,
         "scgpt_hf_version": str(__version__),
     }
@@ -481,11 +488,12 @@ def annotate(
     num_threads: int | None = None,
     progress: bool = True,
     batch_key: str | None = None,
+    batch_as_ids: bool = False,
 ) -> AnnData:
     """Predict cell types with a fine-tuned `ScGPTForCellClassification` and store them on `adata`.
 
     Cells are prepared as in fine-tuning (`<cls>` value = the tokenizer's `cls_value`), streamed and
-    length-grouped as in `embed` (same arguments, `batch_key` included).
+    length-grouped as in `embed` (same arguments, `batch_key` and `batch_as_ids` included).
 
     Returns:
         `adata` itself, with `obs[key_added]` (categorical label from `config.id2label`; missing for cells
@@ -501,7 +509,7 @@ def annotate(
     probs, n_genes, facts = _run_cells(
         adata, classifier, tokenizer, lambda result: torch.softmax(result.logits.float(), dim=-1), config.num_labels,
         cls_value=float(tokenizer.cls_value),
-        batch_ids=_batch_ids(adata, classifier.config, batch_key),
+        batch_ids=_batch_ids(adata, classifier.config, batch_key, batch_as_ids),
         batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
         gene_column=gene_column, device=device, chunk_size=chunk_size, max_tokens=max_tokens,
         num_threads=num_threads, progress=progress, desc="Annotating cells",

@@ -7,6 +7,7 @@ runs through transformers' attention interface, so `attn_implementation="eager" 
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -377,15 +378,16 @@ class ScGPTPreTrainedModel(PreTrainedModel):
             # As the original: gene embeddings start uniform in [-0.1, 0.1].
             module.gene_embeddings.weight.uniform_(-0.1, 0.1)
 
-    def encode_batch_labels(self, batches: Iterable[Any]) -> torch.LongTensor:
-        """Each cell's batch -> `batch_labels`: names through `config.batch2id`, or integer ids as they are.
+    def encode_batch_labels(self, batches: Iterable[Any], *, as_ids: bool = False) -> torch.LongTensor:
+        """Each cell's batch -> `batch_labels`, through `config.batch2id` when the model names its batches.
 
-        Names are tried first (a model fine-tuned on an integer obs column has "0", "1", ... as names, in
-        sorted-string order, and then takes names only); integers are taken as ids when no entry is a known
-        name and no name is a number. Raises, naming them, for batches the model was not trained on and for
+        A model with names takes names only, whatever their dtype: the strings "0", "1" that
+        `anndata.concat(..., label=...)` writes are not ids 0, 1 (a number whose integer value is a name, as
+        4.0 from a float column for the name "4", is that name). Integer ids are taken where the model has no
+        names, or with `as_ids=True`. Raises, naming them, for batches the model was not trained on and for
         ids outside [0, num_batch_labels).
         """
-        return torch.tensor(batch_ids(batches, self.config), dtype=torch.long, device=self.device)
+        return torch.tensor(batch_ids(batches, self.config, as_ids=as_ids), dtype=torch.long, device=self.device)
 
 
 def _missing_parts(state: dict[str, Any], missing: set[str]) -> list[str]:
@@ -402,7 +404,7 @@ def _missing_parts(state: dict[str, Any], missing: set[str]) -> list[str]:
     return sorted(parts)
 
 
-def batch_ids(batches: Iterable[Any], config: Any) -> list[int]:
+def batch_ids(batches: Iterable[Any], config: Any, *, as_ids: bool = False) -> list[int]:
     """`ScGPTPreTrainedModel.encode_batch_labels` for anything with a model's batch settings
     (`num_batch_labels`, `batch2id`), e.g. a served model's configuration."""
     if not config.num_batch_labels:
@@ -411,23 +413,28 @@ def batch_ids(batches: Iterable[Any], config: Any) -> list[int]:
         )
     batches = list(batches)
     known = config.batch2id or {}
-    names = [str(batch) for batch in batches]
-    # Integers are ids only where they cannot be names: with numeric names ("3", "4", ...), id 1 would
-    # silently be another batch's id, so such models take names alone.
-    if known and (any(name in known for name in names) or any(_as_batch_id(name) is not None for name in known)):
-        as_id = [_as_batch_id(batch) for batch in batches]  # 4.0 from a float column is the name "4"
-        names = [name if name in known or i is None else str(i) for name, i in zip(names, as_id)]
+    if known and not as_ids:
+        names = [_batch_name(batch, known) for batch in batches]
         ids = [known.get(name) for name in names]
     else:
+        names = [str(batch) for batch in batches]
         ids = [_as_batch_id(batch) for batch in batches]
     unknown = sorted({name for name, i in zip(names, ids) if i is None})
     if unknown:
         listed = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        if as_ids:
+            raise ValueError(f"Batch labels {listed} are not integer ids (as_ids=True takes ids only).")
         if known:
+            ids_hint = (
+                " They look like integer ids: if they are the ids the model was trained with, say so with "
+                "as_ids=True (embed / annotate: batch_as_ids=True)."
+                if all(_as_batch_id(name) is not None for name in unknown) else ""
+            )
             raise ValueError(
                 f"Batches {listed} are not among the {len(known)} this model was trained on (config.batch2id: "
-                f"{sorted(known, key=known.get)[:10]}): it has no batch embedding or batch norm for them. Drop "
-                "those cells, or fine-tune a model whose training data includes them."
+                f"{sorted(known, key=known.get)[:10]}): it has no batch embedding or batch norm for them. Pass the "
+                f"training batch names, drop those cells, or fine-tune a model whose training data includes them."
+                + ids_hint
             )
         raise ValueError(
             f"Batch labels {listed} are not integer ids, and this model has no config.batch2id to map batch "
@@ -436,6 +443,16 @@ def batch_ids(batches: Iterable[Any], config: Any) -> list[int]:
         )
     _check_batch_ids(torch.tensor(ids, dtype=torch.long), config)
     return ids
+
+
+def _batch_name(value: Any, known: dict[str, int]) -> str:
+    """`value` as a batch name: its string, or for a number the integer it equals when that is a name."""
+    name = str(value)
+    if name not in known and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = _as_batch_id(value)
+        if number is not None and str(number) in known:
+            return str(number)
+    return name
 
 
 def _as_batch_id(value: Any) -> int | None:

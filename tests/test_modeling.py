@@ -144,11 +144,11 @@ def test_bad_inputs_get_clear_errors():
 def test_encode_batch_labels_maps_names_and_ids():
     model = ScGPTModel(small_config(use_batch_labels=True, batch2id={"p1": 0, "p10": 1, "p2": 2})).eval()
     assert model.encode_batch_labels(["p2", "p1", "p10"]).tolist() == [2, 0, 1]
-    assert model.encode_batch_labels([2, 0, 1.0, "1"]).tolist() == [2, 0, 1, 1]  # ids when no entry is a name
+    assert model.encode_batch_labels([2, 0, 1.0, "1"], as_ids=True).tolist() == [2, 0, 1, 1]  # ids, said so
     with pytest.raises(ValueError, match=r"Batches 'p3' are not among the 3 .*\['p1', 'p10', 'p2'\].*fine-tune"):
         model.encode_batch_labels(["p1", "p3"])
     with pytest.raises(ValueError, match=r"must lie in \[0, 3\).*config.batch2id names them"):
-        model.encode_batch_labels([0, 3])
+        model.encode_batch_labels([0, 3], as_ids=True)
     # An integer obs column trained through CellDataset has names "0", "1", "10" in string order: names win.
     numbered = ScGPTModel(small_config(use_batch_labels=True, batch2id={"0": 0, "1": 1, "10": 2})).eval()
     assert numbered.encode_batch_labels([10, 0, 1.0]).tolist() == [2, 0, 1]

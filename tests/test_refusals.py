@@ -77,3 +77,43 @@ def test_head_missing_from_the_folder_is_refused_unless_it_is_to_be_trained(tmp_
     with pytest.raises(ValueError, match=r"no weights for batch_encoder"):
         ScGPTModel.from_pretrained(pretraining, use_batch_labels=True, num_batch_labels=2)
 
+
+# ----------------------------------------------------------------------------------------------
+# Batch values
+
+
+def test_batch_values_must_be_the_models_names_whatever_their_dtype(tokenizer, cells):
+    model = ScGPTModel(_config(use_batch_labels=True, batch2id={"A": 0, "B": 1})).eval()
+    # What anndata.concat(..., label="batch") writes: the strings "0" and "1", not the names.
+    for values in (["0", "1"], [0, 1], np.array([0, 1]), [0.0, 1.0]):
+        with pytest.raises(ValueError, match=r"not among the 2 .*\['A', 'B'\].*as_ids=True"):
+            model.encode_batch_labels(values)
+    assert model.encode_batch_labels(["B", "A"]).tolist() == [1, 0]
+    assert model.encode_batch_labels([1, "0"], as_ids=True).tolist() == [1, 0]  # said explicitly
+    with pytest.raises(ValueError, match="not integer ids"):
+        model.encode_batch_labels(["A"], as_ids=True)
+    # Numeric names stay names, also from a float column (pandas' upcast of integers with NaN).
+    donors = ScGPTModel(_config(use_batch_labels=True, batch2id={"3": 0, "4": 1})).eval()
+    assert donors.encode_batch_labels([4.0, "3", np.int64(4)]).tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="not among the 2"):
+        donors.encode_batch_labels([0, 1])
+    # Without names, integer ids are the only way.
+    plain = ScGPTModel(_config(use_batch_labels=True, num_batch_labels=2)).eval()
+    assert plain.encode_batch_labels([1, 0.0, "1"]).tolist() == [1, 0, 1]
+
+    cells.var_names = GENES
+    cells.obs["batch"] = np.array(["0", "1"])[np.arange(cells.n_obs) % 2]
+    with pytest.raises(ValueError, match=r"obs\['batch'\]: .*not among the 2.*batch_as_ids=True"):
+        scgpt_embed(cells, model, tokenizer, batch_key="batch")
+    scgpt_embed(cells, model, tokenizer, batch_key="batch", batch_as_ids=True)
+    as_ids = cells.obsm["X_scGPT"].copy()
+    cells.obs["names"] = np.array(["A", "B"])[np.arange(cells.n_obs) % 2]
+    scgpt_embed(cells, model, tokenizer, batch_key="names")
+    np.testing.assert_array_equal(cells.obsm["X_scGPT"], as_ids)
+    assert cells.uns["X_scGPT_params"]["batch_as_ids"] is False
+
+
+def scgpt_embed(adata, model, tokenizer, **kwargs):
+    from scgpt_hf.embedding import embed
+
+    return embed(adata, model, tokenizer, progress=False, **kwargs)

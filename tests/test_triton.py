@@ -646,11 +646,11 @@ def test_batch_embed_matches_embed(batch_server, protocol, adata, batch_expected
     client = TritonClient(url, protocol, retries=0)
     got = client.embed(adata.copy(), batch_key=BATCH_KEY, batch_size=MAX_BATCH, concurrency=2).obsm["X_scGPT"]
     np.testing.assert_allclose(got, batch_expected, atol=ATOL, rtol=0, equal_nan=True)
-    ids = adata.copy()  # integer ids (the model's batch2id order) are accepted as embed accepts them
+    ids = adata.copy()  # the model names its batches, so integer ids are refused as embed refuses them
     patients = sorted(adata.obs[BATCH_KEY].astype(str).unique())
     ids.obs["patient_id"] = [patients.index(name) for name in ids.obs[BATCH_KEY].astype(str)]
-    got = client.embed(ids, batch_key="patient_id", batch_size=5).obsm["X_scGPT"]
-    np.testing.assert_allclose(got, batch_expected, atol=ATOL, rtol=0, equal_nan=True)
+    with pytest.raises(ValueError, match=r"not among the 14 .*batch_as_ids=True"):
+        client.embed(ids, batch_key="patient_id", batch_size=5)
     client.close()
 
 
