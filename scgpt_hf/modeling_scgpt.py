@@ -475,6 +475,42 @@ def _check_batch_ids(batch_labels: torch.Tensor, config: ScGPTConfig) -> None:
         )
 
 
+def _without_padding(
+    config: ScGPTConfig, input_ids: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked `input_ids` and `values`, every padded position set to the pad token and `config.pad_value`.
+
+    Nothing a caller leaves in padding (NaN, the mask value, an unknown gene) reaches the computation, so a
+    cell's outputs are the same whatever its padding holds; `torch.where` does it without device
+    synchronisation. A cell whose attention_mask is all 0 has nothing to encode: an error, not a finite and
+    meaningless embedding. That check reads the mask on the CPU only, where it costs no synchronisation; on
+    an accelerator (and in an exported graph) such a cell comes out NaN instead (`ScGPTModel.forward`), and
+    the data pipeline never makes one (every tokenised cell holds `<cls>`).
+    """
+    if input_ids.dim() != 2 or values.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and values must both be (batch, seq_len); got {tuple(input_ids.shape)} and "
+            f"{tuple(values.shape)}."
+        )
+    if attention_mask is None:
+        return input_ids, values
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}."
+        )
+    real = attention_mask.bool()
+    if attention_mask.device.type == "cpu" and not torch.compiler.is_exporting():
+        empty = ~real.any(1)
+        if empty.any():
+            rows = empty.nonzero().flatten().tolist()
+            raise ValueError(
+                f"cell {rows[0]} has no token (its attention_mask is all 0; {len(rows)} such cells in the batch): "
+                "there is nothing to encode. Drop such cells, or give each at least its <cls> token (the "
+                "tokenizer always does)."
+            )
+    return torch.where(real, input_ids, config.pad_token_id), torch.where(real, values, config.pad_value)
+
+
 def _generative_attention_mask(
     attention_mask: torch.Tensor | None, generative_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -619,7 +655,8 @@ class ScGPTModel(ScGPTPreTrainedModel):
         Args:
             input_ids: (batch, seq_len) gene token ids.
             values: (batch, seq_len) binned expression values.
-            attention_mask: (batch, seq_len), 1 at real tokens and 0 at padding.
+            attention_mask: (batch, seq_len), 1 at real tokens and 0 at padding; what padded positions of the
+                other inputs hold never reaches the computation. A cell without any real token is an error.
             batch_labels: (batch,) batch ids, for models with batch embeddings or batch norm.
             perturbation_flags: (batch, seq_len) 1 at perturbed genes, 0 elsewhere, `config.pert_pad_id`
                 at padding; only for models with `config.use_perturbation_flags`.
@@ -632,18 +669,9 @@ class ScGPTModel(ScGPTPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if input_ids.dim() != 2 or values.shape != input_ids.shape:
-            raise ValueError(
-                f"input_ids and values must both be (batch, seq_len); got {tuple(input_ids.shape)} and "
-                f"{tuple(values.shape)}."
-            )
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}."
-            )
+        input_ids, values = _without_padding(self.config, input_ids, values, attention_mask)
         self._check_batch_labels(batch_labels, input_ids.shape[0])
         self._check_perturbation_flags(perturbation_flags, input_ids)
-
         self._check_generative_mask(generative_mask, input_ids)
 
         embeddings, gene_embeddings = self.embeddings(
@@ -659,6 +687,8 @@ class ScGPTModel(ScGPTPreTrainedModel):
         hidden, all_hidden, all_attn = self.encoder(
             embeddings, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions, **kwargs
         )
+        if attention_mask is not None:  # a cell without tokens is NaN where it was not refused above
+            hidden = torch.where(attention_mask.bool().any(1)[:, None, None], hidden, float("nan"))
         output = ScGPTModelOutput(
             last_hidden_state=hidden,
             cell_embedding=self._cell_embedding(hidden, values, pooled),
@@ -803,6 +833,7 @@ class ScGPTForPreTraining(ScGPTPreTrainedModel):
         """`labels`: (batch, seq_len) true expression values; the scored positions are those whose input
         value is `config.mask_value` and, in generative pretraining, the genes of `generative_mask`."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        input_ids, values = _without_padding(self.config, input_ids, values, attention_mask)
         out = self.scgpt(
             input_ids,
             values,
@@ -893,9 +924,10 @@ class ScGPTForPreTraining(ScGPTPreTrainedModel):
 
 
 def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over masked positions only."""
-    masked = masked.to(pred.dtype)
-    return F.mse_loss(pred * masked, target * masked, reduction="sum") / masked.sum().clamp(min=1)
+    """Mean squared error over masked positions only (whatever the other positions hold, NaN included)."""
+    masked = masked.bool()
+    error = torch.where(masked, pred - target, 0.0)
+    return (error * error).sum() / masked.sum().clamp(min=1).to(pred.dtype)
 
 
 def masked_zero_nll(zero_probs: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -1248,6 +1280,7 @@ class ScGPTForPerturbationPrediction(ScGPTPreTrainedModel):
         labels: (batch, seq_len) post-perturbation expression, for the MSE loss.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        input_ids, values = _without_padding(self.config, input_ids, values, attention_mask)
         out = self.scgpt(
             input_ids,
             values,
@@ -1370,6 +1403,7 @@ class ScGPTForMultiOmicIntegration(ScGPTPreTrainedModel):
         """`modality_ids`: (batch, seq_len) modality id per token; `labels`: true expression values, scored
         where the input value is `config.mask_value` (as in `ScGPTForPreTraining`)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        input_ids, values = _without_padding(self.config, input_ids, values, attention_mask)
         self._check_modality_ids(modality_ids, input_ids)
         out = self.scgpt(
             input_ids,

@@ -117,3 +117,55 @@ def scgpt_embed(adata, model, tokenizer, **kwargs):
     from scgpt_hf.embedding import embed
 
     return embed(adata, model, tokenizer, progress=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding
+
+
+def _padded_cells():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, N_GENES, (3, 8), generator=g)
+    ids[:, 0] = N_GENES + 1
+    values = torch.randint(1, 51, (3, 8), generator=g).float()
+    values[:, 3] = -1.0  # masked genes, for the pretraining loss
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    ids[1, 5:], values[1, 5:] = N_GENES, -2.0  # the tokenizer's padding
+    return ids, values, mask
+
+
+@pytest.mark.parametrize("cell_emb_style", ["cls", "avg-pool", "w-pool"])
+@pytest.mark.parametrize("head", ["pretraining", "classification", "perturbation"])
+def test_nothing_in_the_padding_changes_a_cell(cell_emb_style, head):
+    from scgpt_hf import ScGPTForPerturbationPrediction
+
+    torch.manual_seed(0)
+    config = _config(cell_emb_style=cell_emb_style, explicit_zero_prob=True, do_mvc=True, num_labels=3)
+    model = {"pretraining": ScGPTForPreTraining, "classification": ScGPTForCellClassification,
+             "perturbation": ScGPTForPerturbationPrediction}[head](config).eval()
+    ids, values, mask = _padded_cells()
+    extra = {"labels": values.abs() + 1.0} if head != "classification" else {"labels": torch.tensor([0, 1, 2])}
+    if head == "perturbation":
+        extra["perturbation_flags"] = torch.where(mask.bool(), 0, config.pert_pad_id)
+    with torch.no_grad():
+        clean = model(ids, values, mask, **extra)
+        dirty_ids, dirty_values, dirty_extra = ids.clone(), values.clone(), dict(extra)
+        dirty_ids[1, 5:] = torch.tensor([3, 7, 10 ** 6])  # other genes, even an id outside the vocabulary
+        dirty_values[1, 5:] = torch.tensor([float("nan"), -1.0, float("inf")])  # -1.0: the mask value
+        if head != "classification":
+            dirty_extra["labels"] = extra["labels"].clone()
+            dirty_extra["labels"][1, 5:] = float("nan")
+        dirty = model(dirty_ids, dirty_values, mask, **dirty_extra)
+    for name, value in clean.items():
+        if value is not None:
+            torch.testing.assert_close(dirty[name], value, atol=0, rtol=0, equal_nan=False, msg=name)
+
+
+def test_a_cell_without_any_token_is_an_error():
+    model = ScGPTModel(_config()).eval()
+    ids, values, mask = _padded_cells()
+    mask[2] = 0
+    with pytest.raises(ValueError, match=r"cell 2 has no token.*attention_mask"):
+        model(ids, values, mask)
+
