@@ -374,6 +374,30 @@ def _batch_ids(adata: AnnData, config: Any, batch_key: str | None, as_ids: bool 
         raise ValueError(f"obs[{batch_key!r}]: {err}") from err
 
 
+def _check_storable(key_added: Any, default: str, obsm: list[str], obs: list[str]) -> None:
+    """Refuse, before any compute, a `key_added` whose keys (and `uns[key_added + "_params"]`) an .h5ad file
+    cannot hold: they would fail to write, or come back under other names or not at all."""
+    if not isinstance(key_added, str):
+        raise ValueError(f"key_added={key_added!r} is not a string, which an .h5ad file cannot hold: choose a string.")
+    slots = [("obsm", key) for key in obsm] + [("obs", key) for key in obs] + [("uns", f"{key_added}_params")]
+    for slot, key in slots:
+        if "/" in key:
+            why = "'/' separates groups in HDF5"
+        elif "\x00" in key:
+            why = "HDF5 names hold no NUL byte"
+        elif key in ("", "."):
+            why = "HDF5 reads it as the group itself"
+        elif slot == "obs" and key == "_index":
+            why = "anndata keeps the cell names there"
+        else:
+            continue
+        suggestion = key_added.replace("/", "_").replace("\x00", "").strip(".")
+        raise ValueError(
+            f"key_added={key_added!r} would write {slot}[{key!r}], which an .h5ad file cannot hold ({why}): "
+            f"choose another key, e.g. {suggestion if suggestion not in ('', '_index') else default!r}."
+        )
+
+
 def _warn_empty(n_empty: int, n_obs: int, where: str, n_genes_key: str) -> None:
     if n_empty:
         warnings.warn(
@@ -444,6 +468,7 @@ def embed(
     """
     from . import __version__
 
+    _check_storable(key_added, DEFAULT_KEY, obsm=[key_added], obs=[f"{key_added}_n_genes"])
     backbone, tokenizer, name = _load(model, tokenizer)
     config = backbone.config
     out, n_genes, facts = _run_cells(
@@ -503,6 +528,12 @@ def annotate(
     """
     from . import __version__
 
+    _check_storable(
+        key_added,
+        "scGPT_label",
+        obsm=[f"{key_added}_probabilities"],
+        obs=[key_added, f"{key_added}_probability", f"{key_added}_n_genes"],
+    )
     classifier, tokenizer, name = _load(model, tokenizer, ScGPTForCellClassification)
     config = classifier.config
     labels = [config.id2label[i] for i in range(config.num_labels)]

@@ -169,3 +169,34 @@ def test_a_cell_without_any_token_is_an_error():
     with pytest.raises(ValueError, match=r"cell 2 has no token.*attention_mask"):
         model(ids, values, mask)
 
+
+# ----------------------------------------------------------------------------------------------
+# Keys an .h5ad file cannot hold
+
+
+@pytest.mark.parametrize("key", ["a/b", "", ".", "a\x00b", 3])
+def test_keys_an_h5ad_cannot_hold_are_refused_before_compute(key, tmp_path, tokenizer, cells, monkeypatch):
+    from scgpt_hf import embedding
+
+    folder = _folder(ScGPTModel(_config()), tokenizer, tmp_path / "model")
+    classifier = _folder(ScGPTForCellClassification(_config(num_labels=2)), tokenizer, tmp_path / "classifier")
+    cells.var_names = GENES
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("computed before refusing the key")
+
+    monkeypatch.setattr(embedding, "_run_cells", no_compute)
+    with pytest.raises(ValueError, match=r"key_added=.*cannot hold.*choose"):
+        embedding.embed(cells, folder, key_added=key, progress=False)
+    with pytest.raises(ValueError, match=r"key_added=.*cannot hold.*choose"):
+        embedding.annotate(cells, classifier, key_added=key, progress=False)
+    assert set(cells.obsm) == set() and list(cells.obs.columns) == ["n"] and not cells.uns
+
+    # Keys that look odd but are storable still work, and survive a round trip.
+    monkeypatch.undo()
+    key = "X_scGPT v2.a-b"
+    embedding.embed(cells, folder, key_added=key, progress=False)
+    cells.write_h5ad(tmp_path / "out.h5ad")
+    back = anndata.read_h5ad(tmp_path / "out.h5ad")
+    np.testing.assert_array_equal(back.obsm[key], cells.obsm[key])
+    assert f"{key}_params" in back.uns and f"{key}_n_genes" in back.obs
