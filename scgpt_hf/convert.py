@@ -11,12 +11,14 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_output, check_writable
 from .configuration_scgpt import ScGPTConfig
 from .modeling_scgpt import (
     ScGPTForBatchIntegration,
@@ -120,9 +122,12 @@ class ConversionReport:
     left_out: dict[str, str] = field(default_factory=dict)
     config_sources: dict[str, str] = field(default_factory=dict)
     output_dir: str = ""
+    task: str = ""
+    task_source: str = ""
 
     def __str__(self) -> str:
-        lines = [f"Converted {len(self.mapped)} tensors into {self.output_dir}"]
+        lines = [f"Converted {len(self.mapped)} tensors into {self.output_dir}",
+                 f"Task: {self.task} ({self.task_source})"]
         lines += [f"  config {name} = {source}" for name, source in self.config_sources.items()]
         if self.left_out:
             lines.append(f"Left out {len(self.left_out)} tensors on purpose:")
@@ -156,13 +161,21 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read `best_model.pt` safely (`weights_only=True`) and check it is a plain state dict."""
+    """Read `best_model.pt` safely (`weights_only=True`) and check it is a plain state dict of usable weights:
+    floating point (integer batch-norm counters aside) and finite."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: an original scGPT checkpoint folder holds best_model.pt.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        if _truncated(path, err):
+            raise ValueError(
+                f"{path} is truncated ({path.stat().st_size:,} bytes, and the end of the file is missing): the "
+                "download or copy stopped early; download or copy it again."
+            ) from None
+        if isinstance(err, OSError):
+            raise
         raise ValueError(
             f"{path} is not a plain state dict that loads with torch.load(weights_only=True) ({err}). "
             "Save the weights with torch.save(model.state_dict(), path), not the whole model object."
@@ -178,7 +191,40 @@ def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise ValueError(f"{path} is not a state dict: entries {not_tensors[:5]} are not tensors.")
+    _check_weights(state, path)
     return dict(state)
+
+
+def _truncated(path: Path, err: BaseException) -> bool:
+    """Whether torch.load failed because the file ends early: a zip archive (torch.save's format) without its
+    closing index, or a legacy pickle that stops mid-stream."""
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if is_zip:
+        return not zipfile.is_zipfile(path)
+    return isinstance(err, EOFError) or "truncated" in str(err)
+
+
+def _listed(keys: list[str]) -> str:
+    return ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+
+
+def _check_weights(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse, naming them, tensors that would convert into wrong numbers: integer or boolean weights (loading
+    casts them to floats that mean nothing) and NaN or infinite values (every embedding would be NaN)."""
+    integer = [f"{k} ({v.dtype})" for k, v in state.items()
+               if not v.is_floating_point() and not k.endswith("num_batches_tracked")]
+    if integer:
+        raise ValueError(
+            f"{path}: {_listed(integer)} are not floating point; scGPT weights are floats, so the file was not "
+            "saved from the model's state_dict() (or was altered): convert the checkpoint the model was trained into."
+        )
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise ValueError(
+            f"{path}: {_listed(non_finite)} hold NaN or infinite values, which make every output NaN (training "
+            "diverged, or the file is damaged): convert a checkpoint saved before that."
+        )
 
 
 def check_vocab(vocab: Mapping[str, int], pad_token: str = "<pad>") -> None:
@@ -199,6 +245,12 @@ def _infer_config(
     """Architecture from the weights; what weights cannot show from args.json, then converter flags."""
     sources: dict[str, str] = {}
     values: dict = {}
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing:
+        hint = (" Its keys start with 'module.' (saved from a DistributedDataParallel wrapper): save "
+                "model.module.state_dict() instead." if all(k.startswith("module.") for k in state) else
+                " Convert the best_model.pt of an original scGPT model (a TransformerModel's state_dict()).")
+        raise ValueError(f"best_model.pt lacks {', '.join(missing)}, which every scGPT model has." + hint)
 
     def from_weights(name, value):
         values[name] = value
@@ -207,6 +259,7 @@ def _infer_config(
     def from_args(name, arg_names, default):
         for arg in arg_names:
             if arg in args:
+                _check_arg_type(name, arg, args[arg])
                 values[name], sources[name] = args[arg], f"{args[arg]!r} (args.json {arg})"
                 break
         else:
@@ -316,13 +369,101 @@ def _infer_config(
             "the vocabulary does not belong to these weights."
         )
     values.update(pad_token_id=vocab[pad_token], cls_token_id=vocab["<cls>"], eoc_token_id=vocab["<eoc>"])
-    return ScGPTConfig(**values), sources
+    try:
+        config = ScGPTConfig(**values)
+    except ValueError as err:
+        raise _settings_error(err, sources) from None
+    return config, sources
+
+
+def _settings_error(err: ValueError, sources: Mapping[str, str]) -> ValueError:
+    """A settings check's error, with where the settings it names came from and how to change them."""
+    named = [name for name in sources if name in str(err)]
+    hints = [_override_hint(name) for name in named if name in _OPTIONS]
+    return ValueError(
+        f"The settings make no valid model: {str(err).rstrip('.')}"
+        + (f" ({'; '.join(f'{name} = {sources[name]}' for name in named)})" if named else "")
+        + ". Correct args.json or override the setting" + (f" ({'; '.join(hints)})." if hints else ".")
+    )
+
+
+# Converter options overriding what args.json says: setting -> (CLI option or None, Python keyword).
+_OPTIONS: dict[str, tuple[str | None, str]] = {
+    "num_attention_heads": ("--nheads", "nheads"),
+    "pre_norm": ("--pre-norm", "pre_norm"),
+    "cell_emb_style": ("--cell-emb-style", "cell_emb_style"),
+    "pad_value": ("--pad-value", "pad_value"),
+    "mask_value": ("--mask-value", "mask_value"),
+    "n_bins": ("--n-bins", "n_bins"),
+    "max_seq_len": ("--max-seq-len", "max_seq_len"),
+    "pert_pad_id": (None, "pert_pad_id"),
+}
+# The type each args.json setting must have, and how to say it.
+_ARG_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "num_attention_heads": ((int,), "an integer"),
+    "n_bins": ((int,), "an integer"),
+    "max_seq_len": ((int,), "an integer"),
+    "pert_pad_id": ((int,), "an integer"),
+    "pad_value": ((int, float), "a number"),
+    "mask_value": ((int, float), "a number"),
+    "dropout": ((int, float), "a number"),
+    "pre_norm": ((bool,), "true or false"),
+    "perturbation_decoder_adaptive_bias": ((bool,), "true or false"),
+    "cell_emb_style": ((str,), "a string"),
+    "perturbation_decoder_activation": ((str, type(None)), "a string or null"),
+}
+_REQUIRED_KEYS = ("encoder.embedding.weight", "transformer_encoder.layers.0.linear1.weight")
+
+
+def _check_arg_type(name: str, arg: str, value: object) -> None:
+    """args.json values of the wrong type (a quoted number, say) would fail deep inside the model."""
+    types, what = _ARG_TYPES[name]
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        override = f" or override it ({_override_hint(name)})" if name in _OPTIONS else ""
+        raise ValueError(
+            f"args.json {arg} is {value!r} ({type(value).__name__}); it must be {what}: correct args.json{override}."
+        )
+
+
+def _override_hint(name: str) -> str:
+    flag, keyword = _OPTIONS[name]
+    return (f"CLI: {flag}, " if flag else "") + f"Python: {keyword}=..."
 
 
 def _zero_row(weight: torch.Tensor, default):
     """The padding row of a trained embedding is all zeros (it never receives gradients); None if unclear."""
     rows = [i for i in range(weight.shape[0]) if not weight[i].any()]
     return rows[0] if len(rows) == 1 else default
+
+
+def infer_task(state: Mapping[str, torch.Tensor]) -> tuple[str, str]:
+    """The task an original checkpoint was trained for, read from its heads: (task, the evidence).
+
+    A perturbation encoder means a perturbation model, a modality encoder a multi-omic one, a cell-type
+    classifier with more than one class an annotation model (every original model builds a one-class
+    classifier, untrained in foundation checkpoints), a batch discriminator, batch encoder or domain-specific
+    batch norm an integration model; otherwise a pretraining (foundation) model. A classifier together with a
+    batch discriminator fits two tasks: that is an error asking for the task.
+    """
+    classes = state["cls_decoder.out_layer.weight"].shape[0] if "cls_decoder.out_layer.weight" in state else 0
+    batch = [what for what, pattern in (("batch discriminator", _DISCRIMINATOR), ("batch encoder", r"^batch_encoder\."),
+                                        ("domain-specific batch norm", r"^dsbn\."))
+             if any(re.match(pattern, k) for k in state)]
+    if "pert_encoder.weight" in state:
+        return "perturbation", "perturbation encoder pert_encoder"
+    if "mod_encoder.embedding.weight" in state:
+        return "multiomic", "modality encoder mod_encoder"
+    if classes > 1:
+        if "batch discriminator" in batch:
+            raise ValueError(
+                f"The checkpoint has a {classes}-class cell-type classifier and a batch discriminator, so it may be "
+                "an annotation or an integration model: pass --task annotation (keeps the classifier) or --task "
+                "integration (keeps the discriminator); Python: task=..."
+            )
+        return "annotation", f"{classes}-class cell-type classifier cls_decoder"
+    if batch:
+        return "integration", " and ".join(batch)
+    return "pretraining", "no fine-tuned head"
 
 
 def convert_state_dict(
@@ -366,10 +507,11 @@ def convert_original_checkpoint(
     mask_value: float | None = None,
     n_bins: int | None = None,
     max_seq_len: int | None = None,
-    task: str = "pretraining",
+    task: str | None = None,
     labels: list[str] | None = None,
     pert_pad_id: int | None = None,
     modality_vocab: Mapping[str, int] | str | os.PathLike | None = None,
+    overwrite: bool = False,
     verbose: bool = True,
 ) -> ConversionReport:
     """Convert an original scGPT folder into a `from_pretrained`-ready folder (safetensors, config, tokenizer).
@@ -379,18 +521,28 @@ def convert_original_checkpoint(
     the classes in output order), "integration" (`ScGPTForBatchIntegration`), "perturbation"
     (`ScGPTForPerturbationPrediction`, for the original `TransformerGenerator`) or "multiomic"
     (`ScGPTForMultiOmicIntegration`, for the original `MultiOmicTransformerModel`; `modality_vocab`, a
-    mapping or a JSON file, names the modality ids). Keyword options override what args.json says for
-    settings the weights cannot reveal.
+    mapping or a JSON file, names the modality ids); None reads it from the weights (`infer_task`). Keyword
+    options override what args.json says for settings the weights cannot reveal.
+
+    The folder is written beside `output_dir`, loaded back and compared with the converted weights, then moved
+    into place (`scgpt_hf.atomic`): a failure or a kill never leaves a partial or mixed folder. An existing
+    `output_dir` is replaced only with `overwrite=True`, and is checked for writability before anything is read.
     """
     from .tokenization_scgpt import ScGPTTokenizer
 
-    original_dir, output_dir = Path(original_dir), Path(output_dir)
+    original_dir = Path(original_dir)
+    output_dir = check_writable(output_dir, overwrite=overwrite, what="output folder")
     args = _read_json(original_dir / "args.json", "the training arguments (args.json)")
     vocab = _read_json(original_dir / "vocab.json", "the gene vocabulary (vocab.json)")
     check_vocab(vocab, args.get("pad_token", "<pad>"))
     state = load_original_state_dict(original_dir / "best_model.pt")
     if isinstance(modality_vocab, (str, os.PathLike)):
         modality_vocab = _read_json(Path(modality_vocab), "the modality vocabulary")
+    if task is None:
+        task, evidence = infer_task(state)
+        task_source = f"inferred from the weights: {evidence}; --task / task= overrides"
+    else:
+        task_source = "task option"
     if task == "perturbation" and "pert_encoder.weight" not in state:
         raise ValueError(
             "task='perturbation' needs a perturbation generator checkpoint (pert_encoder.*); to start perturbation "
@@ -439,17 +591,36 @@ def convert_original_checkpoint(
         raise ValueError(f"The checkpoint lacks weights the model needs: {missing[:10]}.")
     model.load_state_dict(converted, strict=True)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    tokenizer = ScGPTTokenizer(
-        vocab_file=str(original_dir / "vocab.json"),
-        pad_token=args.get("pad_token", "<pad>"),
-        n_bins=config.n_bins,
-        pad_value=config.pad_value,
-        max_length=config.max_seq_len,
-    )
-    tokenizer.save_pretrained(output_dir)
-    report = ConversionReport(mapped=mapped, left_out=left_out, config_sources=sources, output_dir=str(output_dir))
+    try:
+        tokenizer = ScGPTTokenizer(
+            vocab_file=str(original_dir / "vocab.json"),
+            pad_token=args.get("pad_token", "<pad>"),
+            n_bins=config.n_bins,
+            pad_value=config.pad_value,
+            max_length=config.max_seq_len,
+        )
+    except ValueError as err:
+        raise _settings_error(err, sources) from None
+    with atomic_output(output_dir, overwrite=overwrite, directory=True, what="output folder") as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _check_written(staging, model, len(tokenizer))
+    report = ConversionReport(mapped=mapped, left_out=left_out, config_sources=sources, output_dir=str(output_dir),
+                              task=task, task_source=task_source)
     if verbose:
         print(report)
     return report
+
+
+def _check_written(folder: Path, model: torch.nn.Module, vocab_size: int) -> None:
+    """The written folder must load as the same model (every weight equal) with its tokenizer."""
+    from .tokenization_scgpt import ScGPTTokenizer
+
+    loaded = type(model).from_pretrained(folder).state_dict()
+    expected = model.state_dict()
+    differ = sorted(k for k in expected if k not in loaded or not torch.equal(loaded[k], expected[k]))
+    if differ or set(loaded) != set(expected):
+        raise RuntimeError(f"The written folder does not load back as the converted model (differs at "
+                           f"{_listed(differ or sorted(set(loaded) ^ set(expected)))}); nothing was replaced.")
+    if len(ScGPTTokenizer.from_pretrained(folder)) != vocab_size:
+        raise RuntimeError("The written tokenizer does not load back with the vocabulary; nothing was replaced.")

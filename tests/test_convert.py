@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from reference import build_original_model, make_vocab, save_original_checkpoint
 from scgpt_hf import ScGPTConfig
-from scgpt_hf.convert import convert_original_checkpoint
+from scgpt_hf.cli import main
+from scgpt_hf.convert import convert_original_checkpoint, infer_task
 
 ARGS = dict(embsize=32, nheads=4, d_hid=48, nlayers=2, dropout=0.1, pad_value=-2, mask_value=-1)
 
@@ -37,7 +39,8 @@ def _edit_json(path, **changes):
 def test_report_and_loadable_outputs(original_dir, tmp_path, capsys):
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    report = convert_original_checkpoint(original_dir, tmp_path / "hf", pre_norm=False, max_seq_len=600)
+    report = convert_original_checkpoint(original_dir, tmp_path / "hf", task="pretraining", pre_norm=False,
+                                         max_seq_len=600)
     printed = capsys.readouterr().out
     assert "grad_reverse_discriminator" in printed and "cls_decoder" in printed
     assert all(k.startswith(("cls_decoder.", "grad_reverse_discriminator.")) for k in report.left_out)
@@ -107,4 +110,96 @@ def test_unknown_key_and_wrong_shape(original_dir, tmp_path):
 def test_missing_file(original_dir, tmp_path):
     (original_dir / "args.json").unlink()
     with pytest.raises(FileNotFoundError, match="args.json"):
+        convert_original_checkpoint(original_dir, tmp_path / "hf")
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_failed_conversion_leaves_the_existing_folder_as_it_was(original_dir, tmp_path, capsys):
+    out = tmp_path / "hf"
+    convert_original_checkpoint(original_dir, out, verbose=False)
+    before = _snapshot(out)
+    _edit_json(original_dir / "args.json", n_bins=1)  # fails validation only once the config is built
+    with pytest.raises(ValueError, match="n_bins must be at least 2.*args.json n_bins.*--n-bins"):
+        convert_original_checkpoint(original_dir, out, overwrite=True, verbose=False)
+    assert _snapshot(out) == before
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(original_dir), str(out), "--overwrite", "--quiet"])
+    assert exc.value.code == 2 and "n_bins" in capsys.readouterr().err
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "orig"], "no staging folder is left behind"
+
+
+def test_existing_output_is_replaced_only_with_overwrite(original_dir, tmp_path, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(original_dir), str(out), "--quiet"])
+    assert exc.value.code == 2 and "already exists: pass --overwrite" in capsys.readouterr().err
+    assert _snapshot(out) == {"notes.txt": b"mine"}
+    assert main(["convert", str(original_dir), str(out), "--quiet", "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists(), "the folder is replaced whole"
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "int64"])
+def test_non_finite_and_non_float_weights_are_refused_by_name(original_dir, tmp_path, bad):
+    state = torch.load(original_dir / "best_model.pt", weights_only=True)
+    key = "transformer_encoder.layers.1.linear2.weight"
+    if bad == "int64":
+        state[key] = state[key].to(torch.int64)
+        match = rf"{key}.*torch.int64.*floating point"
+    else:
+        state[key][3, 4] = float(bad)
+        match = rf"{key}.*NaN or infinite"
+    torch.save(state, original_dir / "best_model.pt")
+    with pytest.raises(ValueError, match=match):
+        convert_original_checkpoint(original_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_task_is_inferred_from_the_weights_and_reported(original_dir, tmp_path, capsys):
+    """The fixture has a batch encoder and a batch discriminator (and the one-class classifier every original
+    model builds): an integration model; --task overrides."""
+    report = convert_original_checkpoint(original_dir, tmp_path / "hf")
+    printed = capsys.readouterr().out
+    assert report.task == "integration" and "inferred from the weights" in report.task_source
+    assert "Task: integration (inferred from the weights: batch discriminator and batch encoder" in printed
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["ScGPTForBatchIntegration"]
+    report = convert_original_checkpoint(original_dir, tmp_path / "pre", task="pretraining", verbose=False)
+    assert report.task == "pretraining" and report.task_source == "task option"
+
+
+def _keys(*names, classes=1):
+    state = {name: torch.zeros(2, 2) for name in names}
+    state["cls_decoder.out_layer.weight"] = torch.zeros(classes, 2)
+    return state
+
+
+@pytest.mark.parametrize("state, task", [
+    (_keys("encoder.embedding.weight"), "pretraining"),
+    (_keys("encoder.embedding.weight", classes=5), "annotation"),
+    (_keys("batch_encoder.embedding.weight"), "integration"),
+    (_keys("grad_reverse_discriminator.out_layer.weight"), "integration"),
+    (_keys("dsbn.bns.0.running_mean"), "integration"),
+    (_keys("batch_encoder.embedding.weight", classes=5), "annotation"),  # annotation fine-tuned with batch labels
+    (_keys("pert_encoder.weight", classes=5), "perturbation"),
+    (_keys("mod_encoder.embedding.weight", "batch_encoder.embedding.weight"), "multiomic"),
+])
+def test_task_inference_rules(state, task):
+    assert infer_task(state)[0] == task
+
+
+def test_classifier_and_discriminator_together_need_a_task():
+    with pytest.raises(ValueError, match="--task annotation.*--task integration"):
+        infer_task(_keys("grad_reverse_discriminator.out_layer.weight", classes=5))
+
+
+@pytest.mark.parametrize("kept", [100, 0.5, 0.98])
+def test_truncated_checkpoint_says_so(original_dir, tmp_path, kept):
+    data = (original_dir / "best_model.pt").read_bytes()
+    (original_dir / "best_model.pt").write_bytes(data[: kept if isinstance(kept, int) else int(len(data) * kept)])
+    with pytest.raises(ValueError, match="best_model.pt is truncated .*copy it again"):
         convert_original_checkpoint(original_dir, tmp_path / "hf")
