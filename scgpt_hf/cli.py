@@ -1,24 +1,64 @@
-"""`scgpt-hf` command line: convert original checkpoints and embed AnnData files.
+"""`scgpt-hf` command line: convert original checkpoints, embed AnnData files, pretrain, export, push, serve.
 
 Each subcommand is a `Command`: a name, a help line, a function adding its arguments and a function running
 it. Later subcommands (export onnx, export triton, push, serve, pretrain) plug in either by appending to
 `COMMANDS`, or by naming a module in `PLUGIN_MODULES` that offers `add_parser(subparsers)` (registering its
-subparser with `set_defaults(func=handler)`; `scgpt_hf.serving` does this for `serve`). User errors (ValueError, FileNotFoundError, ...) print one line on stderr and exit with code 2;
-`--debug` shows the full traceback instead.
+subparser with `set_defaults(func=handler)`; `scgpt_hf.serving` does this for `serve`).
+
+Failures, one mechanism for every command (plugins included): a handler raises, and `main` prints one line
+on stderr, ``scgpt-hf COMMAND: error: MESSAGE``, and exits with code 2, never with a traceback. The message
+of a user error (`ValueError`, `OSError`, `CommandError`: bad input, missing or unwritable files, a refusal)
+names the problem and the fix, so it is printed as it is. Anything else is a bug: the line gives its type
+and message and says to rerun with ``scgpt-hf --debug COMMAND ...``, which lets the exception through with
+its traceback. Usage errors (arguments argparse rejects) are one line too, pointing at ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import pickle
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
-# OSError covers missing files and what transformers raises for an unknown model folder or Hub id.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
-EXIT_USER_ERROR = 2
+EXIT_FAILURE = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
+
+
+class CommandError(Exception):
+    """A command's failure, explained: the message names the problem and the fix (`main` prints it as is)."""
+
+
+# Errors whose message is meant for the user. OSError also covers missing files and what transformers raises
+# for an unknown model folder or Hub id.
+USER_ERRORS: tuple[type[BaseException], ...] = (CommandError, ValueError, OSError)
+
+
+def error_line(err: BaseException) -> str:
+    """`err` as one line: a user error's message as it is; for anything else (a bug) its type, its message and
+    how to see the traceback."""
+    message = " ".join(str(err).split())
+    if isinstance(err, USER_ERRORS):
+        return message or type(err).__name__
+    return (f"unexpected {type(err).__name__}: {message} (a bug: rerun with `scgpt-hf --debug ...` for the "
+            "traceback and report it)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line, and which records the parser of the command that ran."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_FAILURE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if not hasattr(namespace, "_prog"):  # a subcommand's parser returns first: keep its name
+            namespace._prog = self.prog
+        return namespace, extras
 
 
 @dataclass(frozen=True)
@@ -29,6 +69,48 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments shared by commands
+
+
+def device_argument(text: str) -> str:
+    """argparse ``type`` of ``--device``: a device name torch knows, checked before anything is read."""
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: use cpu, cuda, cuda:N or mps") from None
+    return text
+
+
+@contextlib.contextmanager
+def model_argument(model: str) -> Iterator[None]:
+    """Wrap the code that loads a ``--model`` argument (a model folder or a Hub id ORG/NAME).
+
+    A local path that is not a folder is refused at once, before any compute (transformers would call it a
+    malformed Hub id); weights that hold pickled objects instead of plain tensors are named, with the fix.
+    """
+    path = Path(model).expanduser()
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or path.exists():
+        if path.is_file():
+            raise CommandError(f"--model {model} is a file: give the folder that holds config.json and the weights.")
+        if not path.is_dir():
+            raise CommandError(
+                f"model folder {model} does not exist: give a folder written by scgpt-hf convert or pretrain "
+                "(or save_pretrained), or a Hugging Face Hub id ORG/NAME."
+            )
+    try:
+        yield
+    except pickle.UnpicklingError:
+        pickled = ", ".join(sorted(p.name for p in path.glob("*.bin"))) if path.is_dir() else "a weights file"
+        raise CommandError(
+            f"{model}: {pickled} holds pickled Python objects, not plain tensors, and is not loaded (unpickling "
+            "can run code): save the model with model.save_pretrained(folder) (safetensors), or its weights "
+            "with torch.save(model.state_dict(), path)."
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,15 +130,21 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-value", type=float, help="default: args.json, else -1")
     p.add_argument("--n-bins", type=int, help="default: args.json, else 51")
     p.add_argument("--max-seq-len", type=int, help="default: args.json, else 1200")
-    p.add_argument("--task", default="pretraining", choices=sorted(TASKS),
+    p.add_argument("--task", choices=sorted(TASKS),
                    help="model to build: pretraining (foundation checkpoints), annotation (fine-tuned classifier), "
-                        "integration, perturbation or multiomic (fine-tuned heads); default pretraining")
+                        "integration, perturbation or multiomic (fine-tuned heads); default: read from the weights "
+                        "(the report says which)")
     p.add_argument("--labels", help="annotation: text file with the class names, one per line, in output order")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="do not print the conversion report")
 
 
 def _convert_run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from .convert import convert_original_checkpoint
+
+    hf_logging.disable_progress_bar()  # the report says what was written
 
     if not Path(args.original_dir).is_dir():
         raise FileNotFoundError(f"{args.original_dir} is not a folder (expected best_model.pt, args.json, vocab.json).")
@@ -72,6 +160,7 @@ def _convert_run(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         task=args.task,
         labels=Path(args.labels).read_text().splitlines() if args.labels else None,
+        overwrite=args.overwrite,
         verbose=not args.quiet,
     )
     return 0
@@ -94,11 +183,13 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", help="read adata.layers[LAYER] instead of X")
     p.add_argument("--use-raw", action="store_true", help="read adata.raw.X instead of X")
     p.add_argument("--gene-column", help="var column with gene symbols (default: var_names)")
-    p.add_argument("--batch-key", help="obs column of integer batch ids, for models trained with batch labels")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-key", help="obs column of each cell's batch (names of the model's batch2id), for models "
+                                       "trained with batch labels")
+    p.add_argument("--device", type=device_argument, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backed", action="store_true",
                    help="stream the input matrix from disk instead of loading it (large files)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
 
 
 def _embed_run(args: argparse.Namespace) -> int:
@@ -109,6 +200,7 @@ def _embed_run(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
+    from .atomic import atomic_output, check_writable
     from .embedding import embed
 
     source, target = Path(args.input), Path(args.output)
@@ -118,34 +210,54 @@ def _embed_run(args: argparse.Namespace) -> int:
         raise ValueError("output must differ from input (the input is read while the output is written).")
     if target.suffix != ".h5ad":
         raise ValueError(f"output must be an .h5ad file, got {target}.")
-    try:
-        adata = anndata.read_h5ad(source, backed="r" if args.backed else None)
-    except OSError as err:
-        raise ValueError(f"cannot read {source} as h5ad: {err}") from None
-    try:
-        embed(
-            adata,
-            args.model,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            key_added=args.key_added,
-            seed=args.seed,
-            layer=args.layer,
-            use_raw=args.use_raw,
-            gene_column=args.gene_column,
-            batch_key=args.batch_key,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        adata.write_h5ad(target)  # a backed matrix is copied from disk in pieces
-    finally:
-        if adata.isbacked:
-            adata.file.close()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(target, overwrite=args.overwrite, what="output file")  # before any compute
+    with model_argument(args.model):
+        try:
+            adata = anndata.read_h5ad(source, backed="r" if args.backed else None)
+        except OSError as err:
+            raise ValueError(f"cannot read {source} as h5ad: {err}") from None
+        try:
+            embed(
+                adata,
+                args.model,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                key_added=args.key_added,
+                seed=args.seed,
+                layer=args.layer,
+                use_raw=args.use_raw,
+                gene_column=args.gene_column,
+                batch_key=args.batch_key,
+                device=args.device,
+                progress=not args.no_progress,
+            )
+            with atomic_output(target, overwrite=args.overwrite, what="output file") as staging:
+                adata.write_h5ad(staging)  # a backed matrix is copied from disk in pieces
+                _check_embedded_file(staging, args.key_added, adata.n_obs)
+        finally:
+            if adata.isbacked:
+                adata.file.close()
     n_empty = adata.uns[f"{args.key_added}_params"]["n_cells_empty"]
     print(f"Embedded {adata.n_obs} cells into obsm[{args.key_added!r}] of {target}"
           + (f" ({n_empty} without vocabulary genes: NaN rows)" if n_empty else ""))
     return 0
+
+
+def _check_embedded_file(path: Path, key: str, n_obs: int) -> None:
+    """The written file must read back with the embedding in it, or it does not replace anything."""
+    import anndata
+
+    try:
+        written = anndata.read_h5ad(path, backed="r")
+    except Exception as err:  # noqa: BLE001 - h5py and anndata raise many kinds
+        raise CommandError(f"the written .h5ad does not read back ({type(err).__name__}: {err}); nothing was "
+                           "replaced. Choose a --key-added without '/'.") from None
+    try:
+        if key not in written.obsm or written.obsm[key].shape[0] != n_obs:
+            raise CommandError(f"the written .h5ad lacks obsm[{key!r}]; nothing was replaced.")
+    finally:
+        written.file.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,15 +356,15 @@ PLUGIN_MODULES: list[str] = ["scgpt_hf.export.cli", "scgpt_hf.hub", "scgpt_hf.se
 # Entry point
 
 
-def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
-    """The `scgpt-hf` parser with one subparser per command."""
+def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
+    """The `scgpt-hf` parser with one subparser per command (default: `COMMANDS` and the plugins)."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="scgpt-hf", description="scGPT as a Hugging Face model family.")
+    parser = _Parser(prog="scgpt-hf", description="scGPT as a Hugging Face model family.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help="let errors through with their full traceback")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in commands:
+    for command in COMMANDS if commands is None else commands:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(p)
         p.set_defaults(_run=command.run)
@@ -266,18 +378,23 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `scgpt-hf`; returns 0 on success, exits 2 with a one-line message on a user error."""
+    """Run `scgpt-hf`; returns 0 on success. Any failure prints one line and exits with code 2 (see the module
+    docstring; `--debug` shows the traceback instead), Ctrl-C exits with 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         run = getattr(args, "_run", None) or args.func
         return int(run(args) or 0)
-    except USER_ERRORS as err:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"scgpt-hf {args.command}: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        print(f"{args._prog}: interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line (module docstring)
+        if args.debug:
+            raise
+        print(f"{args._prog}: error: {error_line(err)}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILURE) from None
 
 
 if __name__ == "__main__":

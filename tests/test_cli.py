@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+
 import anndata
 import numpy as np
 import pytest
+import torch
 
 import reference
+from scgpt_hf import cli
 from scgpt_hf.cli import main
 
 
@@ -20,6 +26,14 @@ def original_dir(original_scgpt, wu2020_adata, tmp_path_factory):
     return reference.save_original_checkpoint(
         model, tmp_path_factory.mktemp("cli") / "original", args={}, vocab=vocab, layout="released"
     )
+
+
+@pytest.fixture(scope="module")
+def model(original_dir, tmp_path_factory):
+    """The converted model folder (shared: copy it before changing it)."""
+    folder = tmp_path_factory.mktemp("cli") / "model"
+    assert main(["convert", str(original_dir), str(folder), "--quiet"]) == 0
+    return folder
 
 
 def test_convert_then_embed(original_dir, wu2020_adata, tmp_path, capsys):
@@ -54,12 +68,9 @@ def test_convert_then_embed(original_dir, wu2020_adata, tmp_path, capsys):
         (["convert", "{tmp}/not_there", "{tmp}/x"], "is not a folder"),
     ],
 )
-def test_user_errors_exit_2_with_one_line(argv, message, original_dir, wu2020_adata, tmp_path, capsys):
+def test_user_errors_exit_2_with_one_line(argv, message, model, wu2020_adata, tmp_path, capsys):
     data = tmp_path / "in.h5ad"
     wu2020_adata[:3].copy().write_h5ad(data)
-    model = tmp_path / "model"
-    main(["convert", str(original_dir), str(model), "--quiet"])
-    capsys.readouterr()
     argv = [a.format(tmp=tmp_path, data=data, model=model) for a in argv]
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -74,3 +85,82 @@ def test_usage_error_exits_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["embed", "only_input.h5ad"])
     assert exc.value.code == 2
+
+
+def _copy_original(original_dir, tmp_path):
+    folder = tmp_path / "original"
+    shutil.copytree(original_dir, folder)
+    return folder
+
+
+def _drop_embedding(folder):
+    state = torch.load(folder / "best_model.pt", weights_only=True)
+    del state["encoder.embedding.weight"]
+    torch.save(state, folder / "best_model.pt")
+
+
+def _string_nheads(folder):
+    args = json.loads((folder / "args.json").read_text())
+    (folder / "args.json").write_text(json.dumps({**args, "nheads": "4"}))
+
+
+def _truncate(folder):
+    data = (folder / "best_model.pt").read_bytes()
+    (folder / "best_model.pt").write_bytes(data[: len(data) // 2])
+
+
+def _pickled_weights(model, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(model, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"layer": torch.nn.Linear(2, 2)}, folder / "pytorch_model.bin")  # an object, not plain tensors
+    return folder
+
+
+@pytest.mark.parametrize(
+    "argv, prepare, message",
+    [
+        (["convert", "{original}", "{tmp}/x"], _drop_embedding, "lacks encoder.embedding.weight"),
+        (["convert", "{original}", "{tmp}/x"], _string_nheads, "args.json nheads is '4'.*--nheads"),
+        (["convert", "{original}", "{tmp}/x"], _truncate, "truncated.*copy it again"),
+        (["embed", "{data}", "{tmp}/o.h5ad", "--model", "{model}", "--device", "foo"], None,
+         "'foo' is not a torch device.*cpu"),
+        (["embed", "{data}", "{tmp}/o.h5ad", "--model", "{tmp}/missing/folder"], None,
+         "model folder .*missing/folder does not exist"),
+        (["embed", "{data}", "{tmp}/o.h5ad", "--model", "{pickled}"], None,
+         "pytorch_model.bin.*not plain tensors.*save_pretrained"),
+        (["embed", "{data}"], None, "required: output, --model.*see scgpt-hf embed --help"),
+    ],
+    ids=["no-gene-embedding", "string-nheads", "truncated-checkpoint", "bad-device", "missing-model-folder",
+         "pickled-weights", "usage"],
+)
+def test_every_failure_is_one_line_naming_the_fix(argv, prepare, message, original_dir, model, wu2020_adata, tmp_path,
+                                                  capsys):
+    data = tmp_path / "in.h5ad"
+    wu2020_adata[:3].copy().write_h5ad(data)
+    original = _copy_original(original_dir, tmp_path)
+    if prepare is not None:
+        prepare(original)
+    pickled = _pickled_weights(model, tmp_path)
+    argv = [a.format(tmp=tmp_path, data=data, model=model, original=original, pickled=pickled) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert re.search(message, stderr), stderr
+    assert "Traceback" not in stderr
+
+
+def test_unexpected_error_is_one_line_with_the_debug_hint(monkeypatch, capsys):
+    def broken(args):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(cli, "COMMANDS", [cli.Command("broken", "fails", lambda p: None, broken)])
+    with pytest.raises(SystemExit) as exc:
+        main(["broken"])
+    assert exc.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "unexpected KeyError" in stderr and "--debug" in stderr
+    with pytest.raises(KeyError):
+        main(["--debug", "broken"])
