@@ -49,7 +49,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from .modeling_scgpt import ScGPTForCellClassification, ScGPTModel, ScGPTPreTrainedModel, batch_ids
-from .tokenization_scgpt import ScGPTTokenizer
+from .tokenization_scgpt import ScGPTTokenizer, csr_rows
 
 logger = logging.getLogger(__name__)
 
@@ -136,17 +136,16 @@ def _select_matrix(
     return matrix, names, where
 
 
-def _row_blocks(matrix: Any, start: int, stop: int) -> Iterator[Any]:
-    """Rows start:stop as in-memory blocks (CSR or small dense); never the whole matrix densified."""
+def _row_blocks(matrix: Any, start: int, stop: int) -> Iterator[sp.csr_matrix]:
+    """Rows start:stop as in-memory CSR blocks (float16 read as float32, see `csr_rows`); never the whole
+    matrix densified."""
     if sp.issparse(matrix) or getattr(matrix, "format", None) == "csr":  # in memory or backed CSR
-        block = matrix[start:stop]
-        yield block if sp.issparse(block) else sp.csr_matrix(block)
+        yield csr_rows(matrix, start, stop)
         return
     n_cols = max(1, int(matrix.shape[1]))
     step = max(1, _DENSE_READ_ELEMENTS // n_cols)
     for s in range(start, stop, step):
-        block = matrix[s : min(stop, s + step)]  # a view in memory, a bounded read when backed
-        yield block if sp.issparse(block) else np.asarray(block)
+        yield csr_rows(matrix, s, min(stop, s + step))  # a view in memory, a bounded read when backed
 
 
 # ----------------------------------------------------------------------------------------------

@@ -127,6 +127,34 @@ def _describe_names(names: Sequence[str]) -> str:
     return f"{kind}, e.g. {sample}"
 
 
+def csr_rows(matrix: Any, start: int, stop: int) -> sp.csr_matrix:
+    """Rows start:stop of a cells x genes matrix (scipy sparse, dense numpy, backed dense or CSR) as CSR.
+
+    scipy holds no float16, so float16 values (dense, or a CSR that another tool wrote to an .h5ad) are cast to
+    float32 here, one block of rows at a time: exact, and the tokenizer bins float32 anyway.
+    """
+    if not sp.issparse(matrix) and getattr(matrix, "format", None) in ("csr", "csc") and matrix.dtype == np.float16:
+        # anndata's backed sparse dataset would build a float16 scipy matrix, which scipy refuses: read its arrays.
+        if matrix.format != "csr":
+            raise ValueError(
+                "The matrix is stored as float16 CSC, which scipy cannot read and which streams by genes, not "
+                "cells: rewrite the file with the matrix as CSR (float16 is fine) or as float32."
+            )
+        group = matrix.group
+        indptr = np.asarray(group["indptr"][start : stop + 1], dtype=np.int64)
+        first, last = int(indptr[0]), int(indptr[-1])
+        return sp.csr_matrix(
+            (np.asarray(group["data"][first:last], dtype=np.float32), np.asarray(group["indices"][first:last]),
+             indptr - first),
+            shape=(stop - start, matrix.shape[1]),
+        )
+    block = matrix[start:stop]
+    if sp.issparse(block):
+        return block.tocsr()
+    block = np.asarray(block)
+    return sp.csr_matrix(block.astype(np.float32) if block.dtype == np.float16 else block)
+
+
 def _to_numpy_1d(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor
         x = x.detach().cpu().numpy()
@@ -383,12 +411,7 @@ class ScGPTTokenizer(PreTrainedTokenizer):
             # Backed/on-disk matrices (h5py datasets, anndata sparse datasets): read row slices.
             step = min(step, _SPARSE_CHUNK_ROWS)
         for start in range(0, n_rows, step):
-            chunk = matrix[start : start + step]
-            if sp.issparse(chunk):
-                chunk = chunk.tocsr()
-            else:
-                chunk = sp.csr_matrix(np.asarray(chunk))
-            yield start, chunk
+            yield start, csr_rows(matrix, start, min(n_rows, start + step))
 
     @staticmethod
     def _check_dtype(matrix: Any) -> None:

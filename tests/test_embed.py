@@ -143,6 +143,36 @@ def test_backed_equals_in_memory(ours, cells, tmp_path):
     assert written.uns["X_scGPT_params"]["seed"] == 0
 
 
+def test_float16_matrices_dense_sparse_and_backed(ours, cells, tmp_path):
+    """float16 counts (dense in memory or on disk, CSR on disk; scipy holds no float16) embed as their float32
+    values do."""
+    import h5py
+
+    model, tok = ours
+    cells = cells[:24].copy()
+    half = cells.X.toarray().astype(np.float16)
+    reference = cells.copy()
+    reference.X = sp.csr_matrix(half.astype(np.float32))
+    want = embed(reference, model, tok, progress=False).obsm["X_scGPT"]
+    dense = cells.copy()
+    dense.X = half
+    np.testing.assert_array_equal(embed(dense.copy(), model, tok, progress=False).obsm["X_scGPT"], want)
+    dense.write_h5ad(tmp_path / "dense.h5ad")
+    reference.write_h5ad(tmp_path / "sparse.h5ad")
+    with h5py.File(tmp_path / "sparse.h5ad", "r+") as f:  # what other writers leave: float16 CSR data
+        data = f["X/data"][:]
+        del f["X/data"]
+        f["X/data"] = data.astype(np.float16)
+    for name in ("dense", "sparse"):
+        backed = anndata.read_h5ad(tmp_path / f"{name}.h5ad", backed="r")
+        try:
+            assert backed.X.dtype == np.float16
+            embed(backed, model, tok, chunk_size=10, progress=False)
+            np.testing.assert_allclose(backed.obsm["X_scGPT"], want, atol=1e-6, rtol=0, err_msg=name)
+        finally:
+            backed.file.close()
+
+
 def test_cells_without_vocabulary_genes(ours, cells):
     """(e) No crash: NaN row, n_genes == 0, one warning with the count; other cells unaffected."""
     model, tok = ours
