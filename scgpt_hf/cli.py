@@ -272,7 +272,8 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
         "(--batch-size is per device; each process streams its own share of the files; without CUDA the processes "
         "train together over gloo). The original's generative pretraining is `--generative --mask-ratio 0.25 0.5 0.75`."
     )
-    p.add_argument("output_dir", help="folder for model + tokenizer (from_pretrained-ready) and training_metrics.json")
+    p.add_argument("output_dir", help="folder for model + tokenizer (from_pretrained-ready) and training_metrics.json, "
+                                      "written when training ends")
     p.add_argument("files", nargs="+", metavar="FILE.h5ad", help="training files (raw counts or log1p values)")
     p.add_argument("--vocab", help="vocab.json or tokenizer folder / Hub id (default: the genes of the files)")
     p.add_argument("--hidden-size", type=int, default=128)
@@ -294,6 +295,11 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", help="read adata.layers[LAYER] instead of X")
     p.add_argument("--use-raw", action="store_true", help="read adata.raw.X instead of X")
     p.add_argument("--gene-column", help="var column with gene symbols (default: var_names)")
+    p.add_argument("--save-steps", type=int, metavar="N",
+                   help="save a checkpoint every N steps in OUTPUT_DIR.checkpoints/, to resume after an interruption")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in OUTPUT_DIR.checkpoints/")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (default: refuse)")
 
 
 def _pretrain_run(args: argparse.Namespace) -> int:
@@ -325,6 +331,9 @@ def _pretrain_run(args: argparse.Namespace) -> int:
         layer=args.layer,
         use_raw=args.use_raw,
         gene_column=args.gene_column,
+        training_args={"save_strategy": "steps", "save_steps": args.save_steps} if args.save_steps else None,
+        resume_from_checkpoint=args.resume or None,
+        overwrite=args.overwrite,
     )
     rank = 0
     if torch.distributed.is_initialized():

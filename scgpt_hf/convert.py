@@ -27,6 +27,7 @@ from .modeling_scgpt import (
     ScGPTForPerturbationPrediction,
     ScGPTForPreTraining,
 )
+from .tokenization_scgpt import ScGPTTokenizer
 
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 
@@ -528,8 +529,6 @@ def convert_original_checkpoint(
     into place (`scgpt_hf.atomic`): a failure or a kill never leaves a partial or mixed folder. An existing
     `output_dir` is replaced only with `overwrite=True`, and is checked for writability before anything is read.
     """
-    from .tokenization_scgpt import ScGPTTokenizer
-
     original_dir = Path(original_dir)
     output_dir = check_writable(output_dir, overwrite=overwrite, what="output folder")
     args = _read_json(original_dir / "args.json", "the training arguments (args.json)")
@@ -604,7 +603,7 @@ def convert_original_checkpoint(
     with atomic_output(output_dir, overwrite=overwrite, directory=True, what="output folder") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _check_written(staging, model, len(tokenizer))
+        check_saved_folder(staging, model, tokenizer)
     report = ConversionReport(mapped=mapped, left_out=left_out, config_sources=sources, output_dir=str(output_dir),
                               task=task, task_source=task_source)
     if verbose:
@@ -612,15 +611,14 @@ def convert_original_checkpoint(
     return report
 
 
-def _check_written(folder: Path, model: torch.nn.Module, vocab_size: int) -> None:
-    """The written folder must load as the same model (every weight equal) with its tokenizer."""
-    from .tokenization_scgpt import ScGPTTokenizer
-
+def check_saved_folder(folder: str | os.PathLike, model: torch.nn.Module, tokenizer: ScGPTTokenizer) -> None:
+    """Raise unless `folder` loads back as `model` (every weight equal) with `tokenizer`'s vocabulary: the check
+    a written model folder passes before it replaces anything (`convert_original_checkpoint`, `pretrain`)."""
     loaded = type(model).from_pretrained(folder).state_dict()
     expected = model.state_dict()
-    differ = sorted(k for k in expected if k not in loaded or not torch.equal(loaded[k], expected[k]))
+    differ = sorted(k for k in expected if k not in loaded or not torch.equal(loaded[k], expected[k].cpu()))
     if differ or set(loaded) != set(expected):
-        raise RuntimeError(f"The written folder does not load back as the converted model (differs at "
+        raise RuntimeError(f"The written folder does not load back as the model (differs at "
                            f"{_listed(differ or sorted(set(loaded) ^ set(expected)))}); nothing was replaced.")
-    if len(ScGPTTokenizer.from_pretrained(folder)) != vocab_size:
-        raise RuntimeError("The written tokenizer does not load back with the vocabulary; nothing was replaced.")
+    if ScGPTTokenizer.from_pretrained(folder).get_vocab() != tokenizer.get_vocab():
+        raise RuntimeError("The written tokenizer does not load back with its vocabulary; nothing was replaced.")

@@ -44,6 +44,7 @@ Run on several GPUs (or CPU processes) with no change::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -60,14 +61,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_output, check_writable
 from .configuration_scgpt import ScGPTConfig
+from .convert import check_saved_folder
 from .data import ScGPTDataCollator
 from .embedding import _row_blocks, _select_matrix
 from .tokenization_scgpt import ScGPTTokenizer, quiet_tokenizer_warnings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StreamingCellDataset", "build_vocab", "make_tokenizer", "pretrain", "METRICS_FILE"]
+__all__ = ["StreamingCellDataset", "build_vocab", "checkpoint_dir", "make_tokenizer", "pretrain", "METRICS_FILE"]
 
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 METRICS_FILE = "training_metrics.json"
@@ -428,6 +431,8 @@ def pretrain(
     num_workers: int = 0,
     logging_steps: int = 10,
     training_args: Mapping[str, Any] | None = None,
+    resume_from_checkpoint: bool | str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Pretrain `ScGPTForPreTraining` from scratch on `files` with `transformers.Trainer`; returns the folder.
 
@@ -438,7 +443,12 @@ def pretrain(
     generative pretraining; the model gets ``config.use_generative_flag``). Written to `output_dir`:
     ``config.json`` + ``model.safetensors`` (``from_pretrained``-ready, also as `ScGPTModel` for `embed`),
     the tokenizer (``vocab.json`` and its config, ``max_length`` set to `max_length`) and
-    ``training_metrics.json`` (losses, steps, cells, time, settings, and what each process read).
+    ``training_metrics.json`` (losses, steps, cells, time, settings, and what each process read): nothing
+    that ``scgpt-hf push`` refuses (no pickles). The folder is written beside `output_dir`, loaded back and
+    only then moved into place (`scgpt_hf.atomic`), so a failure or a kill never leaves a partial one; an
+    existing `output_dir` is replaced only with `overwrite`, and is checked before any data is read.
+    Trainer checkpoints (``training_args={"save_strategy": "steps", "save_steps": N}``) go to
+    `checkpoint_dir(output_dir)`, beside it, where `resume_from_checkpoint` (True: the latest) finds them.
 
     Under ``torchrun`` / ``accelerate launch`` each process trains on its own share of the (file, chunk)
     units (see the module docstring); only the main process writes `output_dir`. On machines without CUDA
@@ -446,7 +456,7 @@ def pretrain(
 
     Args:
         files: .h5ad files (raw counts or normalised/log1p values).
-        output_dir: folder to write (created).
+        output_dir: folder to write.
         tokenizer: an `ScGPTTokenizer`, a tokenizer folder / Hub id, a ``vocab.json`` path or a vocab dict;
             None builds the vocabulary from the genes of `files` (`build_vocab`).
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size (default 2 x hidden_size),
@@ -468,6 +478,9 @@ def pretrain(
         logging_steps: log the loss every this many steps.
         training_args: more `TrainingArguments` (override the ones above; e.g. ``bf16``,
             ``gradient_accumulation_steps``, ``save_steps``).
+        resume_from_checkpoint: continue from this checkpoint folder, or with True from the latest in
+            `checkpoint_dir(output_dir)`.
+        overwrite: replace an existing `output_dir`.
     """
     from accelerate.utils import gather_object
     from transformers import TrainingArguments, set_seed
@@ -475,7 +488,9 @@ def pretrain(
     from .modeling_scgpt import ScGPTForPreTraining
 
     paths = _check_files(files)
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).expanduser().absolute()
+    if _distributed_rank()[0] == 0:  # the process that will write it; before any data is read
+        check_writable(output_dir, overwrite=overwrite, what="output folder")
     ratios = [float(mask_ratio)] if isinstance(mask_ratio, numbers.Real) else [float(r) for r in mask_ratio]
     if not ratios or min(ratios) <= 0:
         raise ValueError(f"mask_ratio must be above 0 (the loss is on masked genes), got {mask_ratio}.")
@@ -485,8 +500,8 @@ def pretrain(
     tokenizer = make_tokenizer(tokenizer, max_length=max_length)
 
     extra = dict(training_args or {})
-    args = TrainingArguments(
-        output_dir=str(output_dir),
+    settings = dict(
+        output_dir=str(checkpoint_dir(output_dir)),
         max_steps=1,  # set below, once the world size is known
         per_device_train_batch_size=batch_size,
         learning_rate=learning_rate,
@@ -501,8 +516,8 @@ def pretrain(
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,
         accelerator_config={"dispatch_batches": False},
-        **{**_cpu_launch_args(extra), **extra},
     )
+    args = TrainingArguments(**{**settings, **_cpu_launch_args(extra), **extra})  # training_args override
     launched = int(os.environ.get("WORLD_SIZE", 1))
     if args.world_size != launched:
         raise ValueError(
@@ -552,16 +567,15 @@ def pretrain(
         generative=generative, seed=seed + args.process_index,
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    resumed_from = _resume_point(resume_from_checkpoint, args.output_dir)
     started = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resumed_from)
     elapsed = time.perf_counter() - started
 
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
-    trainer.save_model(str(output_dir))  # main process only; safetensors
     # Every process takes part in the gather; workers read in their own copies, which are not seen here.
     read = gather_object([dataset.read_summary()]) if args.dataloader_num_workers == 0 else None
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(output_dir))
         n_last = max(1, len(losses) // 10)
         metrics = {
             # Mean of the last tenth of the logged losses (the run's mean loss when none was logged).
@@ -571,6 +585,7 @@ def pretrain(
             "loss_history": [{"step": s, "loss": float(l)} for s, l in losses],
             "max_steps": args.max_steps,
             "global_step": int(trainer.state.global_step),
+            "resumed_from": resumed_from,
             "cells_seen": int(trainer.state.global_step * per_step),
             "cells_in_files": dataset.total_cells,
             "epochs_seen": trainer.state.global_step * per_step / max(1, dataset.total_cells),
@@ -594,7 +609,42 @@ def pretrain(
                 "parameters": int(sum(p.numel() for p in model.parameters())),
             },
         }
-        (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        with atomic_output(output_dir, overwrite=overwrite, directory=True, what="output folder") as staging:
+            # model.save_pretrained, not trainer.save_model: that adds training_args.bin, a pickle push refuses.
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+            check_saved_folder(staging, model, tokenizer)
+        with contextlib.suppress(OSError):
+            os.rmdir(args.output_dir)  # the Trainer makes it whether or not it saves checkpoints: drop it if empty
     # No process returns before the folder is complete (a caller may read it right away on any rank).
     trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    """Where `pretrain` keeps Trainer checkpoints for `output_dir`: beside it (``OUTPUT_DIR.checkpoints``), since
+    the model folder itself appears only when training is over."""
+    output_dir = Path(output_dir).expanduser().absolute()
+    return output_dir.with_name(f"{output_dir.name}.checkpoints")
+
+
+def _resume_point(resume: bool | str | os.PathLike | None, checkpoints: str) -> str | None:
+    """The checkpoint folder to resume from (True: the latest in `checkpoints`), or None."""
+    if not resume:
+        return None
+    if resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        latest = get_last_checkpoint(checkpoints) if os.path.isdir(checkpoints) else None
+        if latest is None:
+            raise FileNotFoundError(
+                f"No checkpoint to resume from in {checkpoints}: checkpoints are saved there during a run with "
+                "--save-steps N (Python: training_args={'save_strategy': 'steps', 'save_steps': N}); start without "
+                "--resume."
+            )
+        return latest
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"Checkpoint folder {resume} does not exist; give a checkpoint-N folder of "
+                                f"{checkpoints}, or True for the latest.")
+    return os.fspath(resume)

@@ -150,6 +150,7 @@ def test_pretrain_learns_and_saves_a_loadable_folder(corpus, tmp_path):
     assert sum(stop - start for _, start, stop in first_pass) == 200 and read["cells"] >= 640
     assert read["passes"] >= 640 // 200  # later passes are counted, not listed
     assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "checkpoints only when asked, nothing else"
     model = ScGPTForPreTraining.from_pretrained(out)
     assert model.config.hidden_size == 32 and model.config.vocab_size == len(tokenizer)
     saved = ScGPTTokenizer.from_pretrained(out)
@@ -236,3 +237,33 @@ def test_errors_name_the_file(corpus, tmp_path, capsys):
         main(["pretrain", str(tmp_path / "y"), str(missing), "--vocab", str(vocab_file), "--max-steps", "1"])
     assert exit_info.value.code == 2
     assert "nope.h5ad does not exist" in capsys.readouterr().err
+
+
+def test_output_folder_is_publishable_replaced_only_with_overwrite_and_resumable(corpus, tmp_path, capsys):
+    """The folder holds nothing `push` refuses; an existing one is refused before training unless --overwrite;
+    checkpoints (--save-steps) live beside it, and --resume continues from the latest."""
+    from scgpt_hf import hub
+
+    files, _, _, vocab_file = corpus
+    out = tmp_path / "model"
+    argv = ["pretrain", str(out), *map(str, files), "--vocab", str(vocab_file), "--hidden-size", "16", "--layers", "1",
+            "--heads", "2", "--max-length", "32", "--batch-size", "8", "--chunk-size", "50"]
+    assert main([*argv, "--max-steps", "2", "--save-steps", "1"]) == 0
+    assert not [p.name for p in out.iterdir() if p.suffix in hub.PICKLE_SUFFIXES]
+    hub.stage(out, tmp_path / "staged", "org/name")  # what push checks and uploads
+    checkpoints = out.with_name("model.checkpoints")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    trained = (out / "model.safetensors").read_bytes()
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--max-steps", "3"])
+    assert exc.value.code == 2 and "already exists: pass --overwrite" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == trained
+
+    saved = {p: p.stat().st_mtime_ns for p in checkpoints.rglob("*") if p.is_file()}
+    assert main([*argv, "--max-steps", "3", "--save-steps", "1", "--resume", "--overwrite"]) == 0
+    metrics = json.loads((out / pt.METRICS_FILE).read_text())
+    assert metrics["global_step"] == 3 and metrics["resumed_from"] == str(checkpoints / "checkpoint-2")
+    assert {p: p.stat().st_mtime_ns for p in saved} == saved, "steps 1-2 are not trained (and saved) again"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
