@@ -566,7 +566,11 @@ def pretrain(
         tokenizer, mask_ratio=mask_ratio, mask_value=config.mask_value,
         generative=generative, seed=seed + args.process_index,
     )
+    made_checkpoint_dir = not os.path.isdir(args.output_dir)
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    if made_checkpoint_dir and args.save_strategy == "no":
+        with contextlib.suppress(OSError):
+            os.rmdir(args.output_dir)  # the Trainer makes it whether or not checkpoints are saved
     resumed_from = _resume_point(resume_from_checkpoint, args.output_dir)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resumed_from)
@@ -615,8 +619,6 @@ def pretrain(
             tokenizer.save_pretrained(staging)
             (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
             check_saved_folder(staging, model, tokenizer)
-        with contextlib.suppress(OSError):
-            os.rmdir(args.output_dir)  # the Trainer makes it whether or not it saves checkpoints: drop it if empty
     # No process returns before the folder is complete (a caller may read it right away on any rank).
     trainer.accelerator.wait_for_everyone()
     return output_dir

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+from pathlib import Path
 
 import anndata
 import numpy as np
@@ -164,3 +167,135 @@ def test_unexpected_error_is_one_line_with_the_debug_hint(monkeypatch, capsys):
     assert stderr.count("\n") == 1 and "unexpected KeyError" in stderr and "--debug" in stderr
     with pytest.raises(KeyError):
         main(["--debug", "broken"])
+
+
+def test_embed_refuses_an_existing_output_before_any_compute(model, wu2020_adata, tmp_path, monkeypatch, capsys):
+    from scgpt_hf import embedding
+
+    data, out = tmp_path / "in.h5ad", tmp_path / "out.h5ad"
+    wu2020_adata[:3].copy().write_h5ad(data)
+    out.write_bytes(b"earlier results")
+    monkeypatch.setattr(embedding, "embed", lambda *a, **k: pytest.fail("computed before refusing"))
+    with pytest.raises(SystemExit) as exc:
+        main(["embed", str(data), str(out), "--model", str(model)])
+    assert exc.value.code == 2 and "already exists: pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"earlier results"
+
+
+# ----------------------------------------------------------------------------------------------
+# A kill at any moment leaves the previous output byte for byte, or the complete new one (issue 11)
+
+MOMENTS = ["checked", "writing", "staged", "committed"]
+
+
+def _announce_moments(say) -> None:
+    """Patch this (forked) process so that it calls `say(moment)` at each moment of writing an output: its
+    location checked (before any compute), the write half done, the output staged complete, and moved into place."""
+    import h5py
+
+    from scgpt_hf import ScGPTTokenizer, atomic
+
+    def after(fn, moment):
+        def wrapped(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            say(moment)
+            return result
+        return wrapped
+
+    def before(fn, moment):
+        def wrapped(*args, **kwargs):
+            say(moment)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    atomic.recover = after(atomic.recover, "checked")  # check_writable's first step
+    atomic._fsync_tree = before(atomic._fsync_tree, "staged")  # the block is done, nothing is in place yet
+    atomic._commit = after(atomic._commit, "committed")
+    ScGPTTokenizer.save_pretrained = before(ScGPTTokenizer.save_pretrained, "writing")  # weights written, not it
+    h5py.Group.create_dataset = before(h5py.Group.create_dataset, "writing")  # an .h5ad being written
+
+
+def _kill_at(argv: list[str], moment: str) -> bool:
+    """Run `main(argv)` in a forked process that stops at each moment of its write until told to go on; SIGKILL
+    it at `moment`. Returns whether it was killed there (False: it finished without reaching it)."""
+    markers_r, markers_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the command
+        code = 1
+        try:
+            os.close(markers_r)
+            os.close(go_w)
+            torch.set_num_threads(1)  # the parent's OpenMP threads do not exist here
+
+            def say(word: str) -> None:
+                os.write(markers_w, f"{word}\n".encode())
+                os.read(go_r, 1)
+
+            _announce_moments(say)
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            os._exit(code)
+    os.close(markers_w)
+    os.close(go_r)
+    killed = False
+    with os.fdopen(markers_r) as markers, os.fdopen(go_w, "wb", buffering=0) as go:
+        for line in markers:
+            if line.strip() == moment:
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+                break
+            go.write(b"g")
+    os.waitpid(pid, 0)
+    return killed
+
+
+def _state(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def kill_inputs(original_dir, model, wu2020_adata, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kill")
+    wu2020_adata[:6].copy().write_h5ad(folder / "cells.h5ad")
+    return {"original": original_dir, "model": model, "data": folder / "cells.h5ad"}
+
+
+COMMANDS_WRITING = {
+    "convert": (["convert", "{original}", "{out}", "--quiet"], "folder"),
+    "embed": (["embed", "{data}", "{out}", "--model", "{model}", "--no-progress", "--device", "cpu"], "file"),
+    "pretrain": (["pretrain", "{out}", "{data}", "--vocab", "{model}", "--hidden-size", "8", "--layers", "1",
+                  "--heads", "2", "--max-length", "16", "--max-steps", "1", "--batch-size", "4"], "folder"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS_WRITING))
+def test_sigkill_at_any_moment_leaves_the_previous_output(command, kill_inputs, tmp_path):
+    argv, kind = COMMANDS_WRITING[command]
+    out = tmp_path / ("out.h5ad" if kind == "file" else "out")
+    if kind == "file":
+        out.write_bytes(b"earlier results " * 1000)
+    else:
+        out.mkdir()
+        (out / "config.json").write_text('{"earlier": true}')
+        (out / "model.safetensors").write_bytes(os.urandom(4096))
+    previous = _state(out)
+    argv = [a.format(out=out, **kill_inputs) for a in argv] + ["--overwrite"]
+    from scgpt_hf import atomic
+
+    for moment in MOMENTS:
+        assert _kill_at(argv, moment), f"{command} never reached {moment!r}"
+        atomic.recover(out)  # what the next run does first
+        leftovers = sorted(p.name for p in tmp_path.iterdir() if p != out)
+        if moment != "committed":
+            assert _state(out) == previous, f"{command} killed at {moment!r} changed its output"
+            assert leftovers == [], leftovers
+    if kind == "file":  # killed once in place, the new output is whole
+        assert anndata.read_h5ad(out).obsm["X_scGPT"].shape[0] == 6
+    else:
+        assert json.loads((out / "config.json").read_text())["model_type"] == "scgpt" and (out / "vocab.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
