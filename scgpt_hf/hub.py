@@ -628,33 +628,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run_push(args: argparse.Namespace) -> int:
-    """Handler of ``scgpt-hf push``: 0 on success, 1 when the Hub refuses, 2 for a bad folder or arguments."""
+    """Handler of ``scgpt-hf push``: returns 0; a failure raises, for the CLI to print as one line (exit code 2)."""
+    from .cli import CommandError
+
     if args.card_only:
-        try:
-            card = render_card(args.model_dir, args.repo_id, base_model=args.base_model, license=args.license,
-                               with_onnx=args.with_onnx)
-        except (ValueError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(card)
+        print(render_card(args.model_dir, args.repo_id, base_model=args.base_model, license=args.license,
+                          with_onnx=args.with_onnx))
         return 0
     try:
         info = push(args.model_dir, args.repo_id, revision=args.revision, private=args.private,
                     with_onnx=args.with_onnx, token=args.token, commit_message=args.commit_message,
                     base_model=args.base_model, license=args.license)
     except HubPushError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc.__cause__, HfHubHTTPError) else 2
+        raise CommandError(str(exc)) from exc
     print(f"{args.repo_id}@{info.oid}: {info.commit_url}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry: ``python -m scgpt_hf.hub push MODEL_DIR ORG/NAME ...``."""
-    parser = argparse.ArgumentParser(prog="scgpt-hf")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """Stand-alone entry: ``python -m scgpt_hf.hub push MODEL_DIR ORG/NAME ...`` (the same as ``scgpt-hf push``)."""
+    from .cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

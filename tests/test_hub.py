@@ -439,7 +439,17 @@ def test_with_onnx_uploads_export_to_onnx_folder(local_hub, tokenizer, tmp_path)
     assert head(repo) != before  # the card without the ONNX section differs
 
 
-def test_clear_errors_missing_repo_revision_and_bad_tokens(local_hub, tokenizer, tmp_path) -> None:
+def _push_failure(argv: list[str], capsys) -> str:  # type: ignore[no-untyped-def]
+    """`scgpt-hf push` fails the CLI's way: exit code 2 and one line on stderr, returned."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        hub.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("scgpt-hf push: error: "), err
+    return err
+
+
+def test_clear_errors_missing_repo_revision_and_bad_tokens(local_hub, tokenizer, tmp_path, capsys) -> None:
     model_dir = save(build(ScGPTModel, small_config(tokenizer), seed=51), tokenizer, tmp_path / "m")
     hub.push(model_dir, "scgpt-org/errors", token=WRITE)
 
@@ -454,7 +464,8 @@ def test_clear_errors_missing_repo_revision_and_bad_tokens(local_hub, tokenizer,
         hub.push(model_dir, "scgpt-org/errors", token="hf_not_a_valid_token")
     with pytest.raises(hub.HubPushError, match="not allowed to write"):
         hub.push(model_dir, "scgpt-org/errors-readonly", token=READ)
-    assert hub.main(["push", str(model_dir), "scgpt-org/errors", "--token", "hf_not_a_valid_token"]) == 1
+    assert "rejected the token" in _push_failure(
+        ["push", str(model_dir), "scgpt-org/errors", "--token", "hf_not_a_valid_token"], capsys)
 
     # A private repository is invisible without a token.
     hub.push(model_dir, "scgpt-org/private", token=WRITE, private=True)
@@ -474,7 +485,7 @@ def test_clear_errors_missing_repo_revision_and_bad_tokens(local_hub, tokenizer,
     (model_dir / "vocab.json").unlink()
     with pytest.raises(hub.HubPushError, match="tokenizer"):
         hub.push(model_dir, "scgpt-org/errors", token=WRITE)
-    assert hub.main(["push", str(tmp_path), "scgpt-org/errors", "--token", WRITE]) == 2
+    assert "no config.json" in _push_failure(["push", str(tmp_path), "scgpt-org/errors", "--token", WRITE], capsys)
 
 
 def test_remote_code_imports_only_allowed_modules(tmp_path) -> None:
