@@ -679,8 +679,11 @@ class ScGPTModel(ScGPTPreTrainedModel):
         )
         pooled = attention_mask
         if generative_mask is None:
+            # Skipping an all-ones mask means reading it: on an accelerator that would make the host wait for
+            # the device, so there a mask is always applied (callers pass None for batches without padding).
             mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=embeddings, attention_mask=attention_mask
+                config=self.config, inputs_embeds=embeddings, attention_mask=attention_mask,
+                allow_is_bidirectional_skip=attention_mask is None or attention_mask.device.type == "cpu",
             )
         else:
             mask, pooled = _generative_attention_mask(attention_mask, generative_mask)
