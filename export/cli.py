@@ -1,13 +1,13 @@
 """`scgpt-hf export onnx MODEL OUTPUT_DIR ...`: the command-line face of `scgpt_hf.export.export_onnx`.
 
-The main CLI calls :func:`add_parser` with its subparsers; the handler is stored as ``func`` on the parsed
-namespace and returns the process exit code.
+The main CLI (`scgpt_hf.cli`) calls :func:`add_parser` with its subparsers; the handler is stored as ``func``
+on the parsed namespace. Handlers raise on failure and the main CLI prints the one-line message (exit code 2);
+refusals that are not ValueError / OSError are raised as its `CommandError`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,7 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Export an scGPT model to OUTPUT_DIR/model.onnx with dynamic batch and sequence axes, fuse attention "
             "and layer norms for ONNX Runtime, convert precision, validate against PyTorch on real cells and "
-            "write export_report.json beside it. Exits 1 if validation fails. Tasks: " + tasks
+            "write export_report.json and selfcheck.npz (cells every load checks the graph on) beside it. "
+            "OUTPUT_DIR is written whole or not at all; an existing one is replaced only with --overwrite. Exits "
+            "2 with one line naming the problem if anything fails, validation included. Tasks: " + tasks
         ),
     )
     onnx.add_argument("model", metavar="MODEL", help="local model folder or Hub id (from_pretrained)")
@@ -39,11 +41,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     onnx.add_argument("--no-optimize", dest="optimize", action="store_false",
                       help="skip attention / layer-norm fusion (slow on CPU; for debugging)")
     onnx.add_argument("--validation-shape", dest="validation_shapes", action="append", metavar="BATCHxLEN",
+                      type=_parse_shape,
                       help="validation case as BATCHxLEN (LEN 0 = the cells' own lengths); repeatable (default: "
                            + ", ".join(f"{b}x{n or 0}" for b, n in DEFAULT_VALIDATION_SHAPES) + ")")
     onnx.add_argument("--provider", dest="providers", action="append", metavar="NAME",
                       help="ONNX Runtime execution provider for validation, repeatable (default: CPUExecutionProvider)")
     onnx.add_argument("--seed", type=int, default=0, help="seed for picking and tokenising validation cells")
+    onnx.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (default: refuse)")
     onnx.add_argument("--quiet", action="store_true", help="print only the output path")
     onnx.set_defaults(func=run_export_onnx)
     from .triton import add_parser as add_triton_parser
@@ -53,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _parse_shape(text: str) -> tuple[int, int | None]:
+    """argparse ``type`` of --validation-shape: BATCHxLEN -> (batch, length or None)."""
     try:
         batch, length = (int(x) for x in text.lower().split("x"))
     except ValueError:
@@ -63,38 +68,22 @@ def _parse_shape(text: str) -> tuple[int, int | None]:
 
 
 def run_export_onnx(args: argparse.Namespace) -> int:
-    """Handler of `scgpt-hf export onnx`: runs `export_onnx` and returns 0, or 1 when validation fails."""
+    """Handler of `scgpt-hf export onnx`: runs `export_onnx`; a failed validation or an unexportable model is a
+    `CommandError` (one line, exit code 2)."""
+    from scgpt_hf.cli import CommandError, model_argument
+
     from .onnx_export import DEFAULT_VALIDATION_SHAPES, ExportValidationError, export_onnx
 
-    try:
-        shapes = [_parse_shape(s) for s in args.validation_shapes] if args.validation_shapes else DEFAULT_VALIDATION_SHAPES
-    except argparse.ArgumentTypeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        report = export_onnx(
-            args.model, args.output_dir, task=args.task, opset=args.opset, precision=args.precision,
-            validate=args.validate, optimize=args.optimize, validation_shapes=shapes, providers=args.providers,
-            seed=args.seed, verbose=not args.quiet,
-        )
-    except ExportValidationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except (ValueError, TypeError, NotImplementedError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    with model_argument(args.model):
+        try:
+            report = export_onnx(
+                args.model, args.output_dir, task=args.task, opset=args.opset, precision=args.precision,
+                validate=args.validate, optimize=args.optimize,
+                validation_shapes=args.validation_shapes or DEFAULT_VALIDATION_SHAPES, providers=args.providers,
+                seed=args.seed, overwrite=args.overwrite, verbose=not args.quiet,
+            )
+        except (ExportValidationError, NotImplementedError) as err:
+            raise CommandError(str(err)) from None
     if args.quiet:
         print(report.model_path)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m scgpt_hf.export.cli onnx ...`) until the main CLI wires `add_parser` in."""
-    parser = argparse.ArgumentParser(prog="scgpt-hf")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv if argv is None or argv[:1] == ["export"] else ["export", *argv])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,11 +28,12 @@ from scgpt_hf.export import (  # noqa: E402
     OnnxInputError,
     OnnxModelError,
     OnnxScGPT,
+    SelfCheckError,
     export_onnx,
     read_onnx_metadata,
     vocab_sha256,
 )
-from scgpt_hf.export import onnx_export  # noqa: E402
+from scgpt_hf.export import onnx_export, selfcheck  # noqa: E402
 from scgpt_hf.tokenization_scgpt import ScGPTTokenizer  # noqa: E402
 
 N_GENES = 600
@@ -84,7 +86,7 @@ def exports(model_dir, tmp_path_factory):
 
     def get(task: str, precision: str = "fp32"):
         if (task, precision) not in cache:
-            out = tmp_path_factory.mktemp(f"onnx_{task}_{precision}")
+            out = tmp_path_factory.mktemp(f"onnx_{task}_{precision}") / "onnx"
             report = export_onnx(model_dir, out, task=task, precision=precision, verbose=False)
             cache[task, precision] = (out, report)
         return cache[task, precision]
@@ -127,7 +129,9 @@ def _cosine_rows(a, b):
 def test_each_task_exports_with_dynamic_axes_and_fusions(exports, task):
     out, report = exports(task)
     assert report.passed is True
-    assert (out / "model.onnx").is_file() and not (out / "model.failed.onnx").exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["onnx"]  # staged beside, renamed into place
+    assert {"model.onnx", "selfcheck.npz", "export_report.json", "config.json", "vocab.json"} <= {
+        p.name for p in out.iterdir()}
     model = onnx.load(out / "model.onnx")
     inputs = {vi.name: vi for vi in model.graph.input}
     assert list(inputs) == ["input_ids", "values", "attention_mask"]
@@ -148,7 +152,7 @@ def test_each_task_exports_with_dynamic_axes_and_fusions(exports, task):
     assert "Softmax" not in report.op_counts  # no decomposed attention left
     # attention takes the 2-D padding mask, not the (batch, 1, L, L) bias the fusion builds from it
     assert report.attention_inputs == {"query, key, value, key_padding_mask": 2}
-    assert {"Where", "GatherND", "Expand"}.isdisjoint(report.op_counts)
+    assert {"GatherND", "Expand"}.isdisjoint(report.op_counts)
     saved = json.loads((out / "export_report.json").read_text())
     assert saved["passed"] is True and saved["sha256"] == report.sha256
     assert saved["attention_inputs"] == report.attention_inputs
@@ -206,6 +210,13 @@ def test_reduced_precision_within_bounds(exports, pretraining_model, long_cells,
         assert report.file_size < fp32_report.file_size
         assert "DynamicQuantizeMatMul" in report.ort_session_ops or "MatMulIntegerToFloat" in report.ort_session_ops
         assert report.attention_inputs == {"query, key, value, key_padding_mask": 2}
+        # 7-bit weights (|w| <= 64, one scale per output channel): a pair of uint8 x int8 products never leaves
+        # 16 bits (2 x 255 x 64 < 32,767), so AVX2's saturating kernel computes what VNNI computes
+        init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        matmuls = [n for n in model.graph.node if n.op_type == "MatMulInteger"]  # inputs A, B, A zero, B zero
+        assert matmuls and all(init[n.input[1]].dtype == np.int8 for n in matmuls)
+        assert max(int(np.abs(init[n.input[1]].astype(np.int32)).max()) for n in matmuls) <= 64
+        assert all(init[n.input[3]].shape == init[n.input[1]].shape[1:] for n in matmuls)  # per output channel
     else:
         assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
         # CUDA's memory-efficient attention takes a bias but not a 2-D key padding mask
@@ -337,10 +348,11 @@ def test_batch_label_models_take_batch_labels(tmp_path):
     model = ScGPTForPreTraining(config)
     reference.randomize_parameters(model, seed=1)
     model.eval()
-    report = export_onnx(model, tmp_path, task="expression", vocab=vocab, verbose=False)
+    report = export_onnx(model, tmp_path / "onnx", task="expression", vocab=vocab, verbose=False)
     assert report.passed and report.validation["data"] == "synthetic cells"
     assert [i["name"] for i in report.inputs] == ["input_ids", "values", "attention_mask", "batch_labels"]
-    session = OnnxScGPT(tmp_path)
+    session = OnnxScGPT(tmp_path / "onnx")
+    assert session.self_check_result["passed"] is True  # its stored cells carry batch labels too
     cells = onnx_export._synthetic_cells(config, 3, seed=5)
     feed = onnx_export.pad_cells(cells, config.pad_token_id, config.pad_value)
     labels = np.array([0, 2, 1], np.int64)
@@ -367,19 +379,34 @@ def test_batch_label_models_take_batch_labels(tmp_path):
 # Failure of validation, argument errors, CLI
 
 
-def test_export_fails_when_validation_fails(pretraining_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_export, "FP32_MAX_ABS", -1.0)  # no graph can meet this
-    with pytest.raises(ExportValidationError, match="beyond the fp32 bound"):
-        export_onnx(pretraining_model, tmp_path, task="embedding", verbose=False)
-    assert not (tmp_path / "model.onnx").exists()
-    assert (tmp_path / "model.failed.onnx").is_file()
-    saved = json.loads((tmp_path / "export_report.json").read_text())
-    assert saved["passed"] is False
-    with pytest.raises(OnnxModelError, match="failed export"):
-        OnnxScGPT(tmp_path)
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failed_validation_leaves_the_previous_export_as_it_was(exports, pretraining_model, tmp_path, monkeypatch):
+    out = tmp_path / "onnx"
+    shutil.copytree(exports("embedding")[0], out)
+    before = _snapshot(out)
+    monkeypatch.setattr(selfcheck, "FP32_MAX_ABS", -1.0)  # no graph can meet this
+    with pytest.raises(ExportValidationError, match="beyond the fp32 bound") as info:
+        export_onnx(pretraining_model, out, task="embedding", overwrite=True, verbose=False)
+    assert "\n" not in str(info.value) and "nothing was written" in str(info.value)
+    assert info.value.report.passed is False and info.value.report.validation["cases"]
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["onnx"]
+
+
+def test_existing_output_refused_before_any_work(tmp_path):
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists: pass --overwrite"):
+        export_onnx(tmp_path / "no_such_model", out)  # the model is never looked at
+    assert _snapshot(out) == {"keep.txt": b"mine"}
 
 
 def test_bad_arguments(pretraining_model, tmp_path):
+    tmp_path = tmp_path / "out"
     with pytest.raises(ValueError, match="Unknown task 'annotationx'"):
         export_onnx(pretraining_model, tmp_path, task="annotationx")
     with pytest.raises(ValueError, match="Unknown precision 'int4'"):
@@ -431,11 +458,19 @@ def test_key_padding_mask_replaces_only_biases_built_from_attention_mask():
     assert onnx_export._attention_inputs(ir.serde.serialize_model(other)) == {"query, key, value, attention_bias": 1}
 
 
-def test_cli_exports_and_reports(model_dir, tmp_path, capsys):
-    from scgpt_hf.export.cli import main
+def _cli(argv: list[str]) -> int:
+    """`scgpt-hf ARGV` in this process; its exit code."""
+    from scgpt_hf.cli import main
 
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def test_cli_exports_and_reports(model_dir, tmp_path, capsys):
     out = tmp_path / "cli_out"
-    rc = main(["export", "onnx", str(model_dir), str(out), "--task", "expression", "--precision", "int8",
+    rc = _cli(["export", "onnx", str(model_dir), str(out), "--task", "expression", "--precision", "int8",
                "--validation-shape", "2x0", "--validation-shape", "3x20"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -446,10 +481,36 @@ def test_cli_exports_and_reports(model_dir, tmp_path, capsys):
     assert saved["precision"] == "int8" and saved["task"] == "expression"
     assert [(c["batch"], c["length"] <= 20) for c in saved["validation"]["cases"]][1] == (3, True)
     assert (out / "config.json").is_file() and (out / "vocab.json").is_file()
-    assert main(["export", "onnx", str(model_dir), str(out), "--validation-shape", "abc"]) == 2
-    assert "BATCHxLEN" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["export", "onnx", str(model_dir), str(out), "--task", "nope"])
+
+
+def test_cli_failures_are_one_line_with_exit_code_2(model_dir, exports, tmp_path, capsys, monkeypatch):
+    """Every failure of `scgpt-hf export onnx` is exit code 2 and one line naming the problem and the fix."""
+    existing = tmp_path / "existing"
+    shutil.copytree(exports("embedding")[0], existing)
+    before = _snapshot(existing)
+    dsbn = tmp_path / "dsbn"
+    ScGPTModel(ScGPTConfig(vocab_size=43, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=8, pad_token_id=40, cls_token_id=41, eoc_token_id=42,
+                           domain_spec_batchnorm="dsbn", num_batch_labels=2)).save_pretrained(dsbn)
+    cases = [
+        ([str(model_dir), str(existing)], "already exists: pass --overwrite"),
+        ([str(model_dir), str(tmp_path / "a"), "--validation-shape", "abc"], "must look like 4x128 (BATCHxLEN)"),
+        ([str(model_dir), str(tmp_path / "a"), "--task", "nope"], "invalid choice: 'nope'"),
+        ([str(tmp_path / "no" / "model"), str(tmp_path / "a")], "does not exist"),
+        ([str(dsbn), str(tmp_path / "a")], "domain-specific batch norm"),
+    ]
+    for args, message in cases:
+        assert _cli(["export", "onnx", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    # validation failing: one line, and the previous export is left as it was
+    monkeypatch.setattr(selfcheck, "FP32_MAX_ABS", -1.0)
+    assert _cli(["export", "onnx", str(model_dir), str(existing), "--overwrite", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scgpt-hf export onnx: error: ONNX Runtime disagrees with PyTorch beyond the fp32 bound")
+    assert err.count("\n") == 1
+    assert _snapshot(existing) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dsbn", "existing"]
 
 
 def _export_head(model_dir, tmp_path, head_class, task, seed, **config_changes):
@@ -512,3 +573,122 @@ def test_token_input_heads_export_and_match_pytorch(model_dir, long_cells, tmp_p
         bad[onnx_export.PER_TOKEN_INPUTS[0] if task == "perturbation" else "modality_ids"] = \
             np.zeros((3, 2), dtype=np.int64)
         session(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-check at load, padding, atomic output
+
+
+def test_every_load_runs_the_self_check(exports, tmp_path, monkeypatch):
+    """The export stores a few real cells and PyTorch's outputs for them; every load holds the graph to its bound
+    on them and refuses a host that computes outside it (or, when asked, warns)."""
+    out, _ = exports("embedding", "int8")
+    result = OnnxScGPT(out).self_check_result
+    assert result["passed"] is True and result["outputs"]["cell_embedding"]["min_cosine"] >= 0.99
+    with np.load(out / "selfcheck.npz", allow_pickle=False) as stored:
+        assert set(stored.files) == {"input.input_ids", "input.values", "input.attention_mask",
+                                     "output.cell_embedding", "output.last_hidden_state"}
+        mask = stored["input.attention_mask"]
+    assert mask.shape == (4, 32) and mask.sum(1).tolist() == [32, 24, 16, 8]  # real cells, padded
+    assert read_onnx_metadata(out)["selfcheck_sha256"] == selfcheck.sha256(out / "selfcheck.npz")
+
+    monkeypatch.setitem(selfcheck.MIN_COSINE, "int8", 1.01)  # as a host computing outside the bound looks
+    with pytest.raises(SelfCheckError, match=r"computes the int8 graph outside its bound.*CPU features.*"
+                                             r"self_check='warn'"):
+        OnnxScGPT(out)
+    with pytest.warns(UserWarning, match="outside its bound"):
+        assert OnnxScGPT(out, self_check="warn").self_check_result["passed"] is False
+    monkeypatch.undo()
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "selfcheck.npz").unlink()
+    with pytest.raises(SelfCheckError, match="selfcheck.npz is missing.*Copy it together with model.onnx"):
+        OnnxScGPT(copy)
+    shutil.copy(exports("expression")[0] / "selfcheck.npz", copy / "selfcheck.npz")
+    with pytest.raises(SelfCheckError, match="not the self-check reference this graph was exported with"):
+        OnnxScGPT(copy)
+
+
+def test_padding_never_reaches_the_graph_and_empty_cells_are_refused(exports, long_cells):
+    """A cell's outputs do not depend on what sits in its padding (NaN values, other ids); a cell without an
+    unmasked token has no output and is refused."""
+    out, _ = exports("expression")
+    session = OnnxScGPT(out)
+    pp = session.preprocessing
+    feed = onnx_export.pad_cells([long_cells[0], long_cells[20], long_cells[5]], pp["pad_token_id"],
+                                 pp["pad_value"], max_length=MAX_LEN)
+    pad = feed["attention_mask"] == 0
+    assert pad.sum(1).min() == 0 and pad.any()
+    clean = session(feed)
+    dirty = session({**feed, "values": np.where(pad, np.nan, feed["values"]).astype(np.float32),
+                     "input_ids": np.where(pad, 7, feed["input_ids"])})
+    for name, want in clean.items():
+        keep = slice(None) if name in selfcheck.PER_CELL_OUTPUTS else ~pad
+        np.testing.assert_allclose(dirty[name][keep], want[keep], atol=1e-6, err_msg=name)
+    empty = {**feed, "attention_mask": feed["attention_mask"].copy()}
+    empty["attention_mask"][1] = 0
+    with pytest.raises(OnnxInputError, match=r"Cell\(s\) \[1\] have no unmasked token.*at least its <cls> token"):
+        session(empty)
+
+
+# A real `scgpt-hf export onnx`, announcing moments of its write on stdout and pausing there to be killed.
+KILL_CHILD = r"""
+import sys, time
+print("start", flush=True)
+from scgpt_hf import atomic
+from scgpt_hf.cli import main
+from scgpt_hf.export import onnx_export
+
+
+def announce(fn, marker, staged_only=False):
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if not staged_only or ".scgpt-tmp-" in str(args[1]):
+            print(marker, flush=True)
+            time.sleep(120)
+        return out
+    return wrapped
+
+
+onnx_export._save = announce(onnx_export._save, "graph written", staged_only=True)  # report not yet written
+atomic._commit = announce(atomic._commit, "renamed")  # the new folder in place, the process still running
+main(sys.argv[1:])
+"""
+
+
+def test_kill_during_export_leaves_previous_output_or_the_new_one_whole(model_dir, exports, tmp_path):
+    """SIGKILL a real `scgpt-hf export onnx --overwrite` before, during and after its write: the previous export
+    stays byte for byte until the new one is complete, and nothing half-written is left beside it."""
+    import signal
+    import subprocess
+    import sys
+
+    from scgpt_hf import atomic
+
+    previous = exports("embedding")[0]
+    runs = {}
+    for marker in ("start", "graph written", "renamed"):  # children run side by side to keep this quick
+        target = tmp_path / marker.replace(" ", "_") / "onnx"
+        shutil.copytree(previous, target)
+        argv = ["export", "onnx", str(model_dir), str(target), "--task", "expression", "--no-validate", "--overwrite",
+                "--quiet"]
+        runs[marker] = (target, subprocess.Popen([sys.executable, "-c", KILL_CHILD, *argv], stdout=subprocess.PIPE,
+                                                 stderr=subprocess.DEVNULL, text=True))
+    old = _snapshot(previous)
+    for marker, (target, proc) in runs.items():
+        for line in proc.stdout:
+            if line.strip() == marker:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, f"the child ended before reaching {marker!r}"
+        atomic.recover(target)  # what the next run does first
+        got = _snapshot(target)
+        if marker == "renamed":
+            report = json.loads(got["export_report.json"])
+            assert report["task"] == "expression" and report["sha256"] == selfcheck.sha256(target / "model.onnx")
+            assert OnnxScGPT(target).self_check_result["passed"] is True
+        else:
+            assert got == old, f"killed at {marker!r}"
+        assert [p.name for p in target.parent.iterdir()] == ["onnx"], f"leftovers after a kill at {marker!r}"
