@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -127,7 +126,9 @@ class TritonServer:
     Use as a context manager, or call :meth:`start` and :meth:`stop`.  The server runs from the
     nvidia-pytriton wheel in `server_env` (see :func:`find_server_env`) with its bin first on PATH and
     LD_LIBRARY_PATH starting with the interpreter's LIBDIR and the wheel's libraries, and a backend
-    folder holding the python backend and the stub for the environment's Python version.
+    folder holding the python backend and the stub for the environment's Python version.  It runs under
+    :mod:`scgpt_hf.process_guard`: when the thread that started it exits, or the process dies in any way
+    (SIGKILL included), the server is stopped and its temporary folders are removed.
 
     Args:
         repository: model repository folder.
@@ -136,7 +137,8 @@ class TritonServer:
         http_port, grpc_port, metrics_port: ports (default: free ones).
         log_verbose: Triton's --log-verbose level.
         extra_args: more tritonserver flags.
-        log_file: where server output goes (default: a temporary file, see :attr:`log_path`).
+        log_file: where server output goes (default: a new ``scgpt_tritonserver_*.log`` in the temporary
+            directory, kept after the server stops; see :attr:`log_path`).
     """
 
     def __init__(
@@ -232,10 +234,17 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}", "--strict-readiness=true",
             *self.extra_args,
         ]
-        self.log_path = self._log_file or tmp / "tritonserver.log"
+        if self._log_file is None:  # kept after the server stops, unlike the temporary folders
+            handle, name = tempfile.mkstemp(prefix="scgpt_tritonserver_", suffix=".log")
+            os.close(handle)
+        self.log_path = self._log_file or Path(name)
         self._log_handle = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(self._cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, env=env,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        # Through scgpt_hf.process_guard: the server dies with this process, however it ends (SIGKILL included),
+        # and the guard removes the temporary folders after it.
+        guard = [str(self.env / "bin" / "python"), "-I", str(Path(__file__).with_name("process_guard.py")),
+                 str(os.getpid()), str(tmp), "--"]
+        self.process = subprocess.Popen([*guard, *self._cmd], stdout=self._log_handle, stderr=subprocess.STDOUT,
+                                        env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
@@ -259,13 +268,14 @@ class TritonServer:
         return self.log_path.read_bytes()[-n_chars:].decode("utf-8", "replace")
 
     def pids(self) -> list[int]:
-        """The server's pid and those of its children (python backend stubs)."""
+        """The pids of the server's guard, the server and its children (python backend stubs)."""
         if self.process is None:
             return []
         return [self.process.pid, *_descendants(self.process.pid)]
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM the server (it drains and exits in ~5 s), SIGKILL its process group if it lingers."""
+        """SIGTERM the server's guard (the server drains and exits in ~5 s, the guard removes the temporary
+        folders), SIGKILL what lingers."""
         proc = self.process
         if proc is None:
             return None
@@ -288,12 +298,6 @@ class TritonServer:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
-        if self._tmp is not None and self._log_file is None and self.log_path is not None:
-            # keep the log readable after stop: move it next to nothing temporary
-            kept = Path(tempfile.gettempdir()) / f"scgpt_tritonserver_{proc.pid}.log"
-            with contextlib.suppress(OSError):
-                shutil.copy2(self.log_path, kept)
-                self.log_path = kept
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -732,36 +736,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Handler of `scgpt-hf serve`: runs until Ctrl-C / SIGTERM, then stops the server."""
+    """Handler of `scgpt-hf serve`: runs until Ctrl-C / SIGTERM / SIGHUP (the terminal closed), then stops the
+    server; a failure raises, for the CLI to print as one line."""
+    from .cli import CommandError
+
+    server: TritonServer | None = None
     try:
         server = TritonServer(args.repository, server_env=args.server_env, host=args.host, http_port=args.http_port,
                               grpc_port=args.grpc_port, metrics_port=args.metrics_port, log_verbose=args.log_verbose)
         server.start()
-    except (FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except RuntimeError as err:
+        # A server that failed to start puts its log's tail in the message: the one line names the log instead.
+        log = f"; its log, {server.log_path}, says why" if server is not None and server.log_path else ""
+        raise CommandError(str(err).splitlines()[0].rstrip(":") + log) from err
     print(f"Triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.host}:{server.metrics_port}; "
           f"log {server.log_path}. Ctrl-C stops it.", flush=True)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     try:
         while not stop.is_set() and server.process is not None and server.process.poll() is None:
             stop.wait(0.5)
     finally:
         code = server.stop()
-    return 0 if stop.is_set() else int(code or 1)
+    if not stop.is_set():
+        raise CommandError(f"tritonserver stopped by itself (exit code {code}); its log, {server.log_path}, says why.")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry: `python -m scgpt_hf.serving REPOSITORY_DIR ...`."""
-    parser = argparse.ArgumentParser(prog="scgpt-hf")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    """Stand-alone entry: `python -m scgpt_hf.serving REPOSITORY_DIR ...`, the same as `scgpt-hf serve`."""
+    from .cli import main as cli_main
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] != ["serve"]:
-        argv = ["serve", *argv]
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return cli_main(argv if argv[:1] == ["serve"] else ["serve", *argv])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -540,7 +541,12 @@ def test_load_dynamic_batching(server, adata, tokenizer, expected):
     assert executions < inferences, (inferences, executions)
 
 
-def test_serve_cli_starts_and_stops(repository, server_env, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGKILL], ids=["terminal-closed", "killed"])
+def test_serve_cli_leaves_no_server_or_folder_behind(repository, server_env, tmp_path, sig):
+    """`scgpt-hf serve` ended by its terminal closing (SIGHUP), or SIGKILLed: the tritonserver, its stubs and the
+    guard between them stop, and the server's temporary folder is removed."""
+    from scgpt_hf.serving import _alive, _descendants
+
     ports = [free_port() for _ in range(3)]
     env = dict(os.environ, SCGPT_HF_TRITON_ENV=str(server_env))
     proc = subprocess.Popen(
@@ -548,6 +554,7 @@ def test_serve_cli_starts_and_stops(repository, server_env, tmp_path):
          str(ports[1]), "--metrics-port", str(ports[2])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
     )
+    family: list[int] = []
     try:
         line = ""
         deadline = time.monotonic() + 120
@@ -557,19 +564,23 @@ def test_serve_cli_starts_and_stops(repository, server_env, tmp_path):
                 break
         assert "Triton ready" in line, line
         assert TritonClient(f"127.0.0.1:{ports[1]}", "grpc").is_ready()
-        from scgpt_hf.serving import _descendants
-
-        family = _descendants(proc.pid)
-        assert family, "no tritonserver child"
-        proc.send_signal(2)  # Ctrl-C
-        assert proc.wait(timeout=60) == 0
-        time.sleep(0.5)
-        from scgpt_hf.serving import _alive
-
-        assert not [p for p in family if _alive(p)]
+        family = _descendants(proc.pid)  # the guard, tritonserver and its python backend stubs
+        (server,) = [p for p in family if Path(f"/proc/{p}/exe").resolve().name == "tritonserver"]
+        args = Path(f"/proc/{server}/cmdline").read_bytes().decode().split("\0")
+        temp = Path(next(a for a in args if a.startswith("--backend-directory=")).split("=", 1)[1]).parent
+        assert temp.is_dir() and len(family) >= 3
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == (0 if sig == signal.SIGHUP else -signal.SIGKILL)
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and ([p for p in family if _alive(p)] or temp.exists()):
+            time.sleep(0.2)
+        assert not [p for p in family if _alive(p)], "processes outlived scgpt-hf serve"
+        assert not temp.exists(), "the server's temporary folder outlived it"
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for pid in [proc.pid, *family]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
 
 
 def test_stop_leaves_nothing_running(server):
