@@ -342,6 +342,11 @@ def _message(err: Exception) -> str:
     return str(msg() if callable(msg) else msg or err)
 
 
+def _text(value: Any) -> str:
+    """A BYTES tensor element as text."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 class TritonClient:
     """Client of an scGPT Triton repository (``scgpt_embed``, ``scgpt_annotate``, ``scgpt_vocab``).
 
@@ -352,7 +357,7 @@ class TritonClient:
         retries: further tries of a request after a transient error (unreachable server, timeouts,
             overload: gRPC UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED, HTTP 408/429/502/503/504).
         backoff: seconds before the first retry, doubling each time.
-        embed_model, annotate_model, vocab_model: model names in the repository.
+        embed_model, annotate_model, vocab_model, labels_model: model names in the repository.
 
     Errors the server answers (bad input, a failing model) raise :class:`TritonServerError` with the
     server's message at once; they are never retried.
@@ -369,6 +374,7 @@ class TritonClient:
         embed_model: str = "scgpt_embed",
         annotate_model: str = "scgpt_annotate",
         vocab_model: str = "scgpt_vocab",
+        labels_model: str = "scgpt_labels",
     ) -> None:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}.")
@@ -380,6 +386,7 @@ class TritonClient:
         self.embed_model = embed_model
         self.annotate_model = annotate_model
         self.vocab_model = vocab_model
+        self.labels_model = labels_model
         if protocol == "grpc":
             import tritonclient.grpc as module
         else:
@@ -388,6 +395,7 @@ class TritonClient:
         self._local = threading.local()
         self._gene_cache: dict[str, np.ndarray] = {}
         self._configs: dict[str, dict[str, Any]] = {}
+        self._labels: list[str] | None = None
 
     # -------------------------------------------------------------- plumbing
     def _client(self) -> Any:
@@ -649,14 +657,31 @@ class TritonClient:
         }
         return adata
 
+    def labels(self) -> list[str]:
+        """The served classifier's class names in output order (the columns of ``probabilities``); cached.
+
+        The repository keeps them inside ``scgpt_labels``, so they are asked of it with one-hot logits: row i
+        of the identity is labelled with class i."""
+        if self._labels is None:
+            outputs = self.model_config(self.annotate_model).get("output", [])
+            n = int(next(o for o in outputs if o["name"] == "probabilities")["dims"][0])
+            step = self.max_batch_size(self.labels_model) or n
+            names: list[str] = []
+            for start in range(0, n, step):
+                one_hot = np.eye(n, dtype=np.float32)[start:start + step]
+                names += [_text(x) for x in self.infer(self.labels_model, {"logits": one_hot}, ["label"])["label"]
+                          .reshape(-1)]
+            self._labels = names
+        return self._labels
+
     def annotate(
         self,
         adata: Any,
         *,
         batch_size: int | None = None,
         concurrency: int = 4,
-        key_added: str = "scGPT_cell_type",
-        embedding_key: str | None = DEFAULT_KEY,
+        key_added: str = "scGPT_label",
+        embedding_key: str | None = None,
         layer: str | None = None,
         use_raw: bool = False,
         gene_column: str | None = None,
@@ -665,34 +690,44 @@ class TritonClient:
     ) -> Any:
         """Predict cell types on the server (``scgpt_annotate``); ``batch_key`` as in :meth:`embed`.
 
-        Writes ``obs[key_added]`` (label; missing for cells with no vocabulary gene),
-        ``obs[key_added + "_probability"]``, ``obsm[key_added + "_probabilities"]`` (n_obs x n_classes,
-        NaN rows for empty cells) and, unless ``embedding_key`` is None, ``obsm[embedding_key]``
-        (L2-normalised cell embeddings).
+        Writes what :func:`scgpt_hf.annotate` writes: ``obs[key_added]`` (categorical over every class, in
+        :meth:`labels` order; missing for cells with no vocabulary gene), ``obs[key_added + "_probability"]``,
+        ``obs[key_added + "_n_genes"]``, ``obsm[key_added + "_probabilities"]`` (n_obs x n_classes, NaN rows
+        for empty cells) and ``uns[key_added + "_params"]`` (server, model, labels, gene counts); with
+        ``embedding_key``, also ``obsm[embedding_key]`` (L2-normalised cell embeddings, which the ensemble
+        returns too) and ``obs[embedding_key + "_n_genes"]``.
         """
         import pandas as pd
 
-        chunks, n_genes, _, batches = self._prepare(adata, self.annotate_model, batch_size, layer, use_raw,
-                                                    gene_column, batch_key)
-        labels = np.full(adata.n_obs, None, dtype=object)
+        from . import __version__
+
+        chunks, n_genes, ids, batches = self._prepare(adata, self.annotate_model, batch_size, layer, use_raw,
+                                                      gene_column, batch_key)
+        labels = self.labels()
+        code_of = {name: i for i, name in enumerate(labels)}
+        codes = np.full(adata.n_obs, -1, dtype=np.int64)
         prob = np.full(adata.n_obs, np.nan, dtype=np.float32)
-        probs: np.ndarray | None = None
+        probs = np.full((adata.n_obs, len(labels)), np.nan, dtype=np.float32)
         emb: np.ndarray | None = None
         wanted = ["label", "probability", "probabilities", "cell_embedding"]
         for chunk, res in self._run(self.annotate_model, chunks, batches, wanted, concurrency, progress):
-            if probs is None:
-                probs = np.full((adata.n_obs, res["probabilities"].shape[1]), np.nan, dtype=np.float32)
+            if emb is None:
                 emb = np.full((adata.n_obs, res["cell_embedding"].shape[1]), np.nan, dtype=np.float32)
-            labels[chunk.rows] = [x.decode("utf-8") if isinstance(x, bytes) else str(x)
-                                  for x in res["label"].reshape(-1)]
+            codes[chunk.rows] = [code_of[_text(x)] for x in res["label"].reshape(-1)]
             prob[chunk.rows] = res["probability"].reshape(-1)
             probs[chunk.rows] = res["probabilities"]
             emb[chunk.rows] = res["cell_embedding"]
-        if probs is None or emb is None:
+        if emb is None:
             raise ValueError("No cell expresses a gene of the model's vocabulary.")
-        adata.obs[key_added] = pd.Categorical(labels)
+        adata.obs[key_added] = pd.Categorical.from_codes(codes, categories=labels)
         adata.obs[f"{key_added}_probability"] = prob
+        adata.obs[f"{key_added}_n_genes"] = n_genes
         adata.obsm[f"{key_added}_probabilities"] = probs
+        adata.uns[f"{key_added}_params"] = {
+            "server": self.url, "protocol": self.protocol, "model": self.annotate_model, "labels": labels,
+            "batch_key": batch_key, "n_genes_matched": int((ids >= 0).sum()), "n_genes_total": int(ids.size),
+            "n_cells_empty": int((n_genes == 0).sum()), "scgpt_hf_version": str(__version__),
+        }
         if embedding_key is not None:
             done = n_genes > 0
             emb[done] /= np.linalg.norm(emb[done], axis=1, keepdims=True)

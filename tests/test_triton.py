@@ -401,18 +401,34 @@ def test_embed_matches_pytorch(server, protocol, adata, model_dir, torch_model, 
 def test_annotate_matches_pytorch(server, protocol, adata, expected):
     url = server.grpc_url if protocol == "grpc" else server.http_url
     got = adata.copy()
-    TritonClient(url, protocol).annotate(got, batch_size=MAX_BATCH, concurrency=3)
+    TritonClient(url, protocol).annotate(got, batch_size=MAX_BATCH, concurrency=3, embedding_key="X_scGPT")
     logits = expected["logits"].astype(np.float64)
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     done = expected["n_genes"] > 0
-    np.testing.assert_allclose(got.obsm["scGPT_cell_type_probabilities"][done], probs[done], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(got.obsm["scGPT_label_probabilities"][done], probs[done], atol=ATOL, rtol=0)
     labels = np.array(LABELS)[probs.argmax(1)]
     margin = np.sort(probs, 1)[:, -1] - np.sort(probs, 1)[:, -2]
     clear = done & (margin > 1e-3)
-    assert (got.obs["scGPT_cell_type"].astype(str).to_numpy()[clear] == labels[clear]).all()
-    np.testing.assert_allclose(got.obs["scGPT_cell_type_probability"].to_numpy()[done], probs.max(1)[done], atol=ATOL)
+    assert (got.obs["scGPT_label"].astype(str).to_numpy()[clear] == labels[clear]).all()
+    np.testing.assert_allclose(got.obs["scGPT_label_probability"].to_numpy()[done], probs.max(1)[done], atol=ATOL)
     assert np.isfinite(got.obsm["X_scGPT"][done]).all()
+
+
+def test_annotate_writes_what_scgpt_hf_annotate_writes(server, adata, model_dir):
+    """Same obs / obsm / uns keys, the label as a categorical over every class in the classifier's order, the
+    same genes counted per cell."""
+    from scgpt_hf import annotate
+
+    cells = adata[:40].copy()
+    library = annotate(cells.copy(), model_dir, max_length=MAX_LEN, progress=False)
+    client = TritonClient(server.grpc_url, "grpc")
+    served = client.annotate(cells.copy())
+    for slot in ("obs", "obsm", "uns"):
+        assert sorted(getattr(served, slot).keys()) == sorted(getattr(library, slot).keys()), slot
+    assert list(served.obs["scGPT_label"].cat.categories) == LABELS == client.labels()
+    assert served.uns["scGPT_label_params"]["labels"] == library.uns["scGPT_label_params"]["labels"]
+    np.testing.assert_array_equal(served.obs["scGPT_label_n_genes"], library.obs["scGPT_label_n_genes"])
 
 
 def test_vocab_model_matches_match_genes(server, adata, tokenizer):
