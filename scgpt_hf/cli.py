@@ -252,7 +252,7 @@ def _check_embedded_file(path: Path, key: str, n_obs: int) -> None:
         written = anndata.read_h5ad(path, backed="r")
     except Exception as err:  # noqa: BLE001 - h5py and anndata raise many kinds
         raise CommandError(f"the written .h5ad does not read back ({type(err).__name__}: {err}); nothing was "
-                           "replaced. Choose a --key-added without '/'.") from None
+                           "replaced: check the disk, or report it if the disk is fine.") from None
     try:
         if key not in written.obsm or written.obsm[key].shape[0] != n_obs:
             raise CommandError(f"the written .h5ad lacks obsm[{key!r}]; nothing was replaced.")
