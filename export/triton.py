@@ -21,6 +21,10 @@ dimension; a request pads its cells to its own widest cell):
 
 The tokenizer model loads ``cell_encoding.py``, the same file `ScGPTTokenizer` imports, copied
 beside its ``model.py``: one implementation, numpy only (runs in a stock Triton container's Python).
+
+:func:`write_torch_repository` (behind ``scgpt-hf serve MODEL``) writes the same models and wire format
+with a PyTorch ``scgpt_encoder`` instead: a python-backend model that runs the model folder on a GPU
+(bf16/fp16 autocast, SDPA) or the CPU with the library's own modeling and inference files.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ __all__ = [
     "add_parser",
     "export_triton",
     "parse_model_config",
+    "check_torch_settings",
     "validate_repository",
+    "write_torch_repository",
 ]
 
 VOCAB_MODEL = "scgpt_vocab"
@@ -65,6 +71,7 @@ _TEMPLATES = {
     "vocab": _HERE / "triton_backend_vocab.py",
     "encoder": _HERE / "triton_backend_encoder.py",
     "labels": _HERE / "triton_backend_labels.py",
+    "torch": _HERE / "triton_backend_torch.py",
 }
 _DEFAULTS = {  # device -> (max batch size, precision, pad_to_multiple_of, queue delay in microseconds)
     "cpu": (16, "fp32", 8, 2000),
@@ -274,139 +281,9 @@ def _labels_from_config(config: dict[str, Any]) -> list[str]:
     return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
 
 
-def export_triton(
-    model_or_path: Any,
-    repository_dir: str | os.PathLike,
-    *,
-    device: str = "cpu",
-    max_batch_size: int | None = None,
-    instances: int = 1,
-    precision: str | None = None,
-    tensorrt: bool = False,
-    tokenizer: Any = None,
-    onnx_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    max_length: int | None = None,
-    truncation: str | None = None,
-    pad_to_multiple_of: int | None = None,
-    preferred_batch_sizes: Sequence[int] | None = None,
-    max_queue_delay_microseconds: int | None = None,
-    tokenizer_instances: int = 1,
-    intra_op_num_threads: int = 0,
-    validate: bool = True,
-    overwrite: bool = False,
-    verbose: bool = False,
-) -> TritonExportReport:
-    """Export an scGPT model to ONNX and write a complete Triton model repository around it.
-
-    Args:
-        model_or_path: model object, local folder or Hub id.  A cell-classification model
-            (``ScGPTForCellClassification``) also gets ``scgpt_labels`` and the ``scgpt_annotate`` ensemble.
-        repository_dir: output folder (must be empty or absent unless ``overwrite``).
-        device: "gpu" (native onnxruntime backend, KIND_GPU, fp16 by default) or "cpu" (python backend
-            running ONNX Runtime on the same file, fp32 by default).
-        max_batch_size: cells per request and per encoder batch (default 64 gpu, 16 cpu).
-        instances: encoder instances (instance_group count).
-        precision: ONNX precision, "fp32", "fp16" or "int8" (default fp16 on gpu, fp32 on cpu).
-        tensorrt: add the TensorRT execution accelerator (FP16) to the gpu encoder.
-        tokenizer: `ScGPTTokenizer` (default: the one saved with the model).
-        onnx_dir: reuse a folder written by `export_onnx` (model.onnx, export_report.json) instead of exporting.
-        seed, max_length, truncation: the server tokenizer's settings (default: seed 0, the tokenizer's
-            max_length and truncation strategy); cls value, bins and padding come from the ONNX contract.
-        pad_to_multiple_of: round each request's token length up to this (default 64 gpu, 8 cpu): requests of
-            one length bucket can share a batch on the native backend, which batches equal shapes only.
-        preferred_batch_sizes, max_queue_delay_microseconds: dynamic batching of the encoder.
-        tokenizer_instances: instances of the tokenizer and vocab models (CPU).
-        intra_op_num_threads: ONNX Runtime threads per cpu encoder instance (0: ONNX Runtime decides).
-        validate: validate the ONNX export against PyTorch.
-        overwrite: replace an existing repository folder.
-        verbose: print the ONNX export summary.
-    """
-    from scgpt_hf import cell_encoding
-    from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
-
-    from .onnx_export import PRECISIONS, _file_sha256, export_onnx, read_onnx_metadata
-
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}.")
-    default_batch, default_precision, default_multiple, default_delay = _DEFAULTS[device]
-    max_batch_size = int(max_batch_size or default_batch)
-    precision = precision or default_precision
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
-    if device == "gpu" and precision == "int8":
-        raise ValueError("int8 (dynamic quantisation) is for CPU hosts; use fp16 on gpu.")
-    if max_batch_size < 1 or int(instances) < 1 or int(tokenizer_instances) < 1:
-        raise ValueError("max_batch_size, instances and tokenizer_instances must be at least 1.")
-    if tensorrt and device != "gpu":
-        raise ValueError("tensorrt applies to --device gpu only.")
-    pad_multiple = int(pad_to_multiple_of or default_multiple)
-    delay = int(default_delay if max_queue_delay_microseconds is None else max_queue_delay_microseconds)
-    preferred = sorted({int(s) for s in (preferred_batch_sizes or _preferred(max_batch_size))})
-    if any(s < 1 or s > max_batch_size for s in preferred):
-        raise ValueError(f"preferred batch sizes {preferred} must lie in 1..max_batch_size={max_batch_size}.")
-
-    classifier = False
-    if onnx_dir is None:  # refuse before touching the repository folder
-        source_config = _source_config(model_or_path)
-        _check_servable(source_config)
-        classifier = _is_classifier(model_or_path, source_config)
-
-    repo = Path(repository_dir)
-    if repo.exists() and any(repo.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{repo} is not empty; pass overwrite=True (--overwrite) to replace it.")
-        shutil.rmtree(repo)
-    repo.mkdir(parents=True, exist_ok=True)
-
-    # 1. ONNX graph (export, or reuse one).
-    task = ANNOTATION_TASK if classifier else "embedding"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(onnx_dir) if onnx_dir is not None else Path(tmp)
-        if onnx_dir is None:
-            export_onnx(model_or_path, src, task=task, precision=precision, validate=validate,
-                        tokenizer=tokenizer, seed=seed, verbose=verbose)
-        meta = read_onnx_metadata(src / "model.onnx")
-        task = meta.get("task", task)
-        if tokenizer is None:
-            for candidate in (src, model_or_path if isinstance(model_or_path, (str, os.PathLike)) else None):
-                if candidate is not None and Path(candidate, "vocab.json").is_file():
-                    tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(candidate))
-                    break
-            else:
-                if isinstance(model_or_path, (str, os.PathLike)):
-                    tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(model_or_path))
-                else:
-                    raise ValueError("No tokenizer found beside the model; pass tokenizer=ScGPTTokenizer(...).")
-        if tokenizer.include_zero_genes:
-            raise NotImplementedError("The server tokenizer takes sparse counts: include_zero_genes is not supported.")
-        encoder_dir = repo / ENCODER_MODEL / "1"
-        encoder_dir.mkdir(parents=True)
-        shutil.copy2(src / "model.onnx", encoder_dir / "model.onnx")
-        if (src / "model.onnx.data").exists():
-            shutil.copy2(src / "model.onnx.data", encoder_dir / "model.onnx.data")
-        export_report: dict[str, Any] = {}
-        if (src / "export_report.json").is_file():
-            export_report = json.loads((src / "export_report.json").read_text())
-            export_report.pop("model_path", None)  # a temporary path
-            export_report.pop("timings_s", None)
-            (repo / "export_report.json").write_text(json.dumps(export_report, indent=2) + "\n")
-
-    config = meta.get("config", {})
-    contract = meta.get("preprocessing", {})
-    outputs_meta = {o["name"]: o for o in meta.get("outputs", [])}
-    hidden = int(config.get("hidden_size") or config.get("d_model"))
-    vocab = tokenizer.get_vocab()
-    if len(vocab) != int(contract.get("vocab_size", len(vocab))):
-        raise ValueError("The tokenizer's vocabulary does not belong to the exported model.")
-    extra_inputs = [i["name"] for i in meta.get("inputs", []) if i["name"] not in ("input_ids", "values", "attention_mask")]
-    unsupported = [name for name in extra_inputs if name != "batch_labels"]
-    if unsupported:
-        raise NotImplementedError(
-            f"Models that take {unsupported} (per-token inputs the server tokenizer does not produce) are not "
-            "served; run their ONNX graph with scgpt_hf.export.onnx_export.OnnxScGPT instead."
-        )
-    batch_params = _batch_parameters(config) if "batch_labels" in extra_inputs else {}
+def _tokenizer_settings(tokenizer: Any, contract: dict[str, Any], *, max_length: int | None,
+                        truncation: str | None, seed: int, pad_to_multiple_of: int) -> dict[str, Any]:
+    """The server tokenizer's parameters: the model's preprocessing contract, then the tokenizer's own."""
     tok = {
         "n_bins": int(contract.get("n_bins", tokenizer.n_bins)),
         "pad_value": float(contract.get("pad_value", tokenizer.pad_value)),
@@ -414,7 +291,7 @@ def export_triton(
         "max_length": int(max_length or contract.get("max_length") or tokenizer.max_length),
         "truncation": truncation or tokenizer.truncation_strategy,
         "seed": int(seed),
-        "pad_to_multiple_of": pad_multiple,
+        "pad_to_multiple_of": int(pad_to_multiple_of),
         "do_binning": "true" if tokenizer.do_binning else "false",
         "pad_token": str(tokenizer.pad_token),
         "cls_token": str(tokenizer.cls_token),
@@ -423,10 +300,15 @@ def export_triton(
     }
     if tok["truncation"] not in ("random", "highest", "none"):
         raise ValueError(f"truncation must be random, highest or none, got {tok['truncation']!r}.")
-    vocab_json = json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), indent=0, ensure_ascii=False) + "\n"
-    labels = _labels_from_config(config) if "logits" in outputs_meta else None
+    return tok
 
-    # 2. vocab + tokenizer (python backend, numpy only, same cell_encoding.py as the library).
+
+def _write_tokenizer_models(repo: Path, tok: dict[str, Any], vocab: dict[str, int], *, max_batch_size: int,
+                            preferred: list[int], delay: int, tokenizer_instances: int) -> None:
+    """scgpt_vocab and scgpt_tokenizer: python backend, numpy only, the library's own cell_encoding.py."""
+    from scgpt_hf import cell_encoding
+
+    vocab_json = json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), indent=0, ensure_ascii=False) + "\n"
     for model_name, template in ((VOCAB_MODEL, "vocab"), (TOKENIZER_MODEL, "tokenizer")):
         version = repo / model_name / "1"
         version.mkdir(parents=True)
@@ -459,66 +341,13 @@ def export_triton(
         + _dynamic_batching(preferred, delay) + _instances(tokenizer_instances, "KIND_CPU") + _parameters(tok)
     )
 
-    # 3. encoder: the same ONNX file, native onnxruntime backend (gpu) or python backend + ONNX Runtime (cpu).
-    enc_outputs: dict[str, list[int]] = {}
-    for name, info in outputs_meta.items():
-        shape = list(info.get("shape", []))[1:]
-        enc_outputs[name] = [-1 if not isinstance(d, int) else int(d) for d in shape]
-    if not enc_outputs:
-        enc_outputs = {"cell_embedding": [hidden]}
-    enc_out = [_tensor(n, "TYPE_FP32", dims) for n, dims in enc_outputs.items()]
-    enc_params = {"pad_token_id": int(contract.get("pad_token_id", tokenizer.pad_token_id)),
-                  "pad_value": tok["pad_value"], "vocab_size": int(contract.get("vocab_size", len(vocab)))}
-    ragged = device == "cpu"  # the python backend pads ragged batches itself; the native backend cannot
-    enc_in_tensors = [_tensor("input_ids", "TYPE_INT64", [-1], ragged=ragged),
-                      _tensor("values", "TYPE_FP32", [-1], ragged=ragged),
-                      _tensor("attention_mask", "TYPE_INT64", [-1], ragged=ragged)]
-    batch_in: list[str] = []
-    if batch_params:  # one id per cell: [cells, 1] on the wire, [cells] as the ONNX graph takes it
-        batch_in.append(_tensor("batch_labels", "TYPE_INT64", [1]))
-        enc_in_tensors.append(_tensor("batch_labels", "TYPE_INT64", [1], reshape=[]))
-        enc_params["num_batch_labels"] = batch_params["num_batch_labels"]
-    if device == "gpu":
-        accel = ""
-        if tensorrt:
-            accel = (
-                "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"
-                '      name : "tensorrt"\n'
-                '      parameters { key: "precision_mode" value: "FP16" }\n'
-                '      parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
-                '      parameters { key: "trt_engine_cache_enable" value: "1" }\n'
-                '      parameters { key: "trt_engine_cache_path" value: "/tmp/scgpt_trt_cache" }\n'
-                "    } ]\n  }\n}\n"
-            )
-        encoder_cfg = (
-            _header(ENCODER_MODEL, (
-                f"scGPT {task} graph ({precision}) on Triton's native onnxruntime backend, on the GPU.\n"
-                "The native backend batches requests of equal shape only: the tokenizer rounds lengths up to\n"
-                f"multiples of {pad_multiple} so requests in one length bucket share a batch."
-            ), platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=max_batch_size)
-            + 'default_model_filename: "model.onnx"\n'
-            + _io("input", enc_in_tensors)
-            + _io("output", enc_out)
-            + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_GPU") + accel
-        )
-    else:
-        shutil.copy2(_TEMPLATES["encoder"], encoder_dir / "model.py")
-        enc_params["intra_op_num_threads"] = int(intra_op_num_threads)
-        enc_params["onnx_file"] = "model.onnx"
-        encoder_cfg = (
-            _header(ENCODER_MODEL, (
-                f"scGPT {task} graph ({precision}) run by ONNX Runtime in a python-backend model (CPU servers;\n"
-                "GPU repositories use the native onnxruntime backend on the same file). Inputs allow ragged\n"
-                "batches: 1/model.py pads the requests of a dynamic batch to a common length and splits the\n"
-                "results. Needs numpy and onnxruntime in the server's Python."
-            ), backend="python", max_batch_size=max_batch_size)
-            + _io("input", enc_in_tensors)
-            + _io("output", enc_out)
-            + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_CPU")
-        )
-    (repo / ENCODER_MODEL / "config.pbtxt").write_text(encoder_cfg + _parameters(enc_params))
 
-    # 4. ensembles (and the label decoder for a classification head).
+def _write_ensembles(repo: Path, *, hidden: int, labels: list[str] | None, batch_params: dict[str, Any],
+                     max_batch_size: int, preferred: list[int], delay: int, tokenizer_instances: int
+                     ) -> tuple[list[str], dict[str, str]]:
+    """scgpt_embed (and, for a classification head, scgpt_labels and scgpt_annotate) around scgpt_encoder;
+    returns (every model of the repository, {ensemble: what it chains})."""
+    batch_in = [_tensor("batch_labels", "TYPE_INT64", [1])] if batch_params else []
     wire_in = [_tensor("gene_ids", "TYPE_INT64", [-1]), _tensor("counts", "TYPE_FP32", [-1]), *batch_in]
     tok_step = _ensemble_step(TOKENIZER_MODEL, {"gene_ids": "gene_ids", "counts": "counts"},
                               {"input_ids": "_input_ids", "values": "_values", "attention_mask": "_attention_mask",
@@ -581,13 +410,216 @@ def export_triton(
         models += [LABELS_MODEL, ANNOTATE_MODEL]
         ensembles[ANNOTATE_MODEL] = (f"{TOKENIZER_MODEL} -> {ENCODER_MODEL} -> {LABELS_MODEL}: {wire_names} -> "
                                      "label, probability, probabilities, cell_embedding, n_genes")
+    return models, ensembles
+
+
+def export_triton(
+    model_or_path: Any,
+    repository_dir: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    max_batch_size: int | None = None,
+    instances: int = 1,
+    precision: str | None = None,
+    tensorrt: bool = False,
+    tokenizer: Any = None,
+    onnx_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    max_length: int | None = None,
+    truncation: str | None = None,
+    pad_to_multiple_of: int | None = None,
+    preferred_batch_sizes: Sequence[int] | None = None,
+    max_queue_delay_microseconds: int | None = None,
+    tokenizer_instances: int = 1,
+    intra_op_num_threads: int = 0,
+    validate: bool = True,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> TritonExportReport:
+    """Export an scGPT model to ONNX and write a complete Triton model repository around it.
+
+    Args:
+        model_or_path: model object, local folder or Hub id.  A cell-classification model
+            (``ScGPTForCellClassification``) also gets ``scgpt_labels`` and the ``scgpt_annotate`` ensemble.
+        repository_dir: output folder (must be empty or absent unless ``overwrite``).
+        device: "gpu" (native onnxruntime backend, KIND_GPU, fp16 by default) or "cpu" (python backend
+            running ONNX Runtime on the same file, fp32 by default).
+        max_batch_size: cells per request and per encoder batch (default 64 gpu, 16 cpu).
+        instances: encoder instances (instance_group count).
+        precision: ONNX precision, "fp32", "fp16" or "int8" (default fp16 on gpu, fp32 on cpu).
+        tensorrt: add the TensorRT execution accelerator (FP16) to the gpu encoder.
+        tokenizer: `ScGPTTokenizer` (default: the one saved with the model).
+        onnx_dir: reuse a folder written by `export_onnx` (model.onnx, export_report.json) instead of exporting.
+        seed, max_length, truncation: the server tokenizer's settings (default: seed 0, the tokenizer's
+            max_length and truncation strategy); cls value, bins and padding come from the ONNX contract.
+        pad_to_multiple_of: round each request's token length up to this (default 64 gpu, 8 cpu): requests of
+            one length bucket can share a batch on the native backend, which batches equal shapes only.
+        preferred_batch_sizes, max_queue_delay_microseconds: dynamic batching of the encoder.
+        tokenizer_instances: instances of the tokenizer and vocab models (CPU).
+        intra_op_num_threads: ONNX Runtime threads per cpu encoder instance (0: ONNX Runtime decides).
+        validate: validate the ONNX export against PyTorch.
+        overwrite: replace an existing repository folder.
+        verbose: print the ONNX export summary.
+    """
+    from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
+
+    from .onnx_export import PRECISIONS, export_onnx, read_onnx_metadata
+    from .selfcheck import sha256
+
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}.")
+    default_batch, default_precision, default_multiple, default_delay = _DEFAULTS[device]
+    max_batch_size = int(max_batch_size or default_batch)
+    precision = precision or default_precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if device == "gpu" and precision == "int8":
+        raise ValueError("int8 (dynamic quantisation) is for CPU hosts; use fp16 on gpu.")
+    if max_batch_size < 1 or int(instances) < 1 or int(tokenizer_instances) < 1:
+        raise ValueError("max_batch_size, instances and tokenizer_instances must be at least 1.")
+    if tensorrt and device != "gpu":
+        raise ValueError("tensorrt applies to --device gpu only.")
+    pad_multiple = int(pad_to_multiple_of or default_multiple)
+    delay = int(default_delay if max_queue_delay_microseconds is None else max_queue_delay_microseconds)
+    preferred = sorted({int(s) for s in (preferred_batch_sizes or _preferred(max_batch_size))})
+    if any(s < 1 or s > max_batch_size for s in preferred):
+        raise ValueError(f"preferred batch sizes {preferred} must lie in 1..max_batch_size={max_batch_size}.")
+
+    classifier = False
+    if onnx_dir is None:  # refuse before touching the repository folder
+        source_config = _source_config(model_or_path)
+        _check_servable(source_config)
+        classifier = _is_classifier(model_or_path, source_config)
+
+    repo = Path(repository_dir)
+    if repo.exists() and any(repo.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{repo} is not empty; pass overwrite=True (--overwrite) to replace it.")
+        shutil.rmtree(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+
+    # 1. ONNX graph (export, or reuse one).
+    task = ANNOTATION_TASK if classifier else "embedding"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(onnx_dir) if onnx_dir is not None else Path(tmp) / "onnx"  # export_onnx makes it
+        if onnx_dir is None:
+            export_onnx(model_or_path, src, task=task, precision=precision, validate=validate,
+                        tokenizer=tokenizer, seed=seed, verbose=verbose)
+        meta = read_onnx_metadata(src / "model.onnx")
+        task = meta.get("task", task)
+        if tokenizer is None:
+            for candidate in (src, model_or_path if isinstance(model_or_path, (str, os.PathLike)) else None):
+                if candidate is not None and Path(candidate, "vocab.json").is_file():
+                    tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(candidate))
+                    break
+            else:
+                if isinstance(model_or_path, (str, os.PathLike)):
+                    tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(model_or_path))
+                else:
+                    raise ValueError("No tokenizer found beside the model; pass tokenizer=ScGPTTokenizer(...).")
+        if tokenizer.include_zero_genes:
+            raise NotImplementedError("The server tokenizer takes sparse counts: include_zero_genes is not supported.")
+        encoder_dir = repo / ENCODER_MODEL / "1"
+        encoder_dir.mkdir(parents=True)
+        shutil.copy2(src / "model.onnx", encoder_dir / "model.onnx")
+        if (src / "model.onnx.data").exists():
+            shutil.copy2(src / "model.onnx.data", encoder_dir / "model.onnx.data")
+        export_report: dict[str, Any] = {}
+        if (src / "export_report.json").is_file():
+            export_report = json.loads((src / "export_report.json").read_text())
+            export_report.pop("model_path", None)  # a temporary path
+            export_report.pop("timings_s", None)
+            (repo / "export_report.json").write_text(json.dumps(export_report, indent=2) + "\n")
+
+    config = meta.get("config", {})
+    contract = meta.get("preprocessing", {})
+    outputs_meta = {o["name"]: o for o in meta.get("outputs", [])}
+    hidden = int(config.get("hidden_size") or config.get("d_model"))
+    vocab = tokenizer.get_vocab()
+    if len(vocab) != int(contract.get("vocab_size", len(vocab))):
+        raise ValueError("The tokenizer's vocabulary does not belong to the exported model.")
+    extra_inputs = [i["name"] for i in meta.get("inputs", []) if i["name"] not in ("input_ids", "values", "attention_mask")]
+    unsupported = [name for name in extra_inputs if name != "batch_labels"]
+    if unsupported:
+        raise NotImplementedError(
+            f"Models that take {unsupported} (per-token inputs the server tokenizer does not produce) are not "
+            "served; run their ONNX graph with scgpt_hf.export.onnx_export.OnnxScGPT instead."
+        )
+    batch_params = _batch_parameters(config) if "batch_labels" in extra_inputs else {}
+    tok = _tokenizer_settings(tokenizer, contract, max_length=max_length, truncation=truncation, seed=seed,
+                              pad_to_multiple_of=pad_multiple)
+    labels = _labels_from_config(config) if "logits" in outputs_meta else None
+
+    _write_tokenizer_models(repo, tok, vocab, max_batch_size=max_batch_size, preferred=preferred, delay=delay,
+                            tokenizer_instances=tokenizer_instances)
+
+    # 3. encoder: the same ONNX file, native onnxruntime backend (gpu) or python backend + ONNX Runtime (cpu).
+    enc_outputs: dict[str, list[int]] = {}
+    for name, info in outputs_meta.items():
+        shape = list(info.get("shape", []))[1:]
+        enc_outputs[name] = [-1 if not isinstance(d, int) else int(d) for d in shape]
+    if not enc_outputs:
+        enc_outputs = {"cell_embedding": [hidden]}
+    enc_out = [_tensor(n, "TYPE_FP32", dims) for n, dims in enc_outputs.items()]
+    enc_params = {"pad_token_id": int(contract.get("pad_token_id", tokenizer.pad_token_id)),
+                  "pad_value": tok["pad_value"], "vocab_size": int(contract.get("vocab_size", len(vocab)))}
+    ragged = device == "cpu"  # the python backend pads ragged batches itself; the native backend cannot
+    enc_in_tensors = [_tensor("input_ids", "TYPE_INT64", [-1], ragged=ragged),
+                      _tensor("values", "TYPE_FP32", [-1], ragged=ragged),
+                      _tensor("attention_mask", "TYPE_INT64", [-1], ragged=ragged)]
+    if batch_params:  # one id per cell: [cells, 1] on the wire, [cells] as the ONNX graph takes it
+        enc_in_tensors.append(_tensor("batch_labels", "TYPE_INT64", [1], reshape=[]))
+        enc_params["num_batch_labels"] = batch_params["num_batch_labels"]
+    if device == "gpu":
+        accel = ""
+        if tensorrt:
+            accel = (
+                "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"
+                '      name : "tensorrt"\n'
+                '      parameters { key: "precision_mode" value: "FP16" }\n'
+                '      parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
+                '      parameters { key: "trt_engine_cache_enable" value: "1" }\n'
+                '      parameters { key: "trt_engine_cache_path" value: "/tmp/scgpt_trt_cache" }\n'
+                "    } ]\n  }\n}\n"
+            )
+        encoder_cfg = (
+            _header(ENCODER_MODEL, (
+                f"scGPT {task} graph ({precision}) on Triton's native onnxruntime backend, on the GPU.\n"
+                "The native backend batches requests of equal shape only: the tokenizer rounds lengths up to\n"
+                f"multiples of {pad_multiple} so requests in one length bucket share a batch."
+            ), platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=max_batch_size)
+            + 'default_model_filename: "model.onnx"\n'
+            + _io("input", enc_in_tensors)
+            + _io("output", enc_out)
+            + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_GPU") + accel
+        )
+    else:
+        shutil.copy2(_TEMPLATES["encoder"], encoder_dir / "model.py")
+        enc_params["intra_op_num_threads"] = int(intra_op_num_threads)
+        enc_params["onnx_file"] = "model.onnx"
+        encoder_cfg = (
+            _header(ENCODER_MODEL, (
+                f"scGPT {task} graph ({precision}) run by ONNX Runtime in a python-backend model (CPU servers;\n"
+                "GPU repositories use the native onnxruntime backend on the same file). Inputs allow ragged\n"
+                "batches: 1/model.py pads the requests of a dynamic batch to a common length and splits the\n"
+                "results. Needs numpy and onnxruntime in the server's Python."
+            ), backend="python", max_batch_size=max_batch_size)
+            + _io("input", enc_in_tensors)
+            + _io("output", enc_out)
+            + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_CPU")
+        )
+    (repo / ENCODER_MODEL / "config.pbtxt").write_text(encoder_cfg + _parameters(enc_params))
+
+    models, ensembles = _write_ensembles(repo, hidden=hidden, labels=labels, batch_params=batch_params,
+                                         max_batch_size=max_batch_size, preferred=preferred, delay=delay,
+                                         tokenizer_instances=tokenizer_instances)
 
     report = TritonExportReport(
         repository=repo.name, device=device, precision=precision, task=task, max_batch_size=max_batch_size,
         instances=int(instances), preferred_batch_sizes=preferred, max_queue_delay_microseconds=delay,
         pad_to_multiple_of=pad_multiple, tensorrt=bool(tensorrt), models=models, ensembles=ensembles,
         tokenizer={k: v for k, v in tok.items()}, encoder_outputs=enc_outputs, labels=labels,
-        onnx_sha256=_file_sha256(encoder_dir / "model.onnx"),
+        onnx_sha256=sha256(encoder_dir / "model.onnx"),
         onnx_validation_passed=export_report.get("passed") if export_report else None,
     )
     (repo / "README.md").write_text(_model_card(report, config, export_report, batch_params), encoding="utf-8")
@@ -597,6 +629,151 @@ def export_triton(
     try:
         validate_repository(repo)
     except ImportError:  # tritonclient not installed: the configs are checked by the tests instead
+        pass
+    return report
+
+
+TORCH_DEVICES = ("cpu", "cuda")
+#: Attention implementations the PyTorch encoder can be served with, and where each runs.
+TORCH_ATTENTION = {"sdpa": ("cpu", "cuda"), "eager": ("cpu", "cuda"), "flex_attention": ("cpu", "cuda"),
+                   "flash_attention_2": ("cuda",)}
+# The library files the PyTorch encoder imports, copied beside its model.py.
+_TORCH_FILES = ("configuration_scgpt.py", "modeling_scgpt.py", "inference.py")
+
+
+def check_torch_settings(device: str, precision: str, attn_implementation: str) -> str:
+    """Raise ValueError for settings a PyTorch encoder cannot run with; returns the device kind ("cpu"/"cuda")."""
+    from scgpt_hf.inference import PRECISIONS
+
+    kind = device.split(":")[0]
+    if kind not in TORCH_DEVICES or (":" in device and not device.split(":")[1].isdigit()):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if kind not in TORCH_ATTENTION.get(attn_implementation, ()):
+        runs = [a for a, where in TORCH_ATTENTION.items() if kind in where]
+        raise ValueError(f"attn_implementation={attn_implementation!r} cannot run on {kind}; choose one of {runs}.")
+    return kind
+
+
+def write_torch_repository(
+    model_dir: str | os.PathLike,
+    repository_dir: str | os.PathLike,
+    *,
+    device: str = "cuda",
+    precision: str = "auto",
+    attn_implementation: str = "sdpa",
+    max_batch_size: int | None = None,
+    instances: int = 1,
+    tokenizer_instances: int = 1,
+    max_tokens: int | None = None,
+    preferred_batch_sizes: Sequence[int] | None = None,
+    max_queue_delay_microseconds: int | None = None,
+    gpu_memory_fraction: float | None = None,
+    seed: int = 0,
+    max_length: int | None = None,
+) -> dict[str, Any]:
+    """Write a Triton model repository whose encoder runs the PyTorch model (``scgpt-hf serve MODEL``).
+
+    Same models, wire format and ensembles as :func:`export_triton` (``scgpt_vocab``, ``scgpt_tokenizer``,
+    ``scgpt_embed``, and for classification models ``scgpt_labels`` / ``scgpt_annotate``); ``scgpt_encoder``
+    is a python-backend model that loads the model from `model_dir` (not copied) with `attn_implementation`
+    and runs it on `device` ("cuda[:N]" or "cpu") with `precision` autocast ("auto": bf16 on GPUs that
+    support it, fp16 on older ones, fp32 on CPU), cells batched by length under `max_tokens` per forward
+    (default :data:`scgpt_hf.inference.DEFAULT_MAX_TOKENS`).  `gpu_memory_fraction` caps each encoder
+    instance's share of the GPU's memory (for several instances or servers on one GPU).  The server's
+    Python needs torch and transformers (``TritonServer(python_path=...)`` can lend them).  Returns the
+    report written as ``triton_report.json``.
+    """
+    from transformers import AutoConfig
+
+    import scgpt_hf
+    from scgpt_hf.inference import DEFAULT_MAX_TOKENS
+    from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
+
+    from .onnx_export import _preprocessing_contract
+
+    model_dir = Path(model_dir).resolve()
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} holds no config.json: not a saved scGPT model folder.")
+    kind = check_torch_settings(device, precision, attn_implementation)
+    if gpu_memory_fraction is not None and not 0 < gpu_memory_fraction <= 1:
+        raise ValueError(f"gpu_memory_fraction must lie in (0, 1], got {gpu_memory_fraction}.")
+    default_batch, _, pad_multiple, default_delay = _DEFAULTS["gpu" if kind == "cuda" else "cpu"]
+    max_batch_size = int(max_batch_size or default_batch)
+    if max_batch_size < 1 or int(instances) < 1 or int(tokenizer_instances) < 1:
+        raise ValueError("max_batch_size, instances and tokenizer_instances must be at least 1.")
+    delay = int(default_delay if max_queue_delay_microseconds is None else max_queue_delay_microseconds)
+    preferred = sorted({int(s) for s in (preferred_batch_sizes or _preferred(max_batch_size))})
+    if any(s < 1 or s > max_batch_size for s in preferred):
+        raise ValueError(f"preferred batch sizes {preferred} must lie in 1..max_batch_size={max_batch_size}.")
+    max_tokens = DEFAULT_MAX_TOKENS[kind] if max_tokens is None else int(max_tokens)
+
+    config = AutoConfig.from_pretrained(model_dir)
+    _check_servable(config)
+    task = ANNOTATION_TASK if "ScGPTForCellClassification" in (config.architectures or []) else "embedding"
+    tokenizer = ScGPTTokenizer.from_pretrained(model_dir)
+    if tokenizer.include_zero_genes:
+        raise NotImplementedError("The server tokenizer takes sparse counts: include_zero_genes is not supported.")
+    vocab = tokenizer.get_vocab()
+    if len(vocab) != config.vocab_size:
+        raise ValueError("The tokenizer's vocabulary does not belong to the model.")
+    contract = _preprocessing_contract(config, tokenizer, task)
+    tok = _tokenizer_settings(tokenizer, contract, max_length=max_length, truncation=None, seed=seed,
+                              pad_to_multiple_of=pad_multiple)
+    hidden = int(config.hidden_size)
+    labels = _labels_from_config(config.to_dict()) if task == ANNOTATION_TASK else None
+    batch_params = _batch_parameters(config.to_dict()) if config.needs_batch_labels else {}
+
+    repo = Path(repository_dir)
+    if repo.exists() and any(repo.iterdir()):
+        raise FileExistsError(f"{repo} is not empty.")
+    repo.mkdir(parents=True, exist_ok=True)
+    _write_tokenizer_models(repo, tok, vocab, max_batch_size=max_batch_size, preferred=preferred, delay=delay,
+                            tokenizer_instances=tokenizer_instances)
+    version = repo / ENCODER_MODEL / "1"
+    version.mkdir(parents=True)
+    shutil.copy2(_TEMPLATES["torch"], version / "model.py")
+    for name in _TORCH_FILES:
+        shutil.copy2(Path(scgpt_hf.__file__).parent / name, version / name)
+    enc_in = [_tensor("input_ids", "TYPE_INT64", [-1], ragged=True), _tensor("values", "TYPE_FP32", [-1], ragged=True),
+              _tensor("attention_mask", "TYPE_INT64", [-1], ragged=True)]
+    enc_params: dict[str, Any] = {
+        "model_dir": str(model_dir), "task": task, "device": device, "precision": precision,
+        "attn_implementation": attn_implementation, "max_tokens": max_tokens,
+        "pad_token_id": int(config.pad_token_id), "pad_value": float(config.pad_value),
+        "vocab_size": int(config.vocab_size),
+    }
+    if batch_params:
+        enc_in.append(_tensor("batch_labels", "TYPE_INT64", [1], reshape=[]))
+        enc_params["num_batch_labels"] = batch_params["num_batch_labels"]
+    if gpu_memory_fraction is not None:
+        enc_params["gpu_memory_fraction"] = float(gpu_memory_fraction)
+    outputs = ([_tensor("logits", "TYPE_FP32", [len(labels)])] if labels is not None else []) + \
+        [_tensor("cell_embedding", "TYPE_FP32", [hidden])]
+    (repo / ENCODER_MODEL / "config.pbtxt").write_text(
+        _header(ENCODER_MODEL, (
+            f"scGPT {task} model run by PyTorch on {device} ({precision} precision, {attn_implementation} attention)\n"
+            "in a python-backend model: 1/model.py with the library's own modeling and inference files. Inputs\n"
+            "allow ragged batches: the cells of a dynamic batch are regrouped by length, at most max_tokens\n"
+            "tokens per forward. Needs torch and transformers in the server's Python."
+        ), backend="python", max_batch_size=max_batch_size)
+        + _io("input", enc_in) + _io("output", outputs)
+        + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_CPU") + _parameters(enc_params)
+    )
+    models, ensembles = _write_ensembles(repo, hidden=hidden, labels=labels, batch_params=batch_params,
+                                         max_batch_size=max_batch_size, preferred=preferred, delay=delay,
+                                         tokenizer_instances=tokenizer_instances)
+    report = {"engine": "torch", "model_dir": str(model_dir), "device": device, "precision": precision,
+              "attn_implementation": attn_implementation, "task": task, "max_batch_size": max_batch_size,
+              "instances": int(instances), "tokenizer_instances": int(tokenizer_instances),
+              "preferred_batch_sizes": preferred, "max_queue_delay_microseconds": delay, "max_tokens": max_tokens,
+              "gpu_memory_fraction": gpu_memory_fraction, "models": models, "ensembles": ensembles,
+              "tokenizer": tok, "labels": labels}
+    (repo / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    try:
+        validate_repository(repo)
+    except ImportError:  # tritonclient not installed
         pass
     return report
 

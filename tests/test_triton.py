@@ -599,6 +599,124 @@ def test_serve_cli_leaves_no_server_or_folder_behind(repository, server_env, tmp
 
 
 
+# ----------------------------------------------------------------------------------------------
+# `scgpt-hf serve MODEL`: the PyTorch encoder behind the same models (on the CPU here; bench/gpu/run.sh runs
+# it on a GPU), and what the launcher refuses before anything starts
+
+
+@pytest.fixture(scope="module")
+def torch_server(model_dir, server_env):
+    srv = TritonServer.for_model(model_dir, device="cpu", server_env=server_env, max_batch_size=MAX_BATCH)
+    srv.start(timeout=300)
+    yield srv
+    srv.stop()
+
+
+def test_torch_encoder_matches_pytorch(torch_server, adata, expected):
+    """Same ensembles, wire format and client as the ONNX repository; the answers are the PyTorch model's."""
+    client = TritonClient(torch_server.grpc_url, "grpc", retries=0)
+    done = expected["n_genes"] > 0
+    raw = client.embed(adata.copy(), normalize=False, batch_size=7, concurrency=4).obsm["X_scGPT"]
+    np.testing.assert_allclose(raw[done], expected["cell_embedding"][done], atol=ATOL, rtol=0)
+    assert np.isnan(raw[~done]).all()
+    got = client.annotate(adata.copy(), batch_size=MAX_BATCH, concurrency=3)
+    key = next(k for k in got.obsm if k.endswith("_probabilities"))
+    logits = expected["logits"].astype(np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(got.obsm[key][done], probs[done], atol=ATOL, rtol=0)
+    config = client.model_config("scgpt_encoder")
+    params = {k: v["string_value"] for k, v in config["parameters"].items()}
+    assert (params["device"], params["precision"], params["attn_implementation"]) == ("cpu", "auto", "sdpa")
+    assert config["dynamic_batching"]["preferred_batch_size"] == [4, 8, 16]
+
+
+def test_torch_encoder_bad_requests_get_errors(torch_server, adata, tokenizer, expected):
+    """Values are checked on the host before anything runs; each bad request gets its error and the server
+    keeps serving (a dynamic batch too large for the GPU's memory likewise: bench/gpu/run.sh checks that)."""
+    client = TritonClient(torch_server.grpc_url, "grpc", retries=0)
+    n_genes = np.where(expected["n_genes"] > 0, expected["n_genes"], 10**9)
+    rows = [int(np.argmin(n_genes)), int(np.argmax(expected["n_genes"]))]  # the shortest cell is padded
+    enc = tokenizer(adata[rows], max_length=MAX_LEN, padding=True, return_tensors="np", seed=0,
+                    cls_value=_cls_value(torch_server.repository))
+    good = {"input_ids": enc["input_ids"].astype(np.int64), "values": enc["values"].astype(np.float32),
+            "attention_mask": enc["attention_mask"].astype(np.int64)}
+    assert (good["attention_mask"] == 0).any()
+
+    def bad(**changes):
+        feeds = {k: v.copy() for k, v in good.items()}
+        for name, edit in changes.items():
+            feeds[name] = edit(feeds[name])
+        return feeds
+
+    def hole(m):
+        m[0, 1] = 0
+        return m
+
+    def no_token(m):
+        m[1] = 0
+        return m
+
+    def nan(v):
+        v[0, 1] = np.nan
+        return v
+
+    cases = [
+        ("id outside the vocabulary", bad(input_ids=lambda a: a + 10**6), "must lie in [0,"),
+        ("mask of 2s", bad(attention_mask=lambda m: m * 2), "only 0 and 1"),
+        ("padding inside a cell", bad(attention_mask=hole), "1s, then 0s"),
+        ("cell without tokens", bad(attention_mask=no_token), "has no token"),
+        ("NaN value", bad(values=nan), "NaN"),
+        ("shape mismatch", bad(values=lambda v: v[:, :-1]), "must have the shape"),
+    ]
+    for what, feeds, needle in cases:
+        with pytest.raises(TritonServerError) as info:
+            client.infer("scgpt_encoder", feeds, ["cell_embedding"])
+        assert needle.lower() in str(info.value).lower(), f"{what}: {info.value}"
+        assert torch_server.process.poll() is None, f"server died after {what}"
+        out = client.infer("scgpt_encoder", good, ["cell_embedding"])["cell_embedding"]
+        np.testing.assert_allclose(out, expected["cell_embedding"][rows], atol=ATOL, rtol=0)
+
+
+def test_second_server_on_a_used_port_is_refused(server, repository, server_env, model_dir):
+    """A second server on ports another one holds fails before it starts, in every serve mode (it used to wait
+    for readiness and get the other server's answer)."""
+    for ports in ({"http_port": server.http_port}, {"grpc_port": server.grpc_port},
+                  {"metrics_port": server.metrics_port}):
+        second = TritonServer(repository, server_env=server_env, **ports)
+        with pytest.raises(RuntimeError, match="already in use"):
+            second.start(timeout=60)
+        assert second.process is None
+    with pytest.raises(RuntimeError, match=f"127.0.0.1:{server.grpc_port} .*already in use"):
+        TritonServer.for_model(model_dir, device="cpu", server_env=server_env, grpc_port=server.grpc_port)
+    assert server.process.poll() is None
+
+
+def test_serve_refuses_before_starting(model_dir, repository, server_env, tmp_path):
+    """`scgpt-hf serve` exits 2 with one clear line, before any server starts: --device cuda without CUDA, an
+    attention implementation that cannot run on the device, model options given for an exported repository."""
+    import torch
+
+    env = dict(os.environ, SCGPT_HF_TRITON_ENV=str(server_env))
+
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "scgpt_hf.serving", *args, "--grpc-port", str(free_port()),
+                               "--http-port", str(free_port()), "--metrics-port", str(free_port())],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+    cases = [((str(model_dir), "--device", "cpu", "--attn-implementation", "flash_attention_2"),
+              "cannot run on cpu"),
+             ((str(repository), "--device", "cuda"), "exported repository"),
+             ((str(tmp_path / "missing"),), "missing")]
+    if not torch.cuda.is_available():
+        cases.insert(0, ((str(model_dir), "--device", "cuda"), "sees no CUDA GPU"))
+    for args, needle in cases:
+        done = serve(*args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert needle in done.stderr, (args, done.stderr)
+        assert "Triton ready" not in done.stdout
+
+
 def test_stop_leaves_nothing_running(server):
     """Last test of the session's server: stop it, and no server or stub process remains, ports are free."""
     pids = server.pids()
