@@ -255,6 +255,11 @@ def _run_cells(
     n_obs = adata.n_obs
     out = np.full((n_obs, width), np.nan, dtype=np.float32)
     n_genes = np.zeros(n_obs, dtype=np.int64)
+    n_expressed = np.zeros(n_obs, dtype=np.int64)
+    column_hint = None if gene_column is not None else tokenizer._suggest_gene_column(
+        adata.raw.var if use_raw else adata.var
+    )
+    coverage_warned = False
     was_training = model.training
     model.to(target).eval()
     started = time.perf_counter()
@@ -272,7 +277,13 @@ def _run_cells(
                     )
                     ids.extend(enc["input_ids"])
                     vals.extend(enc["values"])
-                    n_genes[start + len(ids) - len(enc["input_ids"]) : start + len(ids)] = enc["n_genes"]
+                    done = slice(start + len(ids) - len(enc["input_ids"]), start + len(ids))
+                    n_genes[done], n_expressed[done] = enc["n_genes"], enc["n_expressed"]
+                # Said as soon as it shows (names are the usual cause, so the first chunk tells), not after the run.
+                warning = match.coverage_warning(n_genes[:stop], n_expressed[:stop], column_hint)
+                if warning and not coverage_warned:
+                    warnings.warn(warning, stacklevel=3)
+                    coverage_warned = True
                 chunk_genes = n_genes[start:stop]
                 bar.update(int((chunk_genes == 0).sum()))
                 rows = np.flatnonzero(chunk_genes > 0)
@@ -298,6 +309,7 @@ def _run_cells(
         "gene_column": gene_column if gene_column is not None else "var_names",
         "n_genes_matched": int(match.n_matched),
         "n_genes_total": int(match.n_total),
+        "vocabulary_coverage": float(n_genes.sum() / max(1, n_expressed.sum())),
         "n_cells_empty": int((n_genes == 0).sum()),
         "device": str(target),
         "precision": precision_name(dtype),
@@ -420,7 +432,9 @@ def embed(
         cells with no expressed vocabulary gene), `obs[key_added + "_n_genes"]` and
         `uns[key_added + "_params"]` holding: `model` (name or path), `max_length`, `seed`, `cls_value`,
         `n_bins`, `cell_emb_style`, `matrix` ("X", "layers/<name>" or "raw.X"), `gene_column`,
-        `n_genes_matched`, `n_genes_total`, `n_cells_empty`, `device`, `precision`, `scgpt_hf_version`.
+        `n_genes_matched`, `n_genes_total`, `vocabulary_coverage` (share of the cells' non-zero entries on
+        vocabulary genes; below `tokenization_scgpt.MIN_COVERAGE` a warning names the likely cause),
+        `n_cells_empty`, `device`, `precision`, `scgpt_hf_version`.
     """
     from . import __version__
 

@@ -63,6 +63,9 @@ VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
 _DENSE_CHUNK_ELEMENTS = 1 << 24
 _SPARSE_CHUNK_ROWS = 4096
 _ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+# Below this fraction of the cells' expressed genes in the vocabulary, embeddings stop reflecting their cells
+# reliably (measured with bench/vocab_coverage.py on wu2020; README: "Vocabulary coverage").
+MIN_COVERAGE = 0.5
 
 
 @dataclass
@@ -84,6 +87,34 @@ class GeneMatch:
     def fraction(self) -> float:
         """Fraction of the given genes that are used."""
         return self.n_matched / self.n_total if self.n_total else 0.0
+
+    def coverage_warning(
+        self, n_genes: np.ndarray, n_expressed: np.ndarray, gene_column: str | None = None
+    ) -> str | None:
+        """The warning for cells whose expressed genes are too rarely in the vocabulary, else None.
+
+        Coverage is the fraction of the cells' non-zero entries on vocabulary genes (`n_genes` over
+        `n_expressed`, as `encode_with_ids(..., return_n_genes=True)` gives them): unmatched names that are
+        never expressed cost nothing. Below `MIN_COVERAGE` the message gives the fraction and the likely
+        cause; `gene_column` names a var column found to hold vocabulary symbols.
+        """
+        expressed = int(np.asarray(n_expressed).sum())
+        coverage = float(np.asarray(n_genes).sum()) / expressed if expressed else 1.0
+        if coverage >= MIN_COVERAGE:
+            return None
+        if gene_column is not None:
+            fix = f"var[{gene_column!r}] holds symbols the vocabulary knows: pass gene_column={gene_column!r}."
+        else:
+            fix = (
+                "Map them to the human gene symbols the vocabulary holds, or pass gene_column= naming a var column "
+                "that holds such symbols."
+            )
+        return (
+            f"Only {coverage:.1%} of the cells' expressed genes (non-zero entries) are in the model's vocabulary "
+            f"({self.n_matched} of {self.n_total} gene names match): below {MIN_COVERAGE:.0%} an embedding no "
+            f"longer reliably reflects its cell. The names left out look like {_describe_names(self.unmatched)}. "
+            + fix
+        )
 
     def __repr__(self) -> str:
         return (
@@ -111,20 +142,21 @@ def load_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
 
 
 def _describe_names(names: Sequence[str]) -> str:
-    """Say what a list of gene names looks like, for error messages."""
-    sample = [str(n) for n in list(names[:5])]
-    strs = [str(n) for n in names[:1000]]
+    """Say what a list of gene names looks like (from up to 1,000 spread over it), for messages."""
+    strs = [str(n) for n in list(names)[:: max(1, len(names) // 1000)]]
     if not strs:
         return "an empty list"
-    if sum(bool(_ENSEMBL_RE.match(s)) for s in strs) > len(strs) / 2:
-        kind = "Ensembl gene IDs"
-    elif sum(s.isdigit() for s in strs) > len(strs) / 2:
-        kind = "numbers (an integer index or Entrez IDs?)"
-    elif sum(s[:1].isupper() and s[1:] != s[1:].upper() for s in strs) > len(strs) / 2:
-        kind = "mouse-style or mixed-case symbols (the vocabulary is case-sensitive human symbols)"
-    else:
-        kind = "names the vocabulary does not know"
-    return f"{kind}, e.g. {sample}"
+    kinds = [
+        ("Ensembl gene IDs", lambda s: bool(_ENSEMBL_RE.match(s))),
+        ("NCBI (Entrez) gene IDs or plain numbers (an integer index?)", lambda s: s.removeprefix("GeneID:").isdigit()),
+        ("mouse-style or mixed-case symbols (the vocabulary is case-sensitive human symbols)",
+         lambda s: s[:1].isupper() and s[1:] != s[1:].upper()),
+    ]
+    for kind, test in kinds:
+        hits = [s for s in strs if test(s)]
+        if len(hits) > len(strs) / 2:
+            return f"{kind}, e.g. {hits[:5]}"
+    return f"names the vocabulary does not know, e.g. {strs[:5]}"
 
 
 def csr_rows(matrix: Any, start: int, stop: int) -> sp.csr_matrix:
@@ -323,11 +355,6 @@ class ScGPTTokenizer(PreTrainedTokenizer):
                 "Aggregate repeated genes (e.g. sum their counts) beforehand if that is what you want.",
                 len(duplicates), sorted(set(duplicates))[:5],
             )
-        if n_matched < 0.5 * len(names):
-            logger.warning(
-                "Only %d of %d genes (%.0f%%) are in the vocabulary; the rest are left out (e.g. %s).",
-                n_matched, len(names), 100.0 * match.fraction, unmatched[:5],
-            )
         return match
 
     # ------------------------------------------------------------------ input resolution
@@ -465,7 +492,10 @@ class ScGPTTokenizer(PreTrainedTokenizer):
                 each cell's content (see module docstring); None draws fresh entropy.
             cls_value: value at ``<cls>`` for this call (default: the tokenizer's).
             return_n_genes: add ``n_genes``: each cell's number of expressed vocabulary
-                genes before truncation (0 for a cell encoded as just ``<cls>``).
+                genes before truncation (0 for a cell encoded as just ``<cls>``), and
+                ``n_expressed``: its number of non-zero entries, vocabulary genes or not.
+                Whether asked or not, too low a share of expressed genes in the vocabulary
+                (``GeneMatch.coverage_warning``) is logged as a warning with its likely cause.
         """
         if isinstance(data, (str, bytes)) or (
             isinstance(data, (list, tuple)) and data and isinstance(data[0], str)
@@ -482,14 +512,14 @@ class ScGPTTokenizer(PreTrainedTokenizer):
                 f"Shape mismatch: the matrix has {matrix.shape[1]} gene columns but {len(names)} gene names "
                 "were given; pass exactly one name per column."
             )
+        hint = self._suggest_gene_column(var) if var is not None and gene_column is None else None
         try:
             match = self.match_genes(names)
         except ValueError as err:
-            hint = self._suggest_gene_column(var) if var is not None and gene_column is None else None
             if hint:
                 raise ValueError(f"{err} var[{hint!r}] holds matching symbols: try gene_column={hint!r}.") from None
             raise
-        return self.encode_with_ids(
+        encoded = self.encode_with_ids(
             matrix,
             match.ids,
             max_length=max_length,
@@ -499,9 +529,15 @@ class ScGPTTokenizer(PreTrainedTokenizer):
             return_tensors=return_tensors,
             seed=seed,
             cls_value=cls_value,
-            return_n_genes=return_n_genes,
+            return_n_genes=True,
             gene_names=names,
         )
+        warning = match.coverage_warning(encoded["n_genes"], encoded["n_expressed"], hint)
+        if warning:
+            logger.warning(warning)
+        if not return_n_genes:
+            del encoded["n_genes"], encoded["n_expressed"]
+        return encoded
 
     def _suggest_gene_column(self, var: Any) -> str | None:
         for col in var.columns:
@@ -580,12 +616,14 @@ class ScGPTTokenizer(PreTrainedTokenizer):
         all_ids: list[np.ndarray] = []
         all_values: list[np.ndarray] = []
         n_genes = np.zeros(n_rows, dtype=np.int64)
+        n_expressed = np.zeros(n_rows, dtype=np.int64)
         for start, chunk in self._iter_csr_chunks(matrix):
             self._validate_chunk(chunk, start, gene_names)
             indptr, indices, data = chunk.indptr, chunk.indices, chunk.data
             for r in range(chunk.shape[0]):
                 cols = indices[indptr[r] : indptr[r + 1]]
                 vals = data[indptr[r] : indptr[r + 1]]
+                n_expressed[start + r] = np.count_nonzero(vals)
                 keep = (gene_ids[cols] >= 0) & (vals != 0)
                 cols, vals = cols[keep], vals[keep].astype(np.float32)
                 order = np.argsort(cols, kind="stable")  # column order (CSR may be unsorted)
@@ -614,7 +652,7 @@ class ScGPTTokenizer(PreTrainedTokenizer):
             "attention_mask": [np.ones(len(x), dtype=np.int64) for x in all_ids],
         }
         if return_n_genes:
-            encoded["n_genes"] = n_genes
+            encoded["n_genes"], encoded["n_expressed"] = n_genes, n_expressed
         return self.pad(
             encoded,
             padding=padding,

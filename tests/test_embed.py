@@ -194,6 +194,23 @@ def test_cells_without_vocabulary_genes(ours, cells):
     assert broken.uns["emb_params"]["n_cells_empty"] == 2
 
 
+def test_low_vocabulary_coverage_warns_once(ours, cells):
+    """Mouse-style symbols leave most expressed genes out: one warning, as soon as the first chunk shows it,
+    with the fraction and the cause; the coverage is recorded in uns."""
+    model, tok = ours
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the real names: no warning at all
+        fine = embed(cells.copy(), model, tok, progress=False)
+    assert fine.uns["X_scGPT_params"]["vocabulary_coverage"] > 0.95
+    mouse = cells.copy()
+    mouse.var_names = [g[:1] + g[1:].lower() for g in cells.var_names]
+    with pytest.warns(UserWarning) as record:
+        embed(mouse, model, tok, chunk_size=20, progress=False)
+    [message] = [str(w.message) for w in record if "expressed genes" in str(w.message)]
+    assert "mouse-style" in message and "% of the cells' expressed genes" in message
+    assert mouse.uns["X_scGPT_params"]["vocabulary_coverage"] < 0.1
+
+
 def test_sparse_matrix_never_densified(ours, wu2020_adata, monkeypatch):
     """(f) A wide CSR matrix is read in row chunks: no whole-matrix toarray, bounded Python-side memory."""
     model, tok = ours
