@@ -441,7 +441,8 @@ def export_triton(
     Args:
         model_or_path: model object, local folder or Hub id.  A cell-classification model
             (``ScGPTForCellClassification``) also gets ``scgpt_labels`` and the ``scgpt_annotate`` ensemble.
-        repository_dir: output folder (must be empty or absent unless ``overwrite``).
+        repository_dir: output folder, built beside and renamed into place once checked (a failure or a kill
+            leaves an existing one as it was); checked for writability before any work.
         device: "gpu" (native onnxruntime backend, KIND_GPU, fp16 by default) or "cpu" (python backend
             running ONNX Runtime on the same file, fp32 by default).
         max_batch_size: cells per request and per encoder batch (default 64 gpu, 16 cpu).
@@ -458,13 +459,14 @@ def export_triton(
         tokenizer_instances: instances of the tokenizer and vocab models (CPU).
         intra_op_num_threads: ONNX Runtime threads per cpu encoder instance (0: ONNX Runtime decides).
         validate: validate the ONNX export against PyTorch.
-        overwrite: replace an existing repository folder.
+        overwrite: replace an existing repository folder (refused otherwise).
         verbose: print the ONNX export summary.
     """
+    from scgpt_hf.atomic import atomic_output, check_writable
     from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
 
+    from . import selfcheck
     from .onnx_export import PRECISIONS, export_onnx, read_onnx_metadata
-    from .selfcheck import sha256
 
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}.")
@@ -485,151 +487,149 @@ def export_triton(
     if any(s < 1 or s > max_batch_size for s in preferred):
         raise ValueError(f"preferred batch sizes {preferred} must lie in 1..max_batch_size={max_batch_size}.")
 
+    target = check_writable(repository_dir, overwrite=overwrite, what="Triton model repository")
     classifier = False
-    if onnx_dir is None:  # refuse before touching the repository folder
+    if onnx_dir is None:  # refuse before any work
         source_config = _source_config(model_or_path)
         _check_servable(source_config)
         classifier = _is_classifier(model_or_path, source_config)
 
-    repo = Path(repository_dir)
-    if repo.exists() and any(repo.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{repo} is not empty; pass overwrite=True (--overwrite) to replace it.")
-        shutil.rmtree(repo)
-    repo.mkdir(parents=True, exist_ok=True)
-
-    # 1. ONNX graph (export, or reuse one).
-    task = ANNOTATION_TASK if classifier else "embedding"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(onnx_dir) if onnx_dir is not None else Path(tmp) / "onnx"  # export_onnx makes it
-        if onnx_dir is None:
-            export_onnx(model_or_path, src, task=task, precision=precision, validate=validate,
-                        tokenizer=tokenizer, seed=seed, verbose=verbose)
-        meta = read_onnx_metadata(src / "model.onnx")
-        task = meta.get("task", task)
-        if tokenizer is None:
-            for candidate in (src, model_or_path if isinstance(model_or_path, (str, os.PathLike)) else None):
-                if candidate is not None and Path(candidate, "vocab.json").is_file():
-                    tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(candidate))
-                    break
-            else:
-                if isinstance(model_or_path, (str, os.PathLike)):
-                    tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(model_or_path))
+    with atomic_output(target, overwrite=overwrite, directory=True, what="Triton model repository") as repo:
+        # 1. ONNX graph (export, or reuse one).
+        task = ANNOTATION_TASK if classifier else "embedding"
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(onnx_dir) if onnx_dir is not None else Path(tmp) / "onnx"  # export_onnx makes it
+            if onnx_dir is None:
+                export_onnx(model_or_path, src, task=task, precision=precision, validate=validate,
+                            tokenizer=tokenizer, seed=seed, verbose=verbose)
+            meta = read_onnx_metadata(src / "model.onnx")
+            task = meta.get("task", task)
+            if tokenizer is None:
+                for candidate in (src, model_or_path if isinstance(model_or_path, (str, os.PathLike)) else None):
+                    if candidate is not None and Path(candidate, "vocab.json").is_file():
+                        tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(candidate))
+                        break
                 else:
-                    raise ValueError("No tokenizer found beside the model; pass tokenizer=ScGPTTokenizer(...).")
-        if tokenizer.include_zero_genes:
-            raise NotImplementedError("The server tokenizer takes sparse counts: include_zero_genes is not supported.")
-        encoder_dir = repo / ENCODER_MODEL / "1"
-        encoder_dir.mkdir(parents=True)
-        shutil.copy2(src / "model.onnx", encoder_dir / "model.onnx")
-        if (src / "model.onnx.data").exists():
-            shutil.copy2(src / "model.onnx.data", encoder_dir / "model.onnx.data")
-        export_report: dict[str, Any] = {}
-        if (src / "export_report.json").is_file():
-            export_report = json.loads((src / "export_report.json").read_text())
-            export_report.pop("model_path", None)  # a temporary path
-            export_report.pop("timings_s", None)
-            (repo / "export_report.json").write_text(json.dumps(export_report, indent=2) + "\n")
+                    if isinstance(model_or_path, (str, os.PathLike)):
+                        tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(model_or_path))
+                    else:
+                        raise ValueError("No tokenizer found beside the model; pass tokenizer=ScGPTTokenizer(...).")
+            if tokenizer.include_zero_genes:
+                raise NotImplementedError("The server tokenizer takes sparse counts: include_zero_genes is not supported.")
+            encoder_dir = repo / ENCODER_MODEL / "1"
+            encoder_dir.mkdir(parents=True)
+            shutil.copy2(src / "model.onnx", encoder_dir / "model.onnx")
+            for companion in ("model.onnx.data", selfcheck.FILE):  # the graph's external weights, its self-check
+                if (src / companion).exists():
+                    shutil.copy2(src / companion, encoder_dir / companion)
+            export_report: dict[str, Any] = {}
+            if (src / "export_report.json").is_file():
+                export_report = json.loads((src / "export_report.json").read_text())
+                export_report.pop("model_path", None)  # a temporary path
+                export_report.pop("timings_s", None)
+                (repo / "export_report.json").write_text(json.dumps(export_report, indent=2) + "\n")
 
-    config = meta.get("config", {})
-    contract = meta.get("preprocessing", {})
-    outputs_meta = {o["name"]: o for o in meta.get("outputs", [])}
-    hidden = int(config.get("hidden_size") or config.get("d_model"))
-    vocab = tokenizer.get_vocab()
-    if len(vocab) != int(contract.get("vocab_size", len(vocab))):
-        raise ValueError("The tokenizer's vocabulary does not belong to the exported model.")
-    extra_inputs = [i["name"] for i in meta.get("inputs", []) if i["name"] not in ("input_ids", "values", "attention_mask")]
-    unsupported = [name for name in extra_inputs if name != "batch_labels"]
-    if unsupported:
-        raise NotImplementedError(
-            f"Models that take {unsupported} (per-token inputs the server tokenizer does not produce) are not "
-            "served; run their ONNX graph with scgpt_hf.export.onnx_export.OnnxScGPT instead."
-        )
-    batch_params = _batch_parameters(config) if "batch_labels" in extra_inputs else {}
-    tok = _tokenizer_settings(tokenizer, contract, max_length=max_length, truncation=truncation, seed=seed,
-                              pad_to_multiple_of=pad_multiple)
-    labels = _labels_from_config(config) if "logits" in outputs_meta else None
-
-    _write_tokenizer_models(repo, tok, vocab, max_batch_size=max_batch_size, preferred=preferred, delay=delay,
-                            tokenizer_instances=tokenizer_instances)
-
-    # 3. encoder: the same ONNX file, native onnxruntime backend (gpu) or python backend + ONNX Runtime (cpu).
-    enc_outputs: dict[str, list[int]] = {}
-    for name, info in outputs_meta.items():
-        shape = list(info.get("shape", []))[1:]
-        enc_outputs[name] = [-1 if not isinstance(d, int) else int(d) for d in shape]
-    if not enc_outputs:
-        enc_outputs = {"cell_embedding": [hidden]}
-    enc_out = [_tensor(n, "TYPE_FP32", dims) for n, dims in enc_outputs.items()]
-    enc_params = {"pad_token_id": int(contract.get("pad_token_id", tokenizer.pad_token_id)),
-                  "pad_value": tok["pad_value"], "vocab_size": int(contract.get("vocab_size", len(vocab)))}
-    ragged = device == "cpu"  # the python backend pads ragged batches itself; the native backend cannot
-    enc_in_tensors = [_tensor("input_ids", "TYPE_INT64", [-1], ragged=ragged),
-                      _tensor("values", "TYPE_FP32", [-1], ragged=ragged),
-                      _tensor("attention_mask", "TYPE_INT64", [-1], ragged=ragged)]
-    if batch_params:  # one id per cell: [cells, 1] on the wire, [cells] as the ONNX graph takes it
-        enc_in_tensors.append(_tensor("batch_labels", "TYPE_INT64", [1], reshape=[]))
-        enc_params["num_batch_labels"] = batch_params["num_batch_labels"]
-    if device == "gpu":
-        accel = ""
-        if tensorrt:
-            accel = (
-                "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"
-                '      name : "tensorrt"\n'
-                '      parameters { key: "precision_mode" value: "FP16" }\n'
-                '      parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
-                '      parameters { key: "trt_engine_cache_enable" value: "1" }\n'
-                '      parameters { key: "trt_engine_cache_path" value: "/tmp/scgpt_trt_cache" }\n'
-                "    } ]\n  }\n}\n"
+        config = meta.get("config", {})
+        contract = meta.get("preprocessing", {})
+        outputs_meta = {o["name"]: o for o in meta.get("outputs", [])}
+        hidden = int(config.get("hidden_size") or config.get("d_model"))
+        vocab = tokenizer.get_vocab()
+        if len(vocab) != int(contract.get("vocab_size", len(vocab))):
+            raise ValueError("The tokenizer's vocabulary does not belong to the exported model.")
+        extra_inputs = [i["name"] for i in meta.get("inputs", []) if i["name"] not in ("input_ids", "values", "attention_mask")]
+        unsupported = [name for name in extra_inputs if name != "batch_labels"]
+        if unsupported:
+            raise NotImplementedError(
+                f"Models that take {unsupported} (per-token inputs the server tokenizer does not produce) are not "
+                "served; run their ONNX graph with scgpt_hf.export.onnx_export.OnnxScGPT instead."
             )
-        encoder_cfg = (
-            _header(ENCODER_MODEL, (
-                f"scGPT {task} graph ({precision}) on Triton's native onnxruntime backend, on the GPU.\n"
-                "The native backend batches requests of equal shape only: the tokenizer rounds lengths up to\n"
-                f"multiples of {pad_multiple} so requests in one length bucket share a batch."
-            ), platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=max_batch_size)
-            + 'default_model_filename: "model.onnx"\n'
-            + _io("input", enc_in_tensors)
-            + _io("output", enc_out)
-            + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_GPU") + accel
-        )
-    else:
-        shutil.copy2(_TEMPLATES["encoder"], encoder_dir / "model.py")
-        enc_params["intra_op_num_threads"] = int(intra_op_num_threads)
-        enc_params["onnx_file"] = "model.onnx"
-        encoder_cfg = (
-            _header(ENCODER_MODEL, (
-                f"scGPT {task} graph ({precision}) run by ONNX Runtime in a python-backend model (CPU servers;\n"
-                "GPU repositories use the native onnxruntime backend on the same file). Inputs allow ragged\n"
-                "batches: 1/model.py pads the requests of a dynamic batch to a common length and splits the\n"
-                "results. Needs numpy and onnxruntime in the server's Python."
-            ), backend="python", max_batch_size=max_batch_size)
-            + _io("input", enc_in_tensors)
-            + _io("output", enc_out)
-            + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_CPU")
-        )
-    (repo / ENCODER_MODEL / "config.pbtxt").write_text(encoder_cfg + _parameters(enc_params))
+        batch_params = _batch_parameters(config) if "batch_labels" in extra_inputs else {}
+        tok = _tokenizer_settings(tokenizer, contract, max_length=max_length, truncation=truncation, seed=seed,
+                                  pad_to_multiple_of=pad_multiple)
+        labels = _labels_from_config(config) if "logits" in outputs_meta else None
 
-    models, ensembles = _write_ensembles(repo, hidden=hidden, labels=labels, batch_params=batch_params,
-                                         max_batch_size=max_batch_size, preferred=preferred, delay=delay,
-                                         tokenizer_instances=tokenizer_instances)
+        _write_tokenizer_models(repo, tok, vocab, max_batch_size=max_batch_size, preferred=preferred, delay=delay,
+                                tokenizer_instances=tokenizer_instances)
 
-    report = TritonExportReport(
-        repository=repo.name, device=device, precision=precision, task=task, max_batch_size=max_batch_size,
-        instances=int(instances), preferred_batch_sizes=preferred, max_queue_delay_microseconds=delay,
-        pad_to_multiple_of=pad_multiple, tensorrt=bool(tensorrt), models=models, ensembles=ensembles,
-        tokenizer={k: v for k, v in tok.items()}, encoder_outputs=enc_outputs, labels=labels,
-        onnx_sha256=sha256(encoder_dir / "model.onnx"),
-        onnx_validation_passed=export_report.get("passed") if export_report else None,
-    )
-    (repo / "README.md").write_text(_model_card(report, config, export_report, batch_params), encoding="utf-8")
-    report.files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()) + [REPORT_FILE]
-    report.files.sort()
-    (repo / REPORT_FILE).write_text(report.to_json() + "\n")
-    try:
-        validate_repository(repo)
-    except ImportError:  # tritonclient not installed: the configs are checked by the tests instead
-        pass
+        # 3. encoder: the same ONNX file, native onnxruntime backend (gpu) or python backend + ONNX Runtime (cpu).
+        enc_outputs: dict[str, list[int]] = {}
+        for name, info in outputs_meta.items():
+            shape = list(info.get("shape", []))[1:]
+            enc_outputs[name] = [-1 if not isinstance(d, int) else int(d) for d in shape]
+        if not enc_outputs:
+            enc_outputs = {"cell_embedding": [hidden]}
+        enc_out = [_tensor(n, "TYPE_FP32", dims) for n, dims in enc_outputs.items()]
+        enc_params = {"pad_token_id": int(contract.get("pad_token_id", tokenizer.pad_token_id)),
+                      "pad_value": tok["pad_value"], "vocab_size": int(contract.get("vocab_size", len(vocab)))}
+        ragged = device == "cpu"  # the python backend pads ragged batches itself; the native backend cannot
+        enc_in_tensors = [_tensor("input_ids", "TYPE_INT64", [-1], ragged=ragged),
+                          _tensor("values", "TYPE_FP32", [-1], ragged=ragged),
+                          _tensor("attention_mask", "TYPE_INT64", [-1], ragged=ragged)]
+        if batch_params:  # one id per cell: [cells, 1] on the wire, [cells] as the ONNX graph takes it
+            enc_in_tensors.append(_tensor("batch_labels", "TYPE_INT64", [1], reshape=[]))
+            enc_params["num_batch_labels"] = batch_params["num_batch_labels"]
+        if device == "gpu":
+            accel = ""
+            if tensorrt:
+                accel = (
+                    "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"
+                    '      name : "tensorrt"\n'
+                    '      parameters { key: "precision_mode" value: "FP16" }\n'
+                    '      parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
+                    '      parameters { key: "trt_engine_cache_enable" value: "1" }\n'
+                    '      parameters { key: "trt_engine_cache_path" value: "/tmp/scgpt_trt_cache" }\n'
+                    "    } ]\n  }\n}\n"
+                )
+            encoder_cfg = (
+                _header(ENCODER_MODEL, (
+                    f"scGPT {task} graph ({precision}) on Triton's native onnxruntime backend, on the GPU.\n"
+                    "The native backend batches requests of equal shape only: the tokenizer rounds lengths up to\n"
+                    f"multiples of {pad_multiple} so requests in one length bucket share a batch."
+                ), platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=max_batch_size)
+                + 'default_model_filename: "model.onnx"\n'
+                + _io("input", enc_in_tensors)
+                + _io("output", enc_out)
+                + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_GPU") + accel
+            )
+        else:
+            shutil.copy2(_TEMPLATES["encoder"], encoder_dir / "model.py")
+            shutil.copy2(Path(selfcheck.__file__), encoder_dir / "selfcheck.py")
+            enc_params["self_check"] = "raise"  # "warn": load even where this host computes outside the bound
+            enc_params["intra_op_num_threads"] = int(intra_op_num_threads)
+            enc_params["onnx_file"] = "model.onnx"
+            encoder_cfg = (
+                _header(ENCODER_MODEL, (
+                    f"scGPT {task} graph ({precision}) run by ONNX Runtime in a python-backend model (CPU servers;\n"
+                    "GPU repositories use the native onnxruntime backend on the same file). Inputs allow ragged\n"
+                    "batches: 1/model.py pads the requests of a dynamic batch to a common length and splits the\n"
+                    "results. Needs numpy and onnxruntime in the server's Python."
+                ), backend="python", max_batch_size=max_batch_size)
+                + _io("input", enc_in_tensors)
+                + _io("output", enc_out)
+                + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_CPU")
+            )
+        (repo / ENCODER_MODEL / "config.pbtxt").write_text(encoder_cfg + _parameters(enc_params))
+
+        models, ensembles = _write_ensembles(repo, hidden=hidden, labels=labels, batch_params=batch_params,
+                                             max_batch_size=max_batch_size, preferred=preferred, delay=delay,
+                                             tokenizer_instances=tokenizer_instances)
+
+        report = TritonExportReport(
+            repository=target.name, device=device, precision=precision, task=task, max_batch_size=max_batch_size,
+            instances=int(instances), preferred_batch_sizes=preferred, max_queue_delay_microseconds=delay,
+            pad_to_multiple_of=pad_multiple, tensorrt=bool(tensorrt), models=models, ensembles=ensembles,
+            tokenizer={k: v for k, v in tok.items()}, encoder_outputs=enc_outputs, labels=labels,
+            onnx_sha256=selfcheck.sha256(encoder_dir / "model.onnx"),
+            onnx_validation_passed=export_report.get("passed") if export_report else None,
+        )
+        (repo / "README.md").write_text(_model_card(report, config, export_report, batch_params), encoding="utf-8")
+        report.files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()) + [REPORT_FILE]
+        report.files.sort()
+        (repo / REPORT_FILE).write_text(report.to_json() + "\n")
+        try:
+            validate_repository(repo)
+        except ImportError:  # tritonclient not installed: the configs are checked by the tests instead
+            pass
     return report
 
 
@@ -787,6 +787,10 @@ def _model_card(report: TritonExportReport, config: dict[str, Any], export_repor
     val_line = (f"ONNX validated against PyTorch on {validation.get('data')} ({validation.get('criterion')}): "
                 f"{'passed' if export_report.get('passed') else 'FAILED'}." if validation and not validation.get("skipped")
                 else "ONNX validation: skipped or not recorded.")
+    if report.device == "cpu":
+        val_line += (" At load the encoder runs the graph on the export's cells (`scgpt_encoder/1/selfcheck.npz`) and "
+                     "does not load on a host that computes them outside that bound (parameter `self_check`: `raise`, "
+                     "or `warn` to load with a warning).")
     ensembles = "\n".join(f"| `{k}` | {v} |" for k, v in report.ensembles.items())
     serve_cpu = "scgpt-hf serve REPOSITORY_DIR        # local CPU server (bash scripts/setup_triton_server.sh once)"
     annotate = ""
@@ -893,36 +897,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--pad-to-multiple-of", type=int, default=None, help="length bucket (default 64 gpu, 8 cpu)")
     p.add_argument("--queue-delay-us", type=int, default=None, help="dynamic batching queue delay in microseconds")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip ONNX vs PyTorch validation")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing repository folder")
+    p.add_argument("--overwrite", action="store_true", help="replace REPOSITORY_DIR if it exists (default: refuse)")
     p.set_defaults(func=run_export_triton)
     return p
 
 
 def run_export_triton(args: argparse.Namespace) -> int:
-    """Handler of `scgpt-hf export triton`; returns the exit code."""
-    try:
-        report = export_triton(
-            args.model, args.repository, device=args.device, max_batch_size=args.max_batch_size,
-            instances=args.instances, precision=args.precision, tensorrt=args.tensorrt, onnx_dir=args.onnx_dir,
-            seed=args.seed, max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of,
-            max_queue_delay_microseconds=args.queue_delay_us, validate=args.validate, overwrite=args.overwrite,
-        )
-    except (ValueError, TypeError, NotImplementedError, OSError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """Handler of `scgpt-hf export triton`: returns 0; a failure raises, for the CLI to print as one line (exit
+    code 2), a failed ONNX validation or a model the repository cannot serve as its `CommandError`."""
+    from scgpt_hf.cli import CommandError, model_argument
+
+    from .onnx_export import ExportValidationError
+
+    with model_argument(args.model):
+        try:
+            report = export_triton(
+                args.model, args.repository, device=args.device, max_batch_size=args.max_batch_size,
+                instances=args.instances, precision=args.precision, tensorrt=args.tensorrt, onnx_dir=args.onnx_dir,
+                seed=args.seed, max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of,
+                max_queue_delay_microseconds=args.queue_delay_us, validate=args.validate, overwrite=args.overwrite,
+            )
+        except (ExportValidationError, NotImplementedError) as err:
+            raise CommandError(str(err)) from None
     print(report.summary())
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry: `python -m scgpt_hf.export.triton MODEL REPOSITORY_DIR ...`."""
-    parser = argparse.ArgumentParser(prog="scgpt-hf export")
-    add_parser(parser.add_subparsers(dest="export_format", required=True))
+    """Stand-alone entry: `python -m scgpt_hf.export.triton MODEL REPOSITORY_DIR ...` (the same as
+    `scgpt-hf export triton`)."""
+    from scgpt_hf.cli import main as cli_main
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] != ["triton"]:
-        argv = ["triton", *argv]
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return cli_main(["export", "triton", *(argv[1:] if argv[:1] == ["triton"] else argv)])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,8 +46,9 @@ MAX_BATCH = 16
 LABELS = ["CD4 T", "CD8 T", "NK", "other"]
 ATOL = 1e-4
 BATCH_KEY = "patient"
-# Files that may differ between two exports of the same model (ONNX bytes, versions in the export report).
-VOLATILE = {"scgpt_encoder/1/model.onnx", "export_report.json", "triton_report.json"}
+# Files that may differ between two exports of the same model (ONNX bytes, PyTorch's self-check outputs, versions in
+# the export report).
+VOLATILE = {"scgpt_encoder/1/model.onnx", "scgpt_encoder/1/selfcheck.npz", "export_report.json", "triton_report.json"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +248,12 @@ def test_repository_layout_and_configs_parse(repository):
     from scgpt_hf import cell_encoding
 
     assert (repository / "scgpt_tokenizer/1/cell_encoding.py").read_bytes() == Path(cell_encoding.__file__).read_bytes()
+    # ... and the encoder checks the graph at load with the library's own selfcheck.py on the export's cells
+    from scgpt_hf.export import selfcheck
+
+    assert (repository / "scgpt_encoder/1/selfcheck.py").read_bytes() == Path(selfcheck.__file__).read_bytes()
+    assert (repository / "scgpt_encoder/1/selfcheck.npz").is_file()
+    assert enc.parameters["self_check"].string_value == "raise"
     report = json.loads((repository / "triton_report.json").read_text())
     assert report["labels"] == LABELS and report["onnx_validation_passed"] is True
     assert "Wire format" in (repository / "README.md").read_text()
@@ -325,10 +333,10 @@ def test_tokenizer_model_runs_numpy_only_in_server_python(tmp_path, repository, 
     assert "cell 0 expresses no gene" in info["empty_cell_error"]
 
 
-_TOKENIZER_HARNESS = r'''
+# What a python-backend model sees of Triton: triton_python_backend_utils' tensors, errors and responses.
+_FAKE_PB_UTILS = r'''
 import importlib.util, json, sys, types
 import numpy as np
-model_dir, work = sys.argv[1], sys.argv[2]
 
 class Tensor:
     def __init__(self, name, array): self.name, self._a = name, np.asarray(array)
@@ -339,11 +347,15 @@ class InferenceResponse:
     def __init__(self, output_tensors=(), error=None): self.outputs, self.error = list(output_tensors), error
 class Request:
     def __init__(self, tensors): self.tensors = {t.name: t for t in tensors}
+    def requested_output_names(self): return []
 pb = types.ModuleType("triton_python_backend_utils")
 pb.Tensor, pb.TritonError, pb.InferenceResponse = Tensor, TritonError, InferenceResponse
 pb.get_input_tensor_by_name = lambda req, name: req.tensors.get(name)
 sys.modules["triton_python_backend_utils"] = pb
+'''
 
+_TOKENIZER_HARNESS = _FAKE_PB_UTILS + r'''
+model_dir, work = sys.argv[1], sys.argv[2]
 before = set(sys.modules)
 spec = importlib.util.spec_from_file_location("tokenizer_model", model_dir + "/model.py")
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
@@ -363,6 +375,81 @@ for k, resp in enumerate(model.execute(reqs)):
 np.savez(work + "/out.npz", **out)
 empty = model.execute([Request([Tensor("gene_ids", np.full((1, 3), -1, np.int64)), Tensor("counts", np.ones((1, 3), np.float32))])])
 print(json.dumps({"numpy": np.__version__, "third_party_modules": third, "empty_cell_error": empty[0].error.msg}))
+'''
+
+
+def _run_encoder(server_env: Path, model_dir: Path, self_check: str, tmp_path: Path) -> dict:
+    """Initialise scgpt_encoder's model.py from `model_dir` (its version folder) in the server's Python, with the
+    repository's config and the `self_check` parameter; what happened, as JSON."""
+    from google.protobuf.json_format import MessageToDict
+
+    from scgpt_hf.export.triton import parse_model_config
+
+    cfg = MessageToDict(parse_model_config((model_dir.parent / "config.pbtxt").read_text()),
+                        preserving_proto_field_name=True)
+    cfg["parameters"]["self_check"] = {"string_value": self_check}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    script = tmp_path / "run_encoder.py"
+    script.write_text(_ENCODER_HARNESS)
+    proc = subprocess.run([str(server_env / "bin/python"), "-I", str(script), str(model_dir), str(tmp_path / "config.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_encoder_model_self_checks_at_load_and_refuses_cells_without_tokens(tmp_path, repository, server_env):
+    """scgpt_encoder's initialize runs the export's self-check in the server's Python: a host that computes the
+    graph outside its bound does not load it (or, with the self_check parameter "warn", loads it with a warning);
+    a cell whose attention_mask is all 0 is refused per request."""
+    import onnx
+
+    from scgpt_hf.export import selfcheck
+
+    good = _run_encoder(server_env, repository / "scgpt_encoder/1", "raise", tmp_path)
+    assert good["error"] is None and good["warnings"] == [], good
+    assert "cell(s) [1] have no unmasked token" in good["empty_cell_error"]
+
+    # Stored outputs that disagree with what the graph computes here: what a host outside the bound sees.
+    bad = tmp_path / "scgpt_encoder"
+    shutil.copytree(repository / "scgpt_encoder", bad)
+    with np.load(bad / "1/selfcheck.npz") as stored:
+        arrays = dict(stored)
+    sha = selfcheck.save(bad / "1/selfcheck.npz", {k[6:]: v for k, v in arrays.items() if k.startswith("input.")},
+                         {k[7:]: -v for k, v in arrays.items() if k.startswith("output.")})
+    graph = onnx.load(bad / "1/model.onnx")
+    next(p for p in graph.metadata_props if p.key == selfcheck.METADATA_KEY).value = sha
+    onnx.save(graph, bad / "1/model.onnx")
+    refused = _run_encoder(server_env, bad / "1", "raise", tmp_path)
+    assert refused["error"] and "outside its bound" in refused["error"] and "self_check='warn'" in refused["error"]
+    warned = _run_encoder(server_env, bad / "1", "warn", tmp_path)
+    assert warned["error"] is None and any("outside its bound" in w for w in warned["warnings"]), warned
+
+
+_ENCODER_HARNESS = _FAKE_PB_UTILS + r'''
+import warnings
+model_dir, config_path = sys.argv[1], sys.argv[2]
+spec = importlib.util.spec_from_file_location("encoder_model", model_dir + "/model.py")
+module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+model = module.TritonPythonModel()
+with open(config_path) as f:
+    args = {"model_config": f.read(), "model_repository": model_dir.rsplit("/", 1)[0],
+            "model_version": model_dir.rsplit("/", 1)[1]}
+info = {"error": None, "warnings": [], "empty_cell_error": None}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        model.initialize(args)
+    except Exception as err:
+        info["error"] = f"{type(err).__name__}: {err}"
+info["warnings"] = [str(w.message) for w in caught]
+if info["error"] is None:
+    stored = np.load(model_dir + "/selfcheck.npz")
+    mask = stored["input.attention_mask"].copy()
+    mask[1] = 0
+    request = Request([Tensor("input_ids", stored["input.input_ids"]), Tensor("values", stored["input.values"]),
+                       Tensor("attention_mask", mask)])
+    info["empty_cell_error"] = model.execute([request])[0].error.msg
+print(json.dumps(info))
 '''
 
 
@@ -847,6 +934,41 @@ def test_dsbn_models_refused(tmp_path):
                                                   r"use_batch_labels=True"):
         export_triton(model, tmp_path / "repo", overwrite=True)
     assert (tmp_path / "repo" / "keep.txt").read_text() == "x"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_repository_is_written_whole_or_not_at_all(tmp_path, repository, model_dir, monkeypatch, capsys):
+    """An existing repository is refused without --overwrite before any work (one CLI line, exit 2); a build
+    that fails its final check leaves the previous repository byte for byte; a good one replaces it."""
+    from scgpt_hf.cli import main
+    from scgpt_hf.export import triton as triton_export
+
+    target = tmp_path / "repo"
+    shutil.copytree(repository, target)
+    before = _snapshot(target)
+    with pytest.raises(FileExistsError, match="already exists: pass --overwrite"):
+        triton_export.export_triton(tmp_path / "no_such_model", target)  # the model is never looked at
+    with pytest.raises(SystemExit) as exit:
+        main(["export", "triton", str(model_dir), str(target)])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and "already exists: pass --overwrite" in err, err
+
+    def broken(repo):
+        raise ValueError(f"{repo} is broken")
+
+    monkeypatch.setattr(triton_export, "validate_repository", broken)
+    onnx_dir = repository / "scgpt_encoder/1"  # reuse the graph: no export needed
+    with pytest.raises(ValueError, match="is broken"):
+        triton_export.export_triton(model_dir, target, onnx_dir=onnx_dir, overwrite=True, max_batch_size=8)
+    assert _snapshot(target) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]
+    monkeypatch.undo()
+    triton_export.export_triton(model_dir, target, onnx_dir=onnx_dir, overwrite=True, max_batch_size=8)
+    assert json.loads((target / "triton_report.json").read_text())["max_batch_size"] == 8
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]
 
 
 # ----------------------------------------------------------------------------------------------

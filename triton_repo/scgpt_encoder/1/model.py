@@ -5,23 +5,41 @@ native onnxruntime backend on the same file instead; inputs and outputs are the 
 and onnxruntime in the server's Python (``pip install onnxruntime`` in the container, or a packed
 environment named by ``EXECUTION_ENV_PATH``).
 
+Loading runs the export's self-check (``selfcheck.py`` and ``selfcheck.npz`` beside this file, the
+module the library uses): the graph must compute the stored cells within its precision's bound of
+PyTorch's outputs on this host, or the model does not load (``self_check`` parameter "raise"; "warn"
+loads it with a warning in the server log).
+
 Dynamic batching hands ``execute`` several requests whose sequence lengths may differ (the inputs
 allow ragged batches): they are padded to the longest (pad id, pad value, mask 0), run as one batch,
-and split again.  Padding never changes a cell's outputs at its real positions.  Models with batch
-embeddings also take ``batch_labels`` (one id per cell), checked against the ``num_batch_labels``
-parameter: ONNX Runtime would not reject an id the graph never reads.
+and split again.  Padding never changes a cell's outputs at its real positions; a cell without an
+unmasked token is refused.  Models with batch embeddings also take ``batch_labels`` (one id per cell),
+checked against the ``num_batch_labels`` parameter: ONNX Runtime would not reject an id the graph never
+reads.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 INPUTS = ("input_ids", "values", "attention_mask")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_selfcheck():
+    """Import the selfcheck.py that lies beside this file (one implementation with the library)."""
+    spec = importlib.util.spec_from_file_location("scgpt_selfcheck", os.path.join(_HERE, "selfcheck.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class RequestError(ValueError):
@@ -49,6 +67,7 @@ class TritonPythonModel:
         # No spin-waiting: the server shares its cores with the tokenizer stubs and other instances.
         so.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
         self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        _load_selfcheck().run(self.session, os.path.dirname(path), on_failure=params.get("self_check", "raise"))
         graph_inputs = [i.name for i in self.session.get_inputs()]
         self.extra_inputs = [n for n in graph_inputs if n not in INPUTS]
         self.outputs = [o["name"] for o in config["output"]]
@@ -69,6 +88,10 @@ class TritonPythonModel:
             raise RequestError(f"input_ids must lie in [0, {self.vocab_size}); got {ids.min()}..{ids.max()}")
         if not np.isin(arrays["attention_mask"], (0, 1)).all():
             raise RequestError("attention_mask must hold only 0 and 1")
+        empty = np.flatnonzero(~arrays["attention_mask"].astype(bool).any(axis=1))
+        if empty.size:
+            raise RequestError(f"cell(s) {empty[:10].tolist()} have no unmasked token (attention_mask all 0): every "
+                               "cell needs at least its <cls> token with mask 1")
         if "batch_labels" in arrays:
             labels = arrays["batch_labels"]
             if labels.shape != (ids.shape[0],):
