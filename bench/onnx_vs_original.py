@@ -14,8 +14,13 @@ subprocess so peak memory (max RSS) is per path and batch size:
   fast path), sequential batches padded to the batch's longest cell, as the original does;
 * ours-pytorch: `scgpt_hf.embedding.embed` (SDPA attention, length-grouped batches);
 * ort-fp32 / ort-int8: `export_onnx(task="embedding")` graphs in ONNX Runtime (fused MultiHeadAttention fed
-  the 2-D key padding mask, SkipLayerNormalization; int8 = dynamic quantisation), length-grouped batches of
-  our tokenizer's cells.
+  the 2-D key padding mask, SkipLayerNormalization; int8 = dynamic quantisation, 7-bit weights per output
+  channel), length-grouped batches of our tokenizer's cells. Loading (`OnnxScGPT`, its self-check included)
+  is timed apart: the seconds of the whole load and of the self-check are in the results.
+
+The environment block names the CPU's int8-relevant features (/proc/cpuinfo: avx2, avx512f, avx512_vnni,
+amx) and PyTorch's CPU capability: int8 figures depend on them (AVX2 without VNNI saturated the earlier
+int8 scheme).
 
 Agreement: on identical tokens (our tokenizer's cells, `<cls>` value = pad_value as the zero-shot path) the
 original model's `<cls>` embedding is compared with ours (cosine per cell, L2-normalised embeddings). The
@@ -62,21 +67,18 @@ def environment(threads: int) -> dict:
     import torch
     import transformers
 
+    from scgpt_hf.export.selfcheck import cpu_features
+
     cpu = "unknown"
-    flags: set[str] = set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
         pass
     return {
         "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
         "usable_cpus": len(os.sched_getaffinity(0)), "threads": threads,
-        "isa": sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"}),
+        "cpu_features": cpu_features(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "load_avg_at_start": os.getloadavg(), "torch": torch.__version__, "transformers": transformers.__version__,
         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
         "ort_providers": onnxruntime.get_available_providers(),
@@ -209,7 +211,10 @@ def worker(args: argparse.Namespace) -> None:
         from scgpt_hf.export.onnx_export import OnnxScGPT, pad_cells
 
         onnx_dir = workdir / args.path
+        t0 = time.perf_counter()
         session = OnnxScGPT(onnx_dir, intra_op_num_threads=args.threads)
+        result.update(load_s=time.perf_counter() - t0, self_check_s=session.self_check_result["seconds"],
+                      self_check=session.self_check_result["outputs"]["cell_embedding"])
         pp = session.preprocessing
         warm = _tokens(hf_dir, adata[:2], args.max_length)
         session(pad_cells(warm, pp["pad_token_id"], pp["pad_value"]))
@@ -299,7 +304,7 @@ def main() -> None:
     from scgpt_hf.convert import convert_original_checkpoint
 
     original_dir = Path(args.checkpoint) if args.checkpoint else build_checkpoint(workdir, args.seed)
-    convert_original_checkpoint(original_dir, workdir / "hf", verbose=False)
+    convert_original_checkpoint(original_dir, workdir / "hf", overwrite=True, verbose=False)
     print(f"== weights: {'checkpoint ' + str(original_dir) if args.checkpoint else 'random (original code), seed ' + str(args.seed)}"
           f"; converted in {time.perf_counter() - t0:.0f}s")
 
@@ -311,7 +316,7 @@ def main() -> None:
             print(f"== export_onnx(task='embedding', precision='{precision}')")
             t1 = time.perf_counter()
             report = export_onnx(workdir / "hf", workdir / path, task="embedding", precision=precision,
-                                 seed=args.seed, verbose=True)
+                                 seed=args.seed, overwrite=True, verbose=True)
             exports[path] = {"seconds": time.perf_counter() - t1, "validation": report.validation,
                              "fused_ops": report.fused_ops, "attention_inputs": report.attention_inputs,
                              "ort_session_ops": report.ort_session_ops,
@@ -376,6 +381,13 @@ def main() -> None:
             ok = r["ratio_vs_original"] >= target and (
                 r["path"] == "ort-fp32" or r.get("cosine_vs_original_same_tokens_min", 0) >= 0.99)
             print(f"  {r['path']} batch {r['batch_size']}: {r['ratio_vs_original']:.2f}x -> {'met' if ok else 'NOT met'}")
+    print("\n== ONNX Runtime loads (OnnxScGPT, self-check included) and int8 agreement")
+    for r in results:
+        if "load_s" in r:
+            agree_fp32 = (f"; min cosine vs ORT fp32 {r['cosine_vs_ort_fp32_min']:.5f}"
+                          if "cosine_vs_ort_fp32_min" in r else "")
+            print(f"  {r['path']} batch {r['batch_size']}: load {r['load_s']:.2f}s, self-check {r['self_check_s']:.2f}s "
+                  f"(cell_embedding cosine {r['self_check']['min_cosine']:.5f}){agree_fp32}")
     print(f"load average at end: {os.getloadavg()}")
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "exports": exports, "results": results,
