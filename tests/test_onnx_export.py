@@ -632,63 +632,32 @@ def test_padding_never_reaches_the_graph_and_empty_cells_are_refused(exports, lo
         session(empty)
 
 
-# A real `scgpt-hf export onnx`, announcing moments of its write on stdout and pausing there to be killed.
-KILL_CHILD = r"""
-import sys, time
-print("start", flush=True)
-from scgpt_hf import atomic
-from scgpt_hf.cli import main
-from scgpt_hf.export import onnx_export
-
-
-def announce(fn, marker, staged_only=False):
-    def wrapped(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        if not staged_only or ".scgpt-tmp-" in str(args[1]):
-            print(marker, flush=True)
-            time.sleep(120)
-        return out
-    return wrapped
-
-
-onnx_export._save = announce(onnx_export._save, "graph written", staged_only=True)  # report not yet written
-atomic._commit = announce(atomic._commit, "renamed")  # the new folder in place, the process still running
-main(sys.argv[1:])
-"""
-
-
-def test_kill_during_export_leaves_previous_output_or_the_new_one_whole(model_dir, exports, tmp_path):
-    """SIGKILL a real `scgpt-hf export onnx --overwrite` before, during and after its write: the previous export
-    stays byte for byte until the new one is complete, and nothing half-written is left beside it."""
-    import signal
-    import subprocess
-    import sys
+def test_kill_during_export_leaves_previous_output_or_the_new_one_whole(tmp_path):
+    """SIGKILL `scgpt-hf export onnx --overwrite` (a forked real process, the CLI's kill harness) when its location
+    is checked (before any work), halfway through its write and once the new folder is in place: the previous
+    output stays byte for byte until the new one is complete, and nothing half-written is left beside it."""
+    from test_cli import _kill_at, _state
 
     from scgpt_hf import atomic
 
-    previous = exports("embedding")[0]
-    runs = {}
-    for marker in ("start", "graph written", "renamed"):  # children run side by side to keep this quick
-        target = tmp_path / marker.replace(" ", "_") / "onnx"
-        shutil.copytree(previous, target)
-        argv = ["export", "onnx", str(model_dir), str(target), "--task", "expression", "--no-validate", "--overwrite",
-                "--quiet"]
-        runs[marker] = (target, subprocess.Popen([sys.executable, "-c", KILL_CHILD, *argv], stdout=subprocess.PIPE,
-                                                 stderr=subprocess.DEVNULL, text=True))
-    old = _snapshot(previous)
-    for marker, (target, proc) in runs.items():
-        for line in proc.stdout:
-            if line.strip() == marker:
-                break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, f"the child ended before reaching {marker!r}"
-        atomic.recover(target)  # what the next run does first
-        got = _snapshot(target)
-        if marker == "renamed":
-            report = json.loads(got["export_report.json"])
-            assert report["task"] == "expression" and report["sha256"] == selfcheck.sha256(target / "model.onnx")
-            assert OnnxScGPT(target).self_check_result["passed"] is True
-        else:
-            assert got == old, f"killed at {marker!r}"
-        assert [p.name for p in target.parent.iterdir()] == ["onnx"], f"leftovers after a kill at {marker!r}"
+    vocab = reference.make_vocab(20)  # a tiny model on synthetic cells: each kill exports again
+    ScGPTModel(ScGPTConfig(vocab_size=len(vocab), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=8, pad_token_id=20, cls_token_id=21, eoc_token_id=22,
+                           max_seq_len=16)).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "vocab.json").write_text(json.dumps(vocab))
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"an earlier export" * 1000)
+    (out / "export_report.json").write_text('{"earlier": true}')
+    previous = _state(out)
+    argv = ["export", "onnx", str(tmp_path / "model"), str(out), "--no-validate", "--no-optimize", "--overwrite",
+            "--quiet"]
+    for moment in ("checked", "writing", "committed"):
+        assert _kill_at(argv, moment), f"export never reached {moment!r}"
+        atomic.recover(out)  # what the next run does first
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "onnx"], f"leftovers after {moment!r}"
+        if moment != "committed":
+            assert _state(out) == previous, f"killed at {moment!r}, the previous export changed"
+    report = json.loads((out / "export_report.json").read_text())  # killed once in place: the new one, whole
+    assert report["sha256"] == selfcheck.sha256(out / "model.onnx")
+    assert OnnxScGPT(out).self_check_result["passed"] is True
