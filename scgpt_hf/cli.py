@@ -185,6 +185,8 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gene-column", help="var column with gene symbols (default: var_names)")
     p.add_argument("--batch-key", help="obs column of each cell's batch (names of the model's batch2id), for models "
                                        "trained with batch labels")
+    p.add_argument("--batch-as-ids", action="store_true",
+                   help="obs[--batch-key] holds the integer batch ids used in training, although the model has names")
     p.add_argument("--device", type=device_argument, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backed", action="store_true",
                    help="stream the input matrix from disk instead of loading it (large files)")
@@ -229,6 +231,7 @@ def _embed_run(args: argparse.Namespace) -> int:
                 use_raw=args.use_raw,
                 gene_column=args.gene_column,
                 batch_key=args.batch_key,
+                batch_as_ids=args.batch_as_ids,
                 device=args.device,
                 progress=not args.no_progress,
             )

@@ -526,6 +526,8 @@ def annotate(
     adata.uns[f"{key_added}_params"] = {
         "model": name or type(classifier).__name__,
         "labels": labels,
+        "batch_key": batch_key,
+        "batch_as_ids": bool(batch_as_ids),
         **facts,
         "scgpt_hf_version": str(__version__),
     }

@@ -775,18 +775,18 @@ class TritonClient:
             if bar is not None:
                 bar.close()
 
-    def batch_ids(self, adata: Any, model: str, batch_key: str | None) -> np.ndarray | None:
-        """Each cell's batch id for `model` from ``obs[batch_key]`` (names through the served model's batch2id,
-        or integer ids), or None for a model without batch labels; raises ValueError, naming unknown batches,
-        as :func:`scgpt_hf.embed` does, before anything is sent."""
+    def batch_ids(self, adata: Any, model: str, batch_key: str | None, as_ids: bool = False) -> np.ndarray | None:
+        """Each cell's batch id for `model` from ``obs[batch_key]`` (names through the served model's batch2id;
+        integer ids where it has none, or with `as_ids`), or None for a model without batch labels; raises
+        ValueError, naming unknown batches, as :func:`scgpt_hf.embed` does, before anything is sent."""
         from .embedding import _batch_ids
 
-        return _batch_ids(adata, _served_batches(self.model_config(model)), batch_key)
+        return _batch_ids(adata, _served_batches(self.model_config(model)), batch_key, as_ids)
 
     def _prepare(self, adata: Any, model: str, batch_size: int | None, layer: str | None, use_raw: bool,
-                 gene_column: str | None, batch_key: str | None
+                 gene_column: str | None, batch_key: str | None, batch_as_ids: bool
                  ) -> tuple[list[_Chunk], np.ndarray, np.ndarray, np.ndarray | None]:
-        batch_ids = self.batch_ids(adata, model, batch_key)
+        batch_ids = self.batch_ids(adata, model, batch_key, batch_as_ids)
         matrix, names = self._matrix(adata, layer, use_raw, gene_column)
         limit = self.max_batch_size(model)
         batch_size = int(batch_size or limit or 16)
@@ -811,6 +811,7 @@ class TritonClient:
         normalize: bool = True,
         progress: bool = False,
         batch_key: str | None = None,
+        batch_as_ids: bool = False,
     ) -> Any:
         """Embed every cell of `adata` on the server; writes ``obsm[key_added]`` and ``obs[key_added + "_n_genes"]``.
 
@@ -819,10 +820,11 @@ class TritonClient:
         ``normalize=False``.  ``batch_size``: cells per request (default and maximum: the model's
         max_batch_size); ``concurrency``: requests in flight.  ``batch_key``: for models served with batch
         labels (e.g. a fine-tuned ``ScGPTForBatchIntegration``), the obs column of each cell's batch, as
-        names of the model's batch2id or integer ids, as in :func:`scgpt_hf.embed`.
+        names of the model's batch2id (integer ids only where it has none, or with ``batch_as_ids=True``), as in
+        :func:`scgpt_hf.embed`.
         """
         chunks, n_genes, ids, batches = self._prepare(adata, self.embed_model, batch_size, layer, use_raw,
-                                                      gene_column, batch_key)
+                                                      gene_column, batch_key, batch_as_ids)
         out: np.ndarray | None = None
         for chunk, res in self._run(self.embed_model, chunks, batches, ["cell_embedding", "n_genes"], concurrency,
                                     progress):
@@ -839,7 +841,7 @@ class TritonClient:
         adata.obs[f"{key_added}_n_genes"] = n_genes
         adata.uns[f"{key_added}_params"] = {
             "server": self.url, "protocol": self.protocol, "model": self.embed_model, "normalized": bool(normalize),
-            "batch_key": batch_key,
+            "batch_key": batch_key, "batch_as_ids": bool(batch_as_ids),
             "n_genes_matched": int((ids >= 0).sum()), "n_genes_total": int(ids.size),
             "n_cells_empty": int((n_genes == 0).sum()),
         }
@@ -875,8 +877,9 @@ class TritonClient:
         gene_column: str | None = None,
         progress: bool = False,
         batch_key: str | None = None,
+        batch_as_ids: bool = False,
     ) -> Any:
-        """Predict cell types on the server (``scgpt_annotate``); ``batch_key`` as in :meth:`embed`.
+        """Predict cell types on the server (``scgpt_annotate``); ``batch_key``, ``batch_as_ids`` as in :meth:`embed`.
 
         Writes what :func:`scgpt_hf.annotate` writes: ``obs[key_added]`` (categorical over every class, in
         :meth:`labels` order; missing for cells with no vocabulary gene), ``obs[key_added + "_probability"]``,
@@ -890,7 +893,7 @@ class TritonClient:
         from . import __version__
 
         chunks, n_genes, ids, batches = self._prepare(adata, self.annotate_model, batch_size, layer, use_raw,
-                                                      gene_column, batch_key)
+                                                      gene_column, batch_key, batch_as_ids)
         labels = self.labels()
         code_of = {name: i for i, name in enumerate(labels)}
         codes = np.full(adata.n_obs, -1, dtype=np.int64)
@@ -913,7 +916,8 @@ class TritonClient:
         adata.obsm[f"{key_added}_probabilities"] = probs
         adata.uns[f"{key_added}_params"] = {
             "server": self.url, "protocol": self.protocol, "model": self.annotate_model, "labels": labels,
-            "batch_key": batch_key, "n_genes_matched": int((ids >= 0).sum()), "n_genes_total": int(ids.size),
+            "batch_key": batch_key, "batch_as_ids": bool(batch_as_ids),
+            "n_genes_matched": int((ids >= 0).sum()), "n_genes_total": int(ids.size),
             "n_cells_empty": int((n_genes == 0).sum()), "scgpt_hf_version": str(__version__),
         }
         if embedding_key is not None:

@@ -883,6 +883,9 @@ def test_batch_embed_matches_embed(batch_server, protocol, adata, batch_expected
     ids.obs["patient_id"] = [patients.index(name) for name in ids.obs[BATCH_KEY].astype(str)]
     with pytest.raises(ValueError, match=r"not among the 14 .*batch_as_ids=True"):
         client.embed(ids, batch_key="patient_id", batch_size=5)
+    got = client.embed(ids, batch_key="patient_id", batch_as_ids=True, batch_size=MAX_BATCH).obsm["X_scGPT"]
+    np.testing.assert_allclose(got, batch_expected, atol=ATOL, rtol=0, equal_nan=True)  # said explicitly
+    assert ids.uns["X_scGPT_params"]["batch_as_ids"] is True
     client.close()
 
 
