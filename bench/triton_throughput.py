@@ -62,12 +62,16 @@ def _request(cells, rows):
     return g, c
 
 
-def _encoder_counts(client) -> tuple[int, int]:
-    stats = client.statistics("scgpt_encoder")["model_stats"][0]
+def _encoder_counts(client, model: str = "scgpt_encoder") -> tuple[int, int]:
+    stats = client.statistics(model)["model_stats"][0]
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
-def run_case(url: str, protocol: str, model: str, cells, batch: int, concurrency: int, requests: int) -> dict:
+def run_case(url: str, protocol: str, model: str, make_inputs, batch: int, concurrency: int, requests: int,
+             output: str = "cell_embedding", warmup: int = 2, batched_model: str | None = "scgpt_encoder") -> dict:
+    """`concurrency` client threads each send `requests` requests of `batch` cells (``make_inputs(rng)``: one
+    request's inputs) to `model`, after `warmup` each; cells/s, latency percentiles and how `batched_model`
+    (if given) batched them (dynamic batching)."""
     from scgpt_hf.serving import TritonClient
 
     stats = TritonClient(url, protocol)
@@ -79,11 +83,10 @@ def run_case(url: str, protocol: str, model: str, cells, batch: int, concurrency
         rng = np.random.default_rng(k)
         client = TritonClient(url, protocol, retries=0, timeout=120)
         for _ in range(n):
-            rows = rng.choice(len(cells), size=batch, replace=False)
-            g, c = _request(cells, rows)
+            inputs = make_inputs(rng)
             t0 = time.perf_counter()
             try:
-                client.infer(model, {"gene_ids": g, "counts": c}, ["cell_embedding"])
+                client.infer(model, inputs, [output])
             except Exception as err:  # noqa: BLE001
                 errors.append(str(err))
                 continue
@@ -92,12 +95,12 @@ def run_case(url: str, protocol: str, model: str, cells, batch: int, concurrency
                     latencies.append(time.perf_counter() - t0)
         client.close()
 
-    warm = [threading.Thread(target=worker, args=(100 + k, 2, False)) for k in range(concurrency)]
+    warm = [threading.Thread(target=worker, args=(100 + k, warmup, False)) for k in range(concurrency)]
     for t in warm:
         t.start()
     for t in warm:
         t.join()
-    inf0, exe0 = _encoder_counts(stats)
+    inf0, exe0 = _encoder_counts(stats, batched_model) if batched_model else (0, 0)
     threads = [threading.Thread(target=worker, args=(k, requests, True)) for k in range(concurrency)]
     start = time.perf_counter()
     for t in threads:
@@ -105,10 +108,11 @@ def run_case(url: str, protocol: str, model: str, cells, batch: int, concurrency
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
-    inf1, exe1 = _encoder_counts(stats)
-    lat = np.array(latencies) * 1000
+    inf1, exe1 = _encoder_counts(stats, batched_model) if batched_model else (0, 0)
+    lat = np.array(latencies or [np.nan]) * 1000
     return {
         "batch": batch, "concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
+        "first_error": errors[0][:500] if errors else None,
         "cells_per_s": len(latencies) * batch / elapsed, "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
         "encoder_cells_per_execution": (inf1 - inf0) / max(1, exe1 - exe0),
@@ -176,7 +180,11 @@ def main() -> None:
               f"{'cells/exec':>10} {'errors':>6}")
         for batch in args.batch_sizes:
             for conc in args.concurrency:
-                r = run_case(url, args.protocol, args.model, cells, batch, conc, args.requests)
+                def make_inputs(rng, batch=batch):
+                    g, c = _request(cells, rng.choice(len(cells), size=batch, replace=False))
+                    return {"gene_ids": g, "counts": c}
+
+                r = run_case(url, args.protocol, args.model, make_inputs, batch, conc, args.requests)
                 print(f"{r['batch']:>5} {r['concurrency']:>5} {r['requests']:>8} {r['cells_per_s']:>9.1f} "
                       f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['encoder_cells_per_execution']:>10.1f} "
                       f"{r['errors']:>6}", flush=True)
