@@ -608,6 +608,13 @@ def test_every_load_runs_the_self_check(exports, tmp_path, monkeypatch):
     shutil.copy(exports("expression")[0] / "selfcheck.npz", copy / "selfcheck.npz")
     with pytest.raises(SelfCheckError, match="not the self-check reference this graph was exported with"):
         OnnxScGPT(copy)
+    graph = onnx.load(copy / "model.onnx")  # as exported before the self-check existed
+    graph.metadata_props.remove(next(p for p in graph.metadata_props if p.key == selfcheck.METADATA_KEY))
+    onnx.save(graph, copy / "model.onnx")
+    with pytest.raises(SelfCheckError, match="exported without a self-check reference.*Re-export it"):
+        OnnxScGPT(copy, verify_checksum=False)
+    with pytest.warns(UserWarning, match="exported without a self-check reference"):
+        OnnxScGPT(copy, verify_checksum=False, self_check="warn")
 
 
 def test_padding_never_reaches_the_graph_and_empty_cells_are_refused(exports, long_cells):

@@ -113,9 +113,9 @@ def cpu_features() -> list[str]:
 def run(session: Any, folder: str | os.PathLike, *, on_failure: str = "raise") -> dict[str, Any]:
     """Run an exported graph (an ONNX Runtime session) on its stored cells and hold it to its precision's bound.
 
-    Raises `SelfCheckError` naming the problem and the way out when the outputs are outside the bound or the
-    reference is missing or is not this graph's; with ``on_failure="warn"`` it warns instead. Graphs exported
-    without a reference only warn. Returns the figures (``passed``, ``outputs``, ``criterion``).
+    Raises `SelfCheckError` naming the problem and the way out when the outputs are outside the bound, or the
+    check cannot run (no reference in the export, its file missing or another graph's); with
+    ``on_failure="warn"`` it warns instead. Returns the figures (``passed``, ``outputs``, ``criterion``).
     """
     if on_failure not in ON_FAILURE:
         raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
@@ -124,11 +124,9 @@ def run(session: Any, folder: str | os.PathLike, *, on_failure: str = "raise") -
     want = meta.get(METADATA_KEY)
     path = Path(folder) / FILE
     if not want:
-        warnings.warn("This graph was exported without a self-check reference, so nothing tells whether this host "
-                      "computes it within its bound; re-export it with `scgpt-hf export onnx`.", stacklevel=3)
-        return {"passed": None, "skipped": "no reference in this export"}
-    problem = None
-    if not path.is_file():
+        problem = ("this graph was exported without a self-check reference (by an earlier scgpt-hf), so nothing "
+                   "tells whether this host computes it within its bound. Re-export it with `scgpt-hf export onnx`")
+    elif not path.is_file():
         problem = (f"{path} is missing: it holds the cells this {precision} graph is checked on at load. Copy it "
                    "together with model.onnx (or re-export)")
     elif sha256(path) != want:
@@ -143,10 +141,13 @@ def run(session: Any, folder: str | os.PathLike, *, on_failure: str = "raise") -
         result = {"passed": within_bound(precision, figures), "criterion": criterion(precision), "outputs": figures}
         if result["passed"]:
             return result
+        way_out = {"int8": "Re-export it with this version of scgpt-hf (7-bit int8 weights, which no x86 kernel "
+                           "saturates) or serve the fp32 graph",
+                   "fp16": "fp16 graphs are meant for CUDA hosts: serve the fp32 graph here",
+                   "fp32": "Re-export it; if that fails too, please report it with these figures"}[precision]
         problem = (f"this host computes the {precision} graph outside its bound on the stored cells: "
                    f"{worst(precision, figures)} ({criterion(precision)}; CPU features: "
-                   f"{', '.join(cpu_features()) or 'unknown'}). Re-export it with this version of scgpt-hf "
-                   "(int8 weights that no x86 kernel saturates) or serve the fp32 graph")
+                   f"{', '.join(cpu_features()) or 'unknown'}). {way_out}")
     message = f"Self-check failed: {problem}; to load it anyway, ask for a warning instead (self_check='warn')."
     if on_failure == "raise":
         raise SelfCheckError(message)
