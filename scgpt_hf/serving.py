@@ -823,6 +823,9 @@ class TritonClient:
         names of the model's batch2id (integer ids only where it has none, or with ``batch_as_ids=True``), as in
         :func:`scgpt_hf.embed`.
         """
+        from .embedding import _check_storable
+
+        _check_storable(key_added, DEFAULT_KEY, obsm=[key_added], obs=[f"{key_added}_n_genes"])
         chunks, n_genes, ids, batches = self._prepare(adata, self.embed_model, batch_size, layer, use_raw,
                                                       gene_column, batch_key, batch_as_ids)
         out: np.ndarray | None = None
@@ -891,7 +894,12 @@ class TritonClient:
         import pandas as pd
 
         from . import __version__
+        from .embedding import _check_storable
 
+        _check_storable(key_added, "scGPT_label", obsm=[f"{key_added}_probabilities"],
+                        obs=[key_added, f"{key_added}_probability", f"{key_added}_n_genes"])
+        if embedding_key is not None:
+            _check_storable(embedding_key, DEFAULT_KEY, obsm=[embedding_key], obs=[f"{embedding_key}_n_genes"])
         chunks, n_genes, ids, batches = self._prepare(adata, self.annotate_model, batch_size, layer, use_raw,
                                                       gene_column, batch_key, batch_as_ids)
         labels = self.labels()

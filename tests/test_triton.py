@@ -516,6 +516,12 @@ def test_annotate_writes_what_scgpt_hf_annotate_writes(server, adata, model_dir)
     assert list(served.obs["scGPT_label"].cat.categories) == LABELS == client.labels()
     assert served.uns["scGPT_label_params"]["labels"] == library.uns["scGPT_label_params"]["labels"]
     np.testing.assert_array_equal(served.obs["scGPT_label_n_genes"], library.obs["scGPT_label_n_genes"])
+    # keys an .h5ad cannot hold are refused before any request, as scgpt_hf.annotate/embed refuse them
+    for call in (lambda: client.annotate(cells.copy(), key_added="a/b"),
+                 lambda: client.annotate(cells.copy(), embedding_key="x/y"),
+                 lambda: client.embed(cells.copy(), key_added="a/b")):
+        with pytest.raises(ValueError, match="an .h5ad file cannot hold"):
+            call()
 
 
 def test_vocab_model_matches_match_genes(server, adata, tokenizer):
