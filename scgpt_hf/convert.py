@@ -154,8 +154,11 @@ def _map_key(key: str) -> str | None:
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: an original scGPT checkpoint folder holds {what}.")
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): it should hold {what}; restore it from the "
+                         "original checkpoint folder.") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object ({what}), got {type(data).__name__}.")
     return data
@@ -169,7 +172,7 @@ def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
         raise FileNotFoundError(f"{path} is missing: an original scGPT checkpoint folder holds best_model.pt.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
         if _truncated(path, err):
             raise ValueError(
                 f"{path} is truncated ({path.stat().st_size:,} bytes, and the end of the file is missing): the "
@@ -177,10 +180,17 @@ def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
             ) from None
         if isinstance(err, OSError):
             raise
+        # torch's own text (advice to load with weights_only=False, terminal colour codes) is not for our users.
+        if "Unsupported global" in str(err):
+            raise ValueError(
+                f"{path} holds pickled Python objects, not a plain state dict of tensors, and is not loaded "
+                "(unpickling can run code): save the weights with torch.save(model.state_dict(), path), not the "
+                "whole model object."
+            ) from None
         raise ValueError(
-            f"{path} is not a plain state dict that loads with torch.load(weights_only=True) ({err}). "
-            "Save the weights with torch.save(model.state_dict(), path), not the whole model object."
-        ) from err
+            f"{path} is not a PyTorch checkpoint (damaged or another format): give the best_model.pt saved by "
+            "the original scGPT (torch.save of the model's state_dict()), or download or copy it again."
+        ) from None
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict (a mapping of names to tensors).")
     nested = [k for k in ("state_dict", "model_state_dict", "model") if isinstance(state.get(k), Mapping)]

@@ -202,3 +202,28 @@ def test_truncated_checkpoint_says_so(original_dir, tmp_path, kept):
     (original_dir / "best_model.pt").write_bytes(data[: kept if isinstance(kept, int) else int(len(data) * kept)])
     with pytest.raises(ValueError, match="best_model.pt is truncated .*copy it again"):
         convert_original_checkpoint(original_dir, tmp_path / "hf")
+
+
+@pytest.mark.parametrize("content", [b"hello world" * 10, bytes(range(256)) * 4, b"\x00" * 100],
+                         ids=["text", "bytes", "zeros"])
+def test_arbitrary_bytes_are_not_a_checkpoint(original_dir, tmp_path, content):
+    (original_dir / "best_model.pt").write_bytes(content)
+    with pytest.raises(ValueError, match=r"best_model.pt is not a PyTorch checkpoint \(damaged or another format\)"):
+        convert_original_checkpoint(original_dir, tmp_path / "hf")
+
+
+def test_pickled_checkpoint_message_is_ours_alone(original_dir, tmp_path):
+    torch.save(torch.nn.Linear(2, 2), original_dir / "best_model.pt")
+    with pytest.raises(ValueError) as exc:
+        convert_original_checkpoint(original_dir, tmp_path / "hf")
+    message = str(exc.value)
+    assert "torch.save(model.state_dict(), path)" in message
+    assert "\x1b" not in message and "weights_only=False" not in message and "Weights only load failed" not in message
+
+
+@pytest.mark.parametrize("name", ["args.json", "vocab.json"])
+def test_invalid_json_names_the_file(original_dir, tmp_path, name):
+    (original_dir / name).write_text('{"nheads": 4,')
+    with pytest.raises(ValueError, match=rf"{name} is not valid JSON"):
+        convert_original_checkpoint(original_dir, tmp_path / "hf")
+
