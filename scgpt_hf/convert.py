@@ -574,6 +574,13 @@ def convert_original_checkpoint(
     if task == "annotation":
         if "num_labels" not in sources:
             raise ValueError("task='annotation' needs a checkpoint with a cell-type classifier (cls_decoder.*).")
+        if config.num_labels <= 1:
+            raise ValueError(
+                f"task='annotation' needs a trained cell-type classifier, but cls_decoder has {config.num_labels} "
+                "class: the untrained placeholder every original model carries (a foundation checkpoint). Convert "
+                "it with task='pretraining' and fine-tune a classifier with "
+                "ScGPTForCellClassification.from_pretrained(folder, num_labels=N, train_new_weights=True)."
+            )
         if labels is not None:
             if len(labels) != config.num_labels:
                 raise ValueError(f"{len(labels)} labels given but the classifier has {config.num_labels} outputs.")

@@ -227,3 +227,9 @@ def test_invalid_json_names_the_file(original_dir, tmp_path, name):
     with pytest.raises(ValueError, match=rf"{name} is not valid JSON"):
         convert_original_checkpoint(original_dir, tmp_path / "hf")
 
+
+def test_annotation_needs_a_trained_classifier(original_dir, tmp_path):
+    """Every original model carries a one-class cls_decoder, untrained in foundation checkpoints."""
+    with pytest.raises(ValueError, match=r"1 class.*train_new_weights=True"):
+        convert_original_checkpoint(original_dir, tmp_path / "hf", task="annotation")
+    assert not (tmp_path / "hf").exists()
