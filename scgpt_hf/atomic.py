@@ -65,10 +65,14 @@ def check_writable(target: str | os.PathLike, *, overwrite: bool = False, what: 
         raise OutputNotWritableError(
             f"the directory {parent} for {what} {target.name} does not exist: create it first or choose another path."
         )
-    if not os.access(parent, os.W_OK | os.X_OK):
+    probe = _sibling(target, _STAGING_PREFIX)  # os.access says yes to root everywhere: try a real write
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as err:
         raise OutputNotWritableError(
-            f"cannot write {what} into {parent} (no write permission): choose a writable location."
-        )
+            f"cannot write {what} into {parent} ({err.strerror or err}): choose a writable location."
+        ) from None
     return target
 
 

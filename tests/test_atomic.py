@@ -121,6 +121,12 @@ def test_read_only_location_refused_before_compute(tmp_path: Path) -> None:
         ro.chmod(0o700)
 
 
+def test_unwritable_file_system_refused_even_for_root() -> None:
+    """/proc takes no new files, whoever asks: the check tries a real write instead of trusting os.access."""
+    with pytest.raises(OutputNotWritableError, match="cannot write output into /proc"):
+        check_writable("/proc/scgpt-out.h5ad")
+
+
 def test_missing_parent_refused(tmp_path: Path) -> None:
     with pytest.raises(OutputNotWritableError, match="does not exist"):
         check_writable(tmp_path / "nope" / "out.h5ad")
