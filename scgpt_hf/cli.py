@@ -148,6 +148,9 @@ def _convert_run(args: argparse.Namespace) -> int:
 
     if not Path(args.original_dir).is_dir():
         raise FileNotFoundError(f"{args.original_dir} is not a folder (expected best_model.pt, args.json, vocab.json).")
+    if args.labels and not Path(args.labels).is_file():
+        raise FileNotFoundError(f"--labels file {args.labels} does not exist: give a text file with one class name "
+                                "per line, in the classifier's output order.")
     convert_original_checkpoint(
         args.original_dir,
         args.output_dir,

@@ -133,9 +133,11 @@ def _pickled_weights(model, tmp_path):
         (["embed", "{data}", "{tmp}/o.h5ad", "--model", "{pickled}"], None,
          "pytorch_model.bin.*not plain tensors.*save_pretrained"),
         (["embed", "{data}"], None, "required: output, --model.*see scgpt-hf embed --help"),
+        (["convert", "{original}", "{tmp}/x", "--labels", "{tmp}/missing.txt"], None,
+         "--labels file .*missing.txt does not exist.*one class name per line"),
     ],
     ids=["no-gene-embedding", "string-nheads", "truncated-checkpoint", "bad-device", "missing-model-folder",
-         "pickled-weights", "usage"],
+         "pickled-weights", "usage", "missing-labels"],
 )
 def test_every_failure_is_one_line_naming_the_fix(argv, prepare, message, original_dir, model, wu2020_adata, tmp_path,
                                                   capsys):
