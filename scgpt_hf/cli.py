@@ -215,7 +215,6 @@ def _embed_run(args: argparse.Namespace) -> int:
         raise ValueError("output must differ from input (the input is read while the output is written).")
     if target.suffix != ".h5ad":
         raise ValueError(f"output must be an .h5ad file, got {target}.")
-    target.parent.mkdir(parents=True, exist_ok=True)
     check_writable(target, overwrite=args.overwrite, what="output file")  # before any compute
     with model_argument(args.model):
         try:

@@ -46,7 +46,7 @@ def test_convert_then_embed(original_dir, wu2020_adata, tmp_path, capsys):
 
     source = tmp_path / "in.h5ad"
     wu2020_adata[:30].copy().write_h5ad(source)
-    out = tmp_path / "out" / "emb.h5ad"
+    out = tmp_path / "emb.h5ad"
     args = ["embed", str(source), str(out), "--model", str(converted), "--batch-size", "8", "--no-progress"]
     assert main(args) == 0
     assert "Embedded 30 cells" in capsys.readouterr().out
@@ -135,9 +135,11 @@ def _pickled_weights(model, tmp_path):
         (["embed", "{data}"], None, "required: output, --model.*see scgpt-hf embed --help"),
         (["convert", "{original}", "{tmp}/x", "--labels", "{tmp}/missing.txt"], None,
          "--labels file .*missing.txt does not exist.*one class name per line"),
+        (["embed", "{data}", "{tmp}/nodir/sub/o.h5ad", "--model", "{model}"], None,
+         "directory .*nodir/sub for output file o.h5ad does not exist: create it first"),
     ],
     ids=["no-gene-embedding", "string-nheads", "truncated-checkpoint", "bad-device", "missing-model-folder",
-         "pickled-weights", "usage", "missing-labels"],
+         "pickled-weights", "usage", "missing-labels", "missing-output-folder"],
 )
 def test_every_failure_is_one_line_naming_the_fix(argv, prepare, message, original_dir, model, wu2020_adata, tmp_path,
                                                   capsys):
