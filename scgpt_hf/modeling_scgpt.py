@@ -568,8 +568,10 @@ class ScGPTModel(ScGPTPreTrainedModel):
             )
         if batch_labels.shape != (batch_size,):
             raise ValueError(f"batch_labels must have shape ({batch_size},), got {tuple(batch_labels.shape)}.")
-        # Value checks branch on data, which graph export cannot trace (OnnxScGPT checks ids itself).
-        if not torch.compiler.is_exporting():
+        # Value checks branch on data, which graph export cannot trace (OnnxScGPT checks ids itself), and reading
+        # ids off an accelerator makes the host wait for it every forward: there `embed`, `annotate` and the
+        # served encoder check the ids on the host before the transfer.
+        if batch_labels.device.type == "cpu" and not torch.compiler.is_exporting():
             _check_batch_ids(batch_labels, self.config)
 
     def _check_generative_mask(self, generative_mask: torch.Tensor | None, input_ids: torch.Tensor) -> None:

@@ -35,10 +35,12 @@ def _cells(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 @pytest.mark.parametrize("model_class", [ScGPTModel, ScGPTForCellClassification])
-def test_forward_never_reads_tensors_off_the_cpu(model_class):
+@pytest.mark.parametrize("with_batches", [False, True], ids=["plain", "batch-labels"])
+def test_forward_never_reads_tensors_off_the_cpu(model_class, with_batches):
     """On an accelerator, any value read (`.item()`, `bool(t)`, `.all()` in an `if`) makes the host wait for the
     device; on the meta device the same read raises, so a forward that completes there reads nothing."""
-    model = model_class(_config(num_labels=3)).eval().to("meta")
+    extra = dict(use_batch_labels=True, batch2id={"a": 0, "b": 1}) if with_batches else {}
+    model = model_class(_config(num_labels=3, **extra)).eval().to("meta")
     ids, vals = _cells(3)
     ids[2], vals[2] = ids[2][:1], vals[2][:1]  # <cls> alone: padded
     width = max(map(len, ids))
@@ -49,7 +51,8 @@ def test_forward_never_reads_tensors_off_the_cpu(model_class):
         pid[i, : len(a)], pval[i, : len(b)], mask[i, : len(a)] = torch.from_numpy(a), torch.from_numpy(b), 1
     assert (mask == 0).any(), "the batch must hold padding"
     with torch.inference_mode():
-        out = model(input_ids=pid.to("meta"), values=pval.to("meta"), attention_mask=mask.to("meta"))
+        batches = {"batch_labels": torch.tensor([0, 1, 0], device="meta")} if with_batches else {}
+        out = model(input_ids=pid.to("meta"), values=pval.to("meta"), attention_mask=mask.to("meta"), **batches)
     assert out.cell_embedding.shape == (3, 32)
 
 
