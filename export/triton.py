@@ -682,12 +682,14 @@ def write_torch_repository(
     support it, fp16 on older ones, fp32 on CPU), cells batched by length under `max_tokens` per forward
     (default :data:`scgpt_hf.inference.DEFAULT_MAX_TOKENS`).  `gpu_memory_fraction` caps each encoder
     instance's share of the GPU's memory (for several instances or servers on one GPU).  The server's
-    Python needs torch and transformers (``TritonServer(python_path=...)`` can lend them).  Returns the
+    Python needs torch and transformers (``TritonServer(python_path=...)`` can lend them).  The folder is
+    built beside `repository_dir` and moved into place whole; an existing one is refused.  Returns the
     report written as ``triton_report.json``.
     """
     from transformers import AutoConfig
 
     import scgpt_hf
+    from scgpt_hf.atomic import atomic_output
     from scgpt_hf.inference import DEFAULT_MAX_TOKENS
     from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
 
@@ -725,56 +727,54 @@ def write_torch_repository(
     labels = _labels_from_config(config.to_dict()) if task == ANNOTATION_TASK else None
     batch_params = _batch_parameters(config.to_dict()) if config.needs_batch_labels else {}
 
-    repo = Path(repository_dir)
-    if repo.exists() and any(repo.iterdir()):
-        raise FileExistsError(f"{repo} is not empty.")
-    repo.mkdir(parents=True, exist_ok=True)
-    _write_tokenizer_models(repo, tok, vocab, max_batch_size=max_batch_size, preferred=preferred, delay=delay,
-                            tokenizer_instances=tokenizer_instances)
-    version = repo / ENCODER_MODEL / "1"
-    version.mkdir(parents=True)
-    shutil.copy2(_TEMPLATES["torch"], version / "model.py")
-    for name in _TORCH_FILES:
-        shutil.copy2(Path(scgpt_hf.__file__).parent / name, version / name)
-    enc_in = [_tensor("input_ids", "TYPE_INT64", [-1], ragged=True), _tensor("values", "TYPE_FP32", [-1], ragged=True),
-              _tensor("attention_mask", "TYPE_INT64", [-1], ragged=True)]
-    enc_params: dict[str, Any] = {
-        "model_dir": str(model_dir), "task": task, "device": device, "precision": precision,
-        "attn_implementation": attn_implementation, "max_tokens": max_tokens,
-        "pad_token_id": int(config.pad_token_id), "pad_value": float(config.pad_value),
-        "vocab_size": int(config.vocab_size),
-    }
-    if batch_params:
-        enc_in.append(_tensor("batch_labels", "TYPE_INT64", [1], reshape=[]))
-        enc_params["num_batch_labels"] = batch_params["num_batch_labels"]
-    if gpu_memory_fraction is not None:
-        enc_params["gpu_memory_fraction"] = float(gpu_memory_fraction)
-    outputs = ([_tensor("logits", "TYPE_FP32", [len(labels)])] if labels is not None else []) + \
-        [_tensor("cell_embedding", "TYPE_FP32", [hidden])]
-    (repo / ENCODER_MODEL / "config.pbtxt").write_text(
-        _header(ENCODER_MODEL, (
-            f"scGPT {task} model run by PyTorch on {device} ({precision} precision, {attn_implementation} attention)\n"
-            "in a python-backend model: 1/model.py with the library's own modeling and inference files. Inputs\n"
-            "allow ragged batches: the cells of a dynamic batch are regrouped by length, at most max_tokens\n"
-            "tokens per forward. Needs torch and transformers in the server's Python."
-        ), backend="python", max_batch_size=max_batch_size)
-        + _io("input", enc_in) + _io("output", outputs)
-        + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_CPU") + _parameters(enc_params)
-    )
-    models, ensembles = _write_ensembles(repo, hidden=hidden, labels=labels, batch_params=batch_params,
-                                         max_batch_size=max_batch_size, preferred=preferred, delay=delay,
-                                         tokenizer_instances=tokenizer_instances)
-    report = {"engine": "torch", "model_dir": str(model_dir), "device": device, "precision": precision,
-              "attn_implementation": attn_implementation, "task": task, "max_batch_size": max_batch_size,
-              "instances": int(instances), "tokenizer_instances": int(tokenizer_instances),
-              "preferred_batch_sizes": preferred, "max_queue_delay_microseconds": delay, "max_tokens": max_tokens,
-              "gpu_memory_fraction": gpu_memory_fraction, "models": models, "ensembles": ensembles,
-              "tokenizer": tok, "labels": labels}
-    (repo / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    try:
-        validate_repository(repo)
-    except ImportError:  # tritonclient not installed
-        pass
+    # built beside the target and moved into place whole: a kill never leaves a half repository
+    with atomic_output(repository_dir, directory=True, what="Triton model repository") as repo:
+        _write_tokenizer_models(repo, tok, vocab, max_batch_size=max_batch_size, preferred=preferred, delay=delay,
+                                tokenizer_instances=tokenizer_instances)
+        version = repo / ENCODER_MODEL / "1"
+        version.mkdir(parents=True)
+        shutil.copy2(_TEMPLATES["torch"], version / "model.py")
+        for name in _TORCH_FILES:
+            shutil.copy2(Path(scgpt_hf.__file__).parent / name, version / name)
+        enc_in = [_tensor("input_ids", "TYPE_INT64", [-1], ragged=True), _tensor("values", "TYPE_FP32", [-1], ragged=True),
+                  _tensor("attention_mask", "TYPE_INT64", [-1], ragged=True)]
+        enc_params: dict[str, Any] = {
+            "model_dir": str(model_dir), "task": task, "device": device, "precision": precision,
+            "attn_implementation": attn_implementation, "max_tokens": max_tokens,
+            "pad_token_id": int(config.pad_token_id), "pad_value": float(config.pad_value),
+            "vocab_size": int(config.vocab_size),
+        }
+        if batch_params:
+            enc_in.append(_tensor("batch_labels", "TYPE_INT64", [1], reshape=[]))
+            enc_params["num_batch_labels"] = batch_params["num_batch_labels"]
+        if gpu_memory_fraction is not None:
+            enc_params["gpu_memory_fraction"] = float(gpu_memory_fraction)
+        outputs = ([_tensor("logits", "TYPE_FP32", [len(labels)])] if labels is not None else []) + \
+            [_tensor("cell_embedding", "TYPE_FP32", [hidden])]
+        (repo / ENCODER_MODEL / "config.pbtxt").write_text(
+            _header(ENCODER_MODEL, (
+                f"scGPT {task} model run by PyTorch on {device} ({precision} precision, {attn_implementation} attention)\n"
+                "in a python-backend model: 1/model.py with the library's own modeling and inference files. Inputs\n"
+                "allow ragged batches: the cells of a dynamic batch are regrouped by length, at most max_tokens\n"
+                "tokens per forward. Needs torch and transformers in the server's Python."
+            ), backend="python", max_batch_size=max_batch_size)
+            + _io("input", enc_in) + _io("output", outputs)
+            + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_CPU") + _parameters(enc_params)
+        )
+        models, ensembles = _write_ensembles(repo, hidden=hidden, labels=labels, batch_params=batch_params,
+                                             max_batch_size=max_batch_size, preferred=preferred, delay=delay,
+                                             tokenizer_instances=tokenizer_instances)
+        report = {"engine": "torch", "model_dir": str(model_dir), "device": device, "precision": precision,
+                  "attn_implementation": attn_implementation, "task": task, "max_batch_size": max_batch_size,
+                  "instances": int(instances), "tokenizer_instances": int(tokenizer_instances),
+                  "preferred_batch_sizes": preferred, "max_queue_delay_microseconds": delay, "max_tokens": max_tokens,
+                  "gpu_memory_fraction": gpu_memory_fraction, "models": models, "ensembles": ensembles,
+                  "tokenizer": tok, "labels": labels}
+        (repo / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        try:
+            validate_repository(repo)
+        except ImportError:  # tritonclient not installed
+            pass
     return report
 
 

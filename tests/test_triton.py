@@ -980,6 +980,26 @@ def test_repository_is_written_whole_or_not_at_all(tmp_path, repository, model_d
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]
 
 
+def test_torch_repository_is_written_whole_or_not_at_all(tmp_path, model_dir, monkeypatch):
+    """`serve MODEL`'s repository writer (public) builds beside its target: a failing build leaves nothing, an
+    existing folder is refused."""
+    from scgpt_hf.export import triton as triton_export
+
+    def broken(repo):
+        raise ValueError(f"{repo} is broken")
+
+    monkeypatch.setattr(triton_export, "validate_repository", broken)
+    with pytest.raises(ValueError, match="is broken"):
+        triton_export.write_torch_repository(model_dir, tmp_path / "repo", device="cpu")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    triton_export.write_torch_repository(model_dir, tmp_path / "repo", device="cpu")
+    assert (tmp_path / "repo" / "scgpt_encoder" / "1" / "model.py").is_file()
+    with pytest.raises(FileExistsError, match="already exists"):
+        triton_export.write_torch_repository(model_dir, tmp_path / "repo", device="cpu")
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]
+
+
 # ----------------------------------------------------------------------------------------------
 
 
