@@ -192,7 +192,8 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
                    help="obs[--batch-key] holds the integer batch ids used in training, although the model has names")
     p.add_argument("--device", type=device_argument, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backed", action="store_true",
-                   help="stream the input matrix from disk instead of loading it (large files)")
+                   help="stream the input matrix from disk instead of loading it (large files; a float16 sparse X, "
+                        "which scipy cannot hold, is always streamed and written out as float32)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
 
@@ -216,9 +217,10 @@ def _embed_run(args: argparse.Namespace) -> int:
     if target.suffix != ".h5ad":
         raise ValueError(f"output must be an .h5ad file, got {target}.")
     check_writable(target, overwrite=args.overwrite, what="output file")  # before any compute
+    half_sparse = _float16_sparse_x(source)  # scipy holds no float16: such an X is only ever read backed
     with model_argument(args.model):
         try:
-            adata = anndata.read_h5ad(source, backed="r" if args.backed else None)
+            adata = anndata.read_h5ad(source, backed="r" if args.backed or half_sparse else None)
         except OSError as err:
             raise ValueError(f"cannot read {source} as h5ad: {err}") from None
         try:
@@ -238,7 +240,10 @@ def _embed_run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
             with atomic_output(target, overwrite=args.overwrite, what="output file") as staging:
-                adata.write_h5ad(staging)  # a backed matrix is copied from disk in pieces
+                if half_sparse:
+                    _write_float16_sparse_output(adata, source, staging)
+                else:
+                    adata.write_h5ad(staging)  # a backed matrix is copied from disk in pieces
                 _check_embedded_file(staging, args.key_added, adata.n_obs)
         finally:
             if adata.isbacked:
@@ -247,6 +252,43 @@ def _embed_run(args: argparse.Namespace) -> int:
     print(f"Embedded {adata.n_obs} cells into obsm[{args.key_added!r}] of {target}"
           + (f" ({n_empty} without vocabulary genes: NaN rows)" if n_empty else ""))
     return 0
+
+
+def _float16_sparse_x(path: Path) -> bool:
+    """Whether the .h5ad at `path` stores X as a sparse matrix of float16 values (other writers leave these)."""
+    import h5py
+    import numpy as np
+
+    try:
+        with h5py.File(path, "r") as f:
+            x = f.get("X")
+            data = x.get("data") if isinstance(x, h5py.Group) else None
+            return isinstance(data, h5py.Dataset) and data.dtype == np.float16
+    except OSError:
+        return False  # not HDF5: read_h5ad says so
+
+
+def _write_float16_sparse_output(adata, source: Path, staging: Path, block: int = 1 << 24) -> None:
+    """Write `source` with `adata`'s obs, obsm and uns to `staging`, its float16 sparse X as float32 (exact),
+    streamed in blocks of values: anndata's writer would build a float16 scipy matrix, which scipy refuses."""
+    import shutil
+
+    import h5py
+    import numpy as np
+    from anndata.io import write_elem
+
+    shutil.copyfile(source, staging)
+    with h5py.File(staging, "r+") as f:
+        half = f["X/data"]
+        full = f["X"].create_dataset("data_float32", shape=half.shape, dtype=np.float32,
+                                     chunks=True if half.chunks else None, compression=half.compression,
+                                     compression_opts=half.compression_opts)
+        for start in range(0, half.shape[0], block):
+            full[start : start + block] = half[start : start + block].astype(np.float32)
+        del f["X/data"]
+        f["X"].move("data_float32", "data")
+        for name, value in (("obs", adata.obs), ("obsm", dict(adata.obsm)), ("uns", dict(adata.uns))):
+            write_elem(f, name, value)  # replaces the input's element
 
 
 def _check_embedded_file(path: Path, key: str, n_obs: int) -> None:

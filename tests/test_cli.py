@@ -303,3 +303,27 @@ def test_sigkill_at_any_moment_leaves_the_previous_output(command, kill_inputs, 
     else:
         assert json.loads((out / "config.json").read_text())["model_type"] == "scgpt" and (out / "vocab.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+@pytest.mark.parametrize("backed", [[], ["--backed"]], ids=["auto-backed", "backed"])
+def test_embed_float16_sparse_file(model, wu2020_adata, tmp_path, backed):
+    """X/data float16 (what other writers leave; scipy holds no float16) is read backed and written as float32,
+    exact, so the output opens with anndata.read_h5ad."""
+    import h5py
+
+    reference = wu2020_adata[:20].copy()
+    reference.X.data = reference.X.data.astype(np.float16).astype(np.float32)
+    reference.write_h5ad(tmp_path / "ref.h5ad")
+    reference.write_h5ad(tmp_path / "half.h5ad")
+    with h5py.File(tmp_path / "half.h5ad", "r+") as f:
+        data = f["X/data"][:]
+        del f["X/data"]
+        f["X/data"] = data.astype(np.float16)
+    common = ["--model", str(model), "--batch-size", "8", "--no-progress"]
+    assert main(["embed", str(tmp_path / "ref.h5ad"), str(tmp_path / "ref_out.h5ad"), *common]) == 0
+    assert main(["embed", str(tmp_path / "half.h5ad"), str(tmp_path / "out.h5ad"), *common, *backed]) == 0
+    result, want = anndata.read_h5ad(tmp_path / "out.h5ad"), anndata.read_h5ad(tmp_path / "ref_out.h5ad")
+    assert result.X.dtype == np.float32
+    np.testing.assert_array_equal(result.X.toarray(), reference.X.toarray())
+    np.testing.assert_allclose(result.obsm["X_scGPT"], want.obsm["X_scGPT"], atol=1e-6, rtol=0)
+    assert result.obs.equals(want.obs)
