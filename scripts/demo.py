@@ -119,7 +119,7 @@ def pretrained_here(out: Path, steps: int, seed: int, retrain: bool) -> tuple[Pa
         vocab = demo_vocab(files)
         print(f"  vocabulary: {len(vocab) - 3} genes (2,000 most variable of wu2020 + pbmc68k's)", flush=True)
         pretrain(files, folder, tokenizer=vocab, max_steps=steps, seed=seed, logging_steps=max(1, steps // 10),
-                 **PRETRAIN)
+                 overwrite=True, **PRETRAIN)  # replaces an older cache whole, only once the new one is complete
         stamp.write_text(json.dumps(settings))
     metrics = json.loads((folder / METRICS_FILE).read_text())
     print(f"  {metrics['global_step']} steps ({metrics['epochs_seen']:.1f} epochs of {metrics['cells_in_files']} cells), "
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     import matplotlib.pyplot as plt
     import scanpy as sc
 
+    from scgpt_hf.atomic import atomic_output
     from scgpt_hf.embedding import embed
 
     out = Path(args.out_dir)
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     umap[ok] = shown.obsm["X_umap"]
     adata.obsm["X_umap"] = umap
     h5ad = out / "wu2020_scgpt.h5ad"
-    adata.write_h5ad(h5ad)
+    with atomic_output(h5ad, overwrite=True) as staging:  # a kill never leaves a half-written file
+        adata.write_h5ad(staging)
 
     fig, ax = plt.subplots(figsize=(8, 6))
     sc.pl.umap(shown, color=LABELS, ax=ax, show=False, title=f"wu2020 T cells, scGPT embedding (silhouette {scores['scGPT']:.3f})\n"
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     ax.title.set_fontsize(9)
     fig.tight_layout()
     png = out / "wu2020_umap.png"
-    fig.savefig(png, dpi=120)
+    with atomic_output(png, overwrite=True) as staging:
+        fig.savefig(staging, dpi=120, format="png")
     print(f"Wrote {h5ad} (obsm['X_scGPT'], obsm['X_umap']) and {png} (coloured by obs[{LABELS!r}]).")
 
 
