@@ -3,7 +3,7 @@
 Each subcommand is a `Command`: a name, a help line, a function adding its arguments and a function running
 it. Later subcommands (export onnx, export triton, push, serve, pretrain) plug in either by appending to
 `COMMANDS`, or by naming a module in `PLUGIN_MODULES` that offers `add_parser(subparsers)` (registering its
-subparser with `set_defaults(func=handler)`; `scgpt_hf.serving` does this for `serve`).
+subparser with `set_defaults(func=handler)`; `scgpt_hf.serving.server` does this for `serve`).
 
 Failures, one mechanism for every command (plugins included): a handler raises, and `main` prints one line
 on stderr, ``scgpt-hf COMMAND: error: MESSAGE``, and exits with code 2, never with a traceback. The message
@@ -405,7 +405,7 @@ COMMANDS: list[Command] = [
 
 
 # Modules with `add_parser(subparsers)`; one whose optional dependencies are missing is left out.
-PLUGIN_MODULES: list[str] = ["scgpt_hf.export.cli", "scgpt_hf.hub", "scgpt_hf.serving"]
+PLUGIN_MODULES: list[str] = ["scgpt_hf.export.cli", "scgpt_hf.hub", "scgpt_hf.serving.server"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -654,7 +654,7 @@ def test_load_dynamic_batching(server, adata, tokenizer, expected):
 def test_serve_cli_leaves_no_server_or_folder_behind(repository, server_env, tmp_path, sig):
     """`scgpt-hf serve` ended by its terminal closing (SIGHUP), or SIGKILLed: the tritonserver, its stubs and the
     guard between them stop, and the server's temporary folder is removed."""
-    from scgpt_hf.serving import _alive, _descendants
+    from scgpt_hf.serving.server import _alive, _descendants
 
     ports = [free_port() for _ in range(3)]
     env = dict(os.environ, SCGPT_HF_TRITON_ENV=str(server_env))
@@ -815,7 +815,7 @@ def test_stop_leaves_nothing_running(server):
     pids = server.pids()
     assert len(pids) >= 5  # tritonserver + one stub per python-backend model instance
     server.stop()
-    from scgpt_hf.serving import _alive
+    from scgpt_hf.serving.server import _alive
 
     assert not [p for p in pids if _alive(p)]
     import socket
