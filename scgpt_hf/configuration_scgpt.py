@@ -190,49 +190,32 @@ class ScGPTConfig(PretrainedConfig):
         modality_pad_id: int | None = None,
         **kwargs,
     ):
-        if domain_spec_batchnorm is True:
-            domain_spec_batchnorm = "dsbn"
         self._explicit = {}  # values of `_Derived` attributes set to something other than their default
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = intermediate_size
-        self.dropout = dropout
-        self.layer_norm_eps = layer_norm_eps
-        self.cls_token_id = cls_token_id
-        self.eoc_token_id = eoc_token_id
-        self.pad_value = float(pad_value)
-        self.mask_value = float(mask_value)
-        self.n_bins = n_bins
-        self.max_seq_len = max_seq_len
-        self.input_emb_style = input_emb_style
-        self.n_input_bins = n_input_bins
-        self.max_value = float(max_value)
-        self.cell_emb_style = cell_emb_style
-        self.pre_norm = pre_norm
-        self.explicit_zero_prob = explicit_zero_prob
-        self.use_batch_labels = use_batch_labels
-        self.batch2id = batch2id
-        self.num_batch_labels = num_batch_labels
-        self.domain_spec_batchnorm = domain_spec_batchnorm
-        self.do_mvc = do_mvc
-        self.mvc_decoder_style = mvc_decoder_style
-        self.use_generative_flag = use_generative_flag
-        self.nlayers_cls = nlayers_cls
-        self.do_dab = do_dab
-        self.ecs_threshold = ecs_threshold
-        self.ecs_weight = ecs_weight
-        self.dab_weight = dab_weight
-        self.initializer_range = initializer_range
-        self.use_perturbation_flags = bool(use_perturbation_flags)
-        self.pert_pad_id = int(pert_pad_id)
+        # Attributes are set topic by topic; a `_Derived` one after the attributes it follows.
+        # The transformer.
+        self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
+        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
+        self.dropout, self.layer_norm_eps, self.initializer_range = dropout, layer_norm_eps, initializer_range
+        # Tokens and expression values.
+        self.cls_token_id, self.eoc_token_id, self.max_seq_len = cls_token_id, eoc_token_id, max_seq_len
+        self.pad_value, self.mask_value, self.max_value = float(pad_value), float(mask_value), float(max_value)
+        self.input_emb_style, self.n_bins, self.n_input_bins = input_emb_style, n_bins, n_input_bins
+        # Cell embedding and the pretraining, classification and integration heads.
+        self.cell_emb_style, self.pre_norm, self.explicit_zero_prob = cell_emb_style, pre_norm, explicit_zero_prob
+        self.do_mvc, self.mvc_decoder_style, self.use_generative_flag = do_mvc, mvc_decoder_style, use_generative_flag
+        self.nlayers_cls, self.do_dab, self.dab_weight = nlayers_cls, do_dab, dab_weight
+        self.ecs_threshold, self.ecs_weight = ecs_threshold, ecs_weight
+        # Batches.
+        self.use_batch_labels, self.batch2id, self.num_batch_labels = use_batch_labels, batch2id, num_batch_labels
+        self.domain_spec_batchnorm = "dsbn" if domain_spec_batchnorm is True else domain_spec_batchnorm
+        # Perturbation flags and decoder.
+        self.use_perturbation_flags, self.pert_pad_id = bool(use_perturbation_flags), int(pert_pad_id)
         self.perturbation_decoder_activation = perturbation_decoder_activation
         self.perturbation_decoder_adaptive_bias = bool(perturbation_decoder_adaptive_bias)
+        # Modalities.
         self.use_modality_embeddings = bool(use_modality_embeddings)
         self.modality_vocab = dict(modality_vocab) if modality_vocab is not None else None
-        self.modality_vocab_size = modality_vocab_size
-        self.modality_pad_id = modality_pad_id
+        self.modality_vocab_size, self.modality_pad_id = modality_vocab_size, modality_pad_id
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self._validate()
 
