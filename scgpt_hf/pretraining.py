@@ -61,11 +61,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .anndata_input import row_blocks, select_matrix
 from .atomic import atomic_output, check_writable
 from .configuration_scgpt import ScGPTConfig
 from .convert import check_saved_folder
 from .data import ScGPTDataCollator
-from .embedding import _row_blocks, _select_matrix
 from .tokenization_scgpt import ScGPTTokenizer, quiet_tokenizer_warnings
 
 logger = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ def _open_backed(path: Path) -> Any:
 def _file_genes(path: Path, layer: str | None, use_raw: bool, gene_column: str | None) -> tuple[list[str], int]:
     adata = _open_backed(path)
     try:
-        matrix, names, _ = _select_matrix(adata, layer, use_raw, gene_column)
-        return names, int(matrix.shape[0])
+        source = select_matrix(adata, layer, use_raw, gene_column)
+        return source.gene_names, source.n_cells
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     finally:
@@ -293,12 +293,9 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         return units
 
     def _read(self, handle: Any, unit: _Unit) -> Iterator[tuple[int, Any]]:
-        """Rows of `unit` as in-memory blocks (never more than `chunk_size` rows), with their first row."""
-        matrix, _, _ = _select_matrix(handle, self.layer, self.use_raw, self.gene_column)
-        start = unit.start
-        for block in _row_blocks(matrix, unit.start, unit.stop):
-            yield start, block
-            start += block.shape[0]
+        """Rows of `unit` as in-memory CSR blocks (never more than `chunk_size` rows), with their first row."""
+        source = select_matrix(handle, self.layer, self.use_raw, self.gene_column)
+        return row_blocks(source.matrix, unit.start, unit.stop)
 
     def read_summary(self) -> dict[str, Any]:
         """What this process has read: rows (``cells``), passes started (``passes``) and the first pass's
@@ -370,36 +367,6 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
 
 # ----------------------------------------------------------------------------------------------
 # Trainer
-
-
-def _trainer_class() -> type:
-    from accelerate.data_loader import IterableDatasetShard
-    from transformers import Trainer
-
-    class _StreamingTrainer(Trainer):
-        """Trainer whose train loader leaves sharding to `StreamingCellDataset` (see module docstring)."""
-
-        def get_train_dataloader(self):  # type: ignore[no-untyped-def]
-            loader = super().get_train_dataloader()
-            wrapped = getattr(loader, "dataset", None)
-            if isinstance(wrapped, IterableDatasetShard) and isinstance(wrapped.dataset, StreamingCellDataset):
-                if wrapped.dataset.shard_by_process:
-                    wrapped.num_processes, wrapped.process_index = 1, 0
-            return loader
-
-    return _StreamingTrainer
-
-
-def _cpu_launch_args(extra: Mapping[str, Any]) -> dict[str, Any]:
-    """Settings that make a multi-process launch on a machine without CUDA train as one DDP job.
-
-    Without ``use_cpu`` accelerate (1.15) sees no accelerator under ``torchrun``, sets up no distributed
-    training and every process trains its own model, alone, on its share of the data and writes
-    `output_dir`. ``gloo`` is PyTorch's CPU backend (accelerate would take ``mpi`` where available, which
-    ``torchrun`` does not set up). Nothing changes with CUDA, one process, or settings given by the user."""
-    if "use_cpu" in extra or torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        return {}
-    return {"use_cpu": True, "ddp_backend": "gloo"}
 
 
 def pretrain(
@@ -482,27 +449,70 @@ def pretrain(
             `checkpoint_dir(output_dir)`.
         overwrite: replace an existing `output_dir`.
     """
-    from accelerate.utils import gather_object
-    from transformers import TrainingArguments, set_seed
-
-    from .modeling_scgpt import ScGPTForPreTraining
-
     paths = _check_files(files)
     output_dir = Path(output_dir).expanduser().absolute()
     if _distributed_rank()[0] == 0:  # the process that will write it; before any data is read
         check_writable(output_dir, overwrite=overwrite, what="output folder")
-    ratios = [float(mask_ratio)] if isinstance(mask_ratio, numbers.Real) else [float(r) for r in mask_ratio]
-    if not ratios or min(ratios) <= 0:
-        raise ValueError(f"mask_ratio must be above 0 (the loss is on masked genes), got {mask_ratio}.")
-    mask_ratio = ratios if len(ratios) > 1 else ratios[0]
+    mask_ratio = _mask_ratio(mask_ratio)
     if tokenizer is None:
         tokenizer = build_vocab(paths, layer=layer, use_raw=use_raw, gene_column=gene_column)
     tokenizer = make_tokenizer(tokenizer, max_length=max_length)
 
     extra = dict(training_args or {})
+    args = _training_arguments(
+        output_dir, extra, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
+        logging_steps=logging_steps, seed=seed, num_workers=num_workers,
+    )
+    # The Trainer's rank and world size, so the data shards match the processes that train.
+    dataset = StreamingCellDataset(
+        paths, tokenizer, max_length=max_length, layer=layer, use_raw=use_raw, gene_column=gene_column,
+        chunk_size=chunk_size, shuffle_buffer=shuffle_buffer, seed=seed, epochs=None,
+        process_index=args.process_index, num_processes=args.world_size,
+    )
+    _set_schedule(args, extra, dataset.total_cells, max_steps, num_epochs, warmup_ratio)
+
+    config = _model_config(
+        tokenizer, max_length, generative, config_overrides, hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size or 2 * hidden_size, dropout=dropout,
+    )
+    model, trainer = _model_and_trainer(config, args, dataset, tokenizer, mask_ratio, generative, seed)
+    resumed_from = _resume_point(resume_from_checkpoint, args.output_dir)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resumed_from)
+    elapsed = time.perf_counter() - started
+
+    read = _gather_reads(dataset, args)
+    if trainer.is_world_process_zero():
+        metrics = _metrics(
+            trainer, model, result, dataset, read, resumed_from=resumed_from, mask_ratio=mask_ratio,
+            generative=generative, max_length=max_length, seed=seed, train_runtime_s=round(elapsed, 2),
+        )
+        _publish(output_dir, overwrite, model, tokenizer, metrics)
+    # No process returns before the folder is complete (a caller may read it right away on any rank).
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+def _mask_ratio(mask_ratio: float | Sequence[float]) -> float | list[float]:
+    """One fraction, or several to draw from per batch; each above 0 (the loss is on the masked genes)."""
+    ratios = [float(mask_ratio)] if isinstance(mask_ratio, numbers.Real) else [float(r) for r in mask_ratio]
+    if not ratios or min(ratios) <= 0:
+        raise ValueError(f"mask_ratio must be above 0 (the loss is on masked genes), got {mask_ratio}.")
+    return ratios if len(ratios) > 1 else ratios[0]
+
+
+def _training_arguments(
+    output_dir: Path, extra: Mapping[str, Any], *, batch_size: int, learning_rate: float, weight_decay: float,
+    logging_steps: int, seed: int, num_workers: int,
+) -> Any:
+    """`TrainingArguments` from `pretrain`'s settings, overridden by the user's `extra` ones; refuses a launch of
+    several processes that the Trainer would not join into one distributed job."""
+    from transformers import TrainingArguments
+
     settings = dict(
         output_dir=str(checkpoint_dir(output_dir)),
-        max_steps=1,  # set below, once the world size is known
+        max_steps=1,  # set by _set_schedule, once the world size is known
         per_device_train_batch_size=batch_size,
         learning_rate=learning_rate,
         warmup_steps=0,
@@ -525,41 +535,77 @@ def pretrain(
             f"training for {args.world_size}, so each process would train alone. Launch with torchrun or "
             "accelerate launch; on devices other than CUDA GPUs and CPUs pass training_args={'ddp_backend': ...}."
         )
-    # The Trainer's rank and world size, so the data shards match the processes that train.
-    dataset = StreamingCellDataset(
-        paths, tokenizer, max_length=max_length, layer=layer, use_raw=use_raw, gene_column=gene_column,
-        chunk_size=chunk_size, shuffle_buffer=shuffle_buffer, seed=seed, epochs=None,
-        process_index=args.process_index, num_processes=args.world_size,
-    )
-    per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    return args
+
+
+def _cpu_launch_args(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings that make a multi-process launch on a machine without CUDA train as one DDP job.
+
+    Without ``use_cpu`` accelerate (1.15) sees no accelerator under ``torchrun``, sets up no distributed
+    training and every process trains its own model, alone, on its share of the data and writes
+    `output_dir`. ``gloo`` is PyTorch's CPU backend (accelerate would take ``mpi`` where available, which
+    ``torchrun`` does not set up). Nothing changes with CUDA, one process, or settings given by the user."""
+    if "use_cpu" in extra or torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        return {}
+    return {"use_cpu": True, "ddp_backend": "gloo"}
+
+
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    """Where `pretrain` keeps Trainer checkpoints for `output_dir`: beside it (``OUTPUT_DIR.checkpoints``), since
+    the model folder itself appears only when training is over."""
+    output_dir = Path(output_dir).expanduser().absolute()
+    return output_dir.with_name(f"{output_dir.name}.checkpoints")
+
+
+def _set_schedule(
+    args: Any, extra: Mapping[str, Any], total_cells: int, max_steps: int | None, num_epochs: float | None,
+    warmup_ratio: float,
+) -> None:
+    """Training length in optimizer steps (`max_steps`, or `num_epochs` over the files' cells) and warmup."""
     if max_steps is None:
         if num_epochs is None:
             raise ValueError("Give max_steps or num_epochs (the stream has no end of its own).")
-        max_steps = max(1, math.ceil(dataset.total_cells * float(num_epochs) / per_step))
+        max_steps = max(1, math.ceil(total_cells * float(num_epochs) / _cells_per_step(args)))
     if max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}.")
     args.max_steps = int(max_steps)
     if "warmup_steps" not in extra:
         args.warmup_steps = int(round(warmup_ratio * args.max_steps))
 
+
+def _cells_per_step(args: Any) -> int:
+    return int(args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps)
+
+
+def _model_config(
+    tokenizer: ScGPTTokenizer, max_length: int, generative: bool, overrides: Mapping[str, Any] | None, **size: Any
+) -> ScGPTConfig:
+    """The new model's config: its size, the tokenizer's special tokens and binning, then `overrides`."""
     values = {
         "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "intermediate_size": intermediate_size or 2 * hidden_size,
-        "dropout": dropout,
+        **size,
         "pad_token_id": tokenizer.pad_token_id,
         "cls_token_id": tokenizer.cls_token_id,
         "eoc_token_id": tokenizer.convert_tokens_to_ids("<eoc>"),
         "pad_value": tokenizer.pad_value,
         "n_bins": tokenizer.n_bins,
         "max_seq_len": max_length,
-        **(config_overrides or {}),
+        **(overrides or {}),
     }
     if generative:
         values["use_generative_flag"] = True  # the flag embedding marks the genes to generate
-    config = ScGPTConfig(**values)
+    return ScGPTConfig(**values)
+
+
+def _model_and_trainer(
+    config: ScGPTConfig, args: Any, dataset: StreamingCellDataset, tokenizer: ScGPTTokenizer,
+    mask_ratio: float | list[float], generative: bool, seed: int,
+) -> tuple[Any, Any]:
+    """A freshly initialised (seeded) model and the Trainer that pretrains it on `dataset`."""
+    from transformers import set_seed
+
+    from .modeling_scgpt import ScGPTForPreTraining
+
     set_seed(seed)
     model = ScGPTForPreTraining(config)
     collator = ScGPTDataCollator(
@@ -571,64 +617,25 @@ def pretrain(
     if made_checkpoint_dir and args.save_strategy == "no":
         with contextlib.suppress(OSError):
             os.rmdir(args.output_dir)  # the Trainer makes it whether or not checkpoints are saved
-    resumed_from = _resume_point(resume_from_checkpoint, args.output_dir)
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resumed_from)
-    elapsed = time.perf_counter() - started
-
-    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
-    # Every process takes part in the gather; workers read in their own copies, which are not seen here.
-    read = gather_object([dataset.read_summary()]) if args.dataloader_num_workers == 0 else None
-    if trainer.is_world_process_zero():
-        n_last = max(1, len(losses) // 10)
-        metrics = {
-            # Mean of the last tenth of the logged losses (the run's mean loss when none was logged).
-            "final_loss": float(np.mean([l for _, l in losses[-n_last:]])) if losses else float(result.training_loss),
-            "first_loss": float(losses[0][1]) if losses else None,
-            "train_loss": float(result.training_loss),
-            "loss_history": [{"step": s, "loss": float(l)} for s, l in losses],
-            "max_steps": args.max_steps,
-            "global_step": int(trainer.state.global_step),
-            "resumed_from": resumed_from,
-            "cells_seen": int(trainer.state.global_step * per_step),
-            "cells_in_files": dataset.total_cells,
-            "epochs_seen": trainer.state.global_step * per_step / max(1, dataset.total_cells),
-            "files": [str(p) for p in paths],
-            "batch_size_per_device": args.per_device_train_batch_size,
-            "world_size": args.world_size,
-            # Per process (rank order): rows read, passes started and the first pass's (file, chunk) units
-            # as [index in "files", first row, stop row]; None with DataLoader workers.
-            "data_read_by_process": read,
-            "learning_rate": args.learning_rate,
-            "mask_ratio": mask_ratio,
-            "generative": generative,
-            "max_length": max_length,
-            "seed": seed,
-            "train_runtime_s": round(elapsed, 2),
-            "model": {
-                "hidden_size": config.hidden_size,
-                "num_hidden_layers": config.num_hidden_layers,
-                "num_attention_heads": config.num_attention_heads,
-                "vocab_size": config.vocab_size,
-                "parameters": int(sum(p.numel() for p in model.parameters())),
-            },
-        }
-        with atomic_output(output_dir, overwrite=overwrite, directory=True, what="output folder") as staging:
-            # model.save_pretrained, not trainer.save_model: that adds training_args.bin, a pickle push refuses.
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-            check_saved_folder(staging, model, tokenizer)
-    # No process returns before the folder is complete (a caller may read it right away on any rank).
-    trainer.accelerator.wait_for_everyone()
-    return output_dir
+    return model, trainer
 
 
-def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
-    """Where `pretrain` keeps Trainer checkpoints for `output_dir`: beside it (``OUTPUT_DIR.checkpoints``), since
-    the model folder itself appears only when training is over."""
-    output_dir = Path(output_dir).expanduser().absolute()
-    return output_dir.with_name(f"{output_dir.name}.checkpoints")
+def _trainer_class() -> type:
+    from accelerate.data_loader import IterableDatasetShard
+    from transformers import Trainer
+
+    class _StreamingTrainer(Trainer):
+        """Trainer whose train loader leaves sharding to `StreamingCellDataset` (see module docstring)."""
+
+        def get_train_dataloader(self):  # type: ignore[no-untyped-def]
+            loader = super().get_train_dataloader()
+            wrapped = getattr(loader, "dataset", None)
+            if isinstance(wrapped, IterableDatasetShard) and isinstance(wrapped.dataset, StreamingCellDataset):
+                if wrapped.dataset.shard_by_process:
+                    wrapped.num_processes, wrapped.process_index = 1, 0
+            return loader
+
+    return _StreamingTrainer
 
 
 def _resume_point(resume: bool | str | os.PathLike | None, checkpoints: str) -> str | None:
@@ -650,3 +657,64 @@ def _resume_point(resume: bool | str | os.PathLike | None, checkpoints: str) -> 
         raise FileNotFoundError(f"Checkpoint folder {resume} does not exist; give a checkpoint-N folder of "
                                 f"{checkpoints}, or True for the latest.")
     return os.fspath(resume)
+
+
+def _gather_reads(dataset: StreamingCellDataset, args: Any) -> list[dict[str, Any]] | None:
+    """Every process's `read_summary`, in rank order; None with DataLoader workers, which read in their own
+    copies of the dataset that are not seen here. Every process takes part in the gather."""
+    from accelerate.utils import gather_object
+
+    return gather_object([dataset.read_summary()]) if args.dataloader_num_workers == 0 else None
+
+
+def _metrics(
+    trainer: Any, model: Any, result: Any, dataset: StreamingCellDataset, read: list[dict[str, Any]] | None,
+    resumed_from: str | None, **run: Any,
+) -> dict[str, Any]:
+    """The content of ``training_metrics.json``: losses, steps, cells, settings (`run`), what each process read
+    and the model's size."""
+    args, state = trainer.args, trainer.state
+    losses = [(e["step"], e["loss"]) for e in state.log_history if "loss" in e]
+    n_last = max(1, len(losses) // 10)
+    per_step = _cells_per_step(args)
+    config = model.config
+    return {
+        # Mean of the last tenth of the logged losses (the run's mean loss when none was logged).
+        "final_loss": float(np.mean([l for _, l in losses[-n_last:]])) if losses else float(result.training_loss),
+        "first_loss": float(losses[0][1]) if losses else None,
+        "train_loss": float(result.training_loss),
+        "loss_history": [{"step": s, "loss": float(l)} for s, l in losses],
+        "max_steps": args.max_steps,
+        "global_step": int(state.global_step),
+        "resumed_from": resumed_from,
+        "cells_seen": int(state.global_step * per_step),
+        "cells_in_files": dataset.total_cells,
+        "epochs_seen": state.global_step * per_step / max(1, dataset.total_cells),
+        "files": [str(p) for p in dataset.files],
+        "batch_size_per_device": args.per_device_train_batch_size,
+        "world_size": args.world_size,
+        # Per process (rank order): rows read, passes started and the first pass's (file, chunk) units
+        # as [index in "files", first row, stop row]; None with DataLoader workers.
+        "data_read_by_process": read,
+        "learning_rate": args.learning_rate,
+        **run,  # mask_ratio, generative, max_length, seed, train_runtime_s
+        "model": {
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers,
+            "num_attention_heads": config.num_attention_heads,
+            "vocab_size": config.vocab_size,
+            "parameters": int(sum(p.numel() for p in model.parameters())),
+        },
+    }
+
+
+def _publish(
+    output_dir: Path, overwrite: bool, model: Any, tokenizer: ScGPTTokenizer, metrics: Mapping[str, Any]
+) -> None:
+    """Write model, tokenizer and metrics beside `output_dir`, load them back, then move the folder into place."""
+    with atomic_output(output_dir, overwrite=overwrite, directory=True, what="output folder") as staging:
+        # model.save_pretrained, not trainer.save_model: that adds training_args.bin, a pickle push refuses.
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        check_saved_folder(staging, model, tokenizer)

@@ -96,14 +96,14 @@ def test_reads_chunk_by_chunk(corpus, monkeypatch):
     """Rows are read at most chunk_size at a time, and the first cell comes out after the first chunk."""
     files, parts, tokenizer, _ = corpus
     reads = []
-    original = pt._row_blocks
+    original = pt.row_blocks
 
     def spy(matrix, start, stop):
         assert not isinstance(matrix, np.ndarray) and not hasattr(matrix, "toarray"), "matrix should be backed"
         reads.append(stop - start)
         yield from original(matrix, start, stop)
 
-    monkeypatch.setattr(pt, "_row_blocks", spy)
+    monkeypatch.setattr(pt, "row_blocks", spy)
     dataset = StreamingCellDataset(files, tokenizer, chunk_size=16, shuffle_buffer=8, seed=0)
     stream = iter(dataset)
     next(stream)
