@@ -314,7 +314,7 @@ class TritonClient:
         """Each cell's batch id for `model` from ``obs[batch_key]`` (names through the served model's batch2id;
         integer ids where it has none, or with `as_ids`), or None for a model without batch labels; raises
         ValueError, naming unknown batches, as :func:`scgpt_hf.embed` does, before anything is sent."""
-        from .embedding import _batch_ids
+        from ..embedding import _batch_ids
 
         return _batch_ids(adata, _served_batches(self.model_config(model)), batch_key, as_ids)
 
@@ -358,7 +358,7 @@ class TritonClient:
         names of the model's batch2id (integer ids only where it has none, or with ``batch_as_ids=True``), as in
         :func:`scgpt_hf.embed`.
         """
-        from .embedding import _check_storable
+        from ..embedding import _check_storable
 
         _check_storable(key_added, DEFAULT_KEY, obsm=[key_added], obs=[f"{key_added}_n_genes"])
         chunks, n_genes, ids, batches = self._prepare(adata, self.embed_model, batch_size, layer, use_raw,
@@ -428,8 +428,8 @@ class TritonClient:
         """
         import pandas as pd
 
-        from . import __version__
-        from .embedding import _check_storable
+        from .. import __version__
+        from ..embedding import _check_storable
 
         _check_storable(key_added, "scGPT_label", obsm=[f"{key_added}_probabilities"],
                         obs=[key_added, f"{key_added}_probability", f"{key_added}_n_genes"])

@@ -259,7 +259,7 @@ class TritonServer:
         # Through scgpt_hf.process_guard: the server dies with this process, however it ends (SIGKILL included),
         # and the guard removes the temporary folders after it.
         folders = [str(tmp)] + ([self._owned.name] if self._owned is not None else [])
-        guard = [str(self.env / "bin" / "python"), "-I", str(Path(__file__).with_name("process_guard.py")),
+        guard = [str(self.env / "bin" / "python"), "-I", str(Path(__file__).parent.parent / "process_guard.py"),
                  str(os.getpid()), *folders, "--"]
         self.process = subprocess.Popen([*guard, *self._cmd], stdout=self._log_handle, stderr=subprocess.STDOUT,
                                         env=env, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -514,7 +514,7 @@ _MODEL_ONLY = ("device", "precision", "attn_implementation", "max_batch_size", "
 def run_serve(args: argparse.Namespace) -> int:
     """Handler of `scgpt-hf serve`: runs until Ctrl-C / SIGTERM / SIGHUP (the terminal closed), then stops the
     server; a failure raises, for the CLI to print as one line."""
-    from .cli import CommandError
+    from ..cli import CommandError
 
     server: TritonServer | None = None
     server_args = dict(server_env=args.server_env, host=args.host, http_port=args.http_port,
@@ -560,7 +560,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry: `python -m scgpt_hf.serving MODEL|REPOSITORY_DIR ...`, the same as `scgpt-hf serve`."""
-    from .cli import main as cli_main
+    from ..cli import main as cli_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     return cli_main(argv if argv[:1] == ["serve"] else ["serve", *argv])
