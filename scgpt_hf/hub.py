@@ -247,41 +247,82 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_metrics(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """``MODEL_DIR/metrics.json`` (see the module docstring), or {} when there is none."""
-    path = Path(model_dir) / METRICS_FILE
+def _read_json_if_present(path: Path) -> dict[str, Any]:
     return _read_json(path) if path.is_file() else {}
 
 
-def _safetensors_parameters(paths: Sequence[Path]) -> int:
-    """Number of parameters stored in safetensors files, read from their headers only."""
-    total = 0
-    for path in paths:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return total
+def load_metrics(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """``MODEL_DIR/metrics.json`` (see the module docstring), or {} when there is none."""
+    return _read_json_if_present(Path(model_dir) / METRICS_FILE)
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        missing = [s for s in shards if not (model_dir / s).is_file()]
-        if not shards or missing:
-            raise HubPushError(f"{index} names shards that are not in {model_dir}: {missing or 'none listed'}.")
-        return [model_dir / s for s in shards]
-    single = model_dir / "model.safetensors"
-    return [single] if single.is_file() else []
+def render_card(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    license: str | None = None,  # noqa: A002 - the card field's name
+    datasets: Sequence[str] | None = None,
+    with_onnx: bool = False,
+    template: str | None = None,
+) -> ModelCard:
+    """Render the model card of a saved model folder from its config, tokenizer settings and metrics.
+
+    ``metrics`` defaults to ``MODEL_DIR/metrics.json``; ``base_model``, ``license`` and ``datasets`` override
+    what it records. ``template`` overrides the template chosen from ``config.architectures``.
+    """
+    model_dir = Path(model_dir)
+    config = ScGPTConfig.from_pretrained(model_dir)
+    metrics = dict(load_metrics(model_dir) if metrics is None else metrics)
+    tokenizer = _tokenizer_facts(model_dir, config)
+    architecture = (config.architectures or ["ScGPTModel"])[0]
+    template = template or metrics.get("card_template") or ARCHITECTURE_TEMPLATES.get(architecture, "pretrained")
+    if template not in CARD_TEMPLATES:
+        raise ValueError(f"Unknown card template {template!r}; known: {sorted(CARD_TEMPLATES)}.")
+    spec = CARD_TEMPLATES[template]
+    base_model = base_model or metrics.get("base_model")
+    evaluations = _evaluations(metrics)
+    model_name = metrics.get("model_name") or repo_id.split("/")[-1]
+    weights = _weights_facts(model_dir)
+    card_data = _card_data(
+        metrics, evaluations, spec, model_name=model_name, base_model=base_model,
+        license=license or metrics.get("license") or DEFAULT_LICENSE,
+        datasets=list(datasets if datasets is not None else metrics.get("datasets") or []),
+    )
+    return _render_template(spec.file, {
+        "card_data": card_data.to_yaml(), "model_name": model_name, "repo_id": repo_id, "architecture": architecture,
+        "head_description": ARCHITECTURE_DESCRIPTIONS.get(architecture, spec.description), "config": config,
+        "base_model": base_model, "hub_url": constants.ENDPOINT, "auto_class": _example_auto_class(architecture),
+        **weights, **tokenizer,
+        "needs_batch_labels": config.needs_batch_labels,
+        "labels": [config.id2label[i] for i in sorted(config.id2label)] if template == "annotation" else [],
+        "training": {"data": None, "procedure": None, "hyperparameters": None, **(metrics.get("training") or {})},
+        "evaluations": evaluations,
+        "onnx": _onnx_summary(model_dir / ONNX_DIR / ONNX_REPORT) if with_onnx else None,
+        "example_perturbation": metrics.get("example_perturbation") or [],
+    })
 
 
-def _format_number(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+def _tokenizer_facts(model_dir: Path, config: ScGPTConfig) -> dict[str, Any]:
+    """What the card says about the tokenizer, from its saved files (the config's values where they are silent)."""
+    tok = _read_json_if_present(model_dir / "tokenizer_config.json")
+    vocab = _read_json_if_present(model_dir / "vocab.json")
+    special = [
+        {"name": str(tok.get(f"{k}_token", default)), "id": getattr(config, f"{k}_token_id")}
+        for k, default in (("pad", "<pad>"), ("cls", "<cls>"), ("eoc", "<eoc>"))
+    ]
+    vocab_size = len(vocab) if vocab else config.vocab_size
+    truncation = tok.get("truncation_strategy", "random")
+    return {
+        "vocab_size": vocab_size, "n_genes": vocab_size - len(special), "special_tokens": special,
+        "n_bins": int(tok.get("n_bins", config.n_bins)),
+        "cls_token_id": config.cls_token_id, "pad_token_id": config.pad_token_id,
+        "cls_value": float(tok.get("cls_value", 0.0)),
+        "max_length": int(tok.get("max_length", config.max_seq_len)),
+        "include_zero_genes": bool(tok.get("include_zero_genes", False)),
+        "truncation_text": "at random (seeded per cell)" if truncation == "random" else "by highest expression",
+    }
 
 
 def _evaluations(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -311,7 +352,87 @@ def _evaluations(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _format_number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+
+
+def _weights_facts(model_dir: Path) -> dict[str, Any]:
+    """The parameter count (from the safetensors headers) and whether the weights are sharded."""
+    weights = _weight_files(model_dir)
+    n_params = _safetensors_parameters(weights) if weights else None
+    return {
+        "n_params_text": f"{n_params / 1e6:.2f} M ({n_params:,})" if n_params else "not recorded",
+        "sharded": len(weights) > 1,
+    }
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """A saved model's safetensors files: the shards its index names (all present), else model.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if not shards or missing:
+            raise HubPushError(f"{index} names shards that are not in {model_dir}: {missing or 'none listed'}.")
+        return [model_dir / s for s in shards]
+    single = model_dir / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _safetensors_parameters(paths: Sequence[Path]) -> int:
+    """Number of parameters stored in safetensors files, read from their headers only."""
+    total = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def _example_auto_class(architecture: str) -> str | None:
+    """The Auto class the card's "how to use" loads the model with; None where it loads the head class itself."""
+    if architecture in HEAD_CLASS_LOADED:
+        return None
+    classes = {_qualname(c).split(".")[1]: name for name, c in _package_classes().items()}
+    auto_class = ARCHITECTURE_AUTO_CLASS.get(architecture) or classes.get(architecture, "AutoModel")
+    if auto_class == "AutoModelForPreTraining":
+        return "AutoModel"  # the card's example embeds cells; the backbone loads from any checkpoint
+    return auto_class
+
+
+def _card_data(
+    metrics: Mapping[str, Any], evaluations: list[dict[str, Any]], spec: CardTemplate, *, model_name: str,
+    base_model: str | None, license: str, datasets: list[str],  # noqa: A002
+) -> ModelCardData:
+    """The card's YAML metadata; ``model-index`` only when evaluations were recorded."""
+    eval_results = [
+        EvalResult(
+            task_type=ev["task_type"], task_name=ev["task_name"], dataset_type=ev["dataset_type"],
+            dataset_name=ev["dataset_name"], dataset_split=ev["dataset_split"], dataset_config=ev["dataset_config"],
+            dataset_revision=ev["dataset_revision"], metric_type=m["type"], metric_name=m["name"],
+            metric_value=m["value"], metric_args=m.get("args"), metric_config=m.get("config"),
+        )
+        for ev in evaluations for m in ev["metrics"]
+    ]
+    return ModelCardData(
+        library_name="transformers",
+        license=license,
+        tags=list(CARD_TAGS) + [t for t in metrics.get("tags", []) if t not in CARD_TAGS],
+        pipeline_tag=spec.pipeline_tag,
+        base_model=base_model,
+        datasets=datasets or None,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+
+
 def _onnx_summary(report_path: Path) -> dict[str, Any] | None:
+    """What the card reports of an ONNX export and its validation, from its report (None without one)."""
     if not report_path.is_file():
         return None
     report = _read_json(report_path)
@@ -332,114 +453,23 @@ def _onnx_summary(report_path: Path) -> dict[str, Any] | None:
     }
 
 
-def render_card(
-    model_dir: str | os.PathLike,
-    repo_id: str,
-    *,
-    metrics: Mapping[str, Any] | None = None,
-    base_model: str | None = None,
-    license: str | None = None,  # noqa: A002 - the card field's name
-    datasets: Sequence[str] | None = None,
-    with_onnx: bool = False,
-    template: str | None = None,
-) -> ModelCard:
-    """Render the model card of a saved model folder from its config, tokenizer settings and metrics.
-
-    ``metrics`` defaults to ``MODEL_DIR/metrics.json``; ``base_model``, ``license`` and ``datasets`` override
-    what it records. ``template`` overrides the template chosen from ``config.architectures``.
-    """
+def _render_template(file: str, context: Mapping[str, Any]) -> ModelCard:
+    """Render ``model_cards/FILE``; a value the template uses but ``context`` lacks is an error, not a blank."""
     import jinja2
 
-    model_dir = Path(model_dir)
-    config = ScGPTConfig.from_pretrained(model_dir)
-    metrics = dict(load_metrics(model_dir) if metrics is None else metrics)
-    tok_path = model_dir / "tokenizer_config.json"
-    tok = _read_json(tok_path) if tok_path.is_file() else {}
-    vocab_path = model_dir / "vocab.json"
-    vocab = _read_json(vocab_path) if vocab_path.is_file() else {}
-
-    architecture = (config.architectures or ["ScGPTModel"])[0]
-    template = template or metrics.get("card_template") or ARCHITECTURE_TEMPLATES.get(architecture, "pretrained")
-    if template not in CARD_TEMPLATES:
-        raise ValueError(f"Unknown card template {template!r}; known: {sorted(CARD_TEMPLATES)}.")
-    spec = CARD_TEMPLATES[template]
-    base_model = base_model or metrics.get("base_model")
-    datasets = list(datasets if datasets is not None else metrics.get("datasets") or [])
-    evaluations = _evaluations(metrics)
-    model_name = metrics.get("model_name") or repo_id.split("/")[-1]
-
-    weights = _weight_files(model_dir)
-    n_params = _safetensors_parameters(weights) if weights else None
-    special = [
-        {"name": str(tok.get(f"{k}_token", default)), "id": getattr(config, f"{k}_token_id")}
-        for k, default in (("pad", "<pad>"), ("cls", "<cls>"), ("eoc", "<eoc>"))
-    ]
-    vocab_size = len(vocab) if vocab else config.vocab_size
-    classes = {_qualname(c).split(".")[1]: name for name, c in _package_classes().items()}
-    auto_class = ARCHITECTURE_AUTO_CLASS.get(architecture) or classes.get(architecture, "AutoModel")
-    if architecture in HEAD_CLASS_LOADED:
-        auto_class = None
-    elif auto_class == "AutoModelForPreTraining":
-        auto_class = "AutoModel"  # the card's example embeds cells; the backbone loads from any checkpoint
-    labels = [config.id2label[i] for i in sorted(config.id2label)] if template == "annotation" else []
-    truncation = tok.get("truncation_strategy", "random")
-
-    eval_results = [
-        EvalResult(
-            task_type=ev["task_type"], task_name=ev["task_name"], dataset_type=ev["dataset_type"],
-            dataset_name=ev["dataset_name"], dataset_split=ev["dataset_split"], dataset_config=ev["dataset_config"],
-            dataset_revision=ev["dataset_revision"], metric_type=m["type"], metric_name=m["name"],
-            metric_value=m["value"], metric_args=m.get("args"), metric_config=m.get("config"),
-        )
-        for ev in evaluations for m in ev["metrics"]
-    ]
-    card_data = ModelCardData(
-        library_name="transformers",
-        license=license or metrics.get("license") or DEFAULT_LICENSE,
-        tags=list(CARD_TAGS) + [t for t in metrics.get("tags", []) if t not in CARD_TAGS],
-        pipeline_tag=spec.pipeline_tag,
-        base_model=base_model,
-        datasets=datasets or None,
-        model_name=model_name if eval_results else None,
-        eval_results=eval_results or None,
-    )
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(card_template_dir())), trim_blocks=True, lstrip_blocks=True,
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
     )
-    context = {
-        "card_data": card_data.to_yaml(), "model_name": model_name, "repo_id": repo_id, "architecture": architecture,
-        "head_description": ARCHITECTURE_DESCRIPTIONS.get(architecture, spec.description), "config": config,
-        "base_model": base_model,
-        "hub_url": constants.ENDPOINT, "auto_class": auto_class,
-        "n_params_text": f"{n_params / 1e6:.2f} M ({n_params:,})" if n_params else "not recorded",
-        "sharded": len(weights) > 1, "vocab_size": vocab_size, "n_genes": vocab_size - len(special),
-        "special_tokens": special, "n_bins": int(tok.get("n_bins", config.n_bins)),
-        "cls_token_id": config.cls_token_id, "pad_token_id": config.pad_token_id,
-        "cls_value": float(tok.get("cls_value", 0.0)),
-        "max_length": int(tok.get("max_length", config.max_seq_len)),
-        "include_zero_genes": bool(tok.get("include_zero_genes", False)),
-        "truncation_text": "at random (seeded per cell)" if truncation == "random" else "by highest expression",
-        "needs_batch_labels": bool(config.use_batch_labels or config.domain_spec_batchnorm == "dsbn"),
-        "labels": labels, "training": {"data": None, "procedure": None, "hyperparameters": None,
-                                        **(metrics.get("training") or {})},
-        "evaluations": evaluations,
-        "onnx": _onnx_summary(model_dir / ONNX_DIR / ONNX_REPORT) if with_onnx else None,
-        "example_perturbation": metrics.get("example_perturbation") or [],
-    }
     try:
-        text = env.get_template(spec.file).render(**context)
+        text = env.get_template(file).render(**context)
     except jinja2.UndefinedError as exc:
-        raise ValueError(f"Card template {spec.file} uses a value this model does not record: {exc}") from exc
+        raise ValueError(f"Card template {file} uses a value this model does not record: {exc}") from exc
     return ModelCard(text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Staging and pushing
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def stage(model_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id: str, *, with_onnx: bool = False,
@@ -451,6 +481,22 @@ def stage(model_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id: str
     adds the remote-code files and a complete ``auto_map``, renders the card unless ``card`` is given.
     """
     src, out = Path(model_dir), Path(out_dir)
+    config, weights = _check_model_folder(src, with_onnx)
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_model_files(src, out, weights)
+    _add_remote_code(src, out, config)
+    if with_onnx:
+        _copy_onnx(src / ONNX_DIR, out / ONNX_DIR)
+    if card is None:
+        card = render_card(src, repo_id, base_model=base_model, license=license, with_onnx=with_onnx)
+    elif not isinstance(card, ModelCard):
+        card = ModelCard(Path(card).read_text(encoding="utf-8") if Path(str(card)).is_file() else str(card))
+    (out / "README.md").write_text(str(card), encoding="utf-8")
+    return sorted(str(p.relative_to(out)).replace(os.sep, "/") for p in out.rglob("*") if p.is_file())
+
+
+def _check_model_folder(src: Path, with_onnx: bool) -> tuple[dict[str, Any], list[Path]]:
+    """A saved scGPT model with safetensors weights, its tokenizer and no pickles: (its config, its weight files)."""
     if not (src / "config.json").is_file():
         raise HubPushError(f"{src} is not a saved scGPT model: it has no config.json (use model.save_pretrained).")
     config = _read_json(src / "config.json")
@@ -475,7 +521,11 @@ def stage(model_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id: str
             f"{src} lacks the tokenizer files {missing_tok}; a model on the Hub needs its tokenizer: "
             "run tokenizer.save_pretrained(MODEL_DIR) first."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    return config, weights
+
+
+def _copy_model_files(src: Path, out: Path, weights: Sequence[Path]) -> None:
+    """The weights (with their shard index) and the published config, metrics and tokenizer files."""
     names = {f.name for f in weights}
     if (src / "model.safetensors.index.json").is_file():
         names.add("model.safetensors.index.json")
@@ -483,6 +533,9 @@ def stage(model_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id: str
     for name in sorted(names):
         shutil.copyfile(src / name, out / name)
 
+
+def _add_remote_code(src: Path, out: Path, config: Mapping[str, Any]) -> None:
+    """The code files (checked to import only what the Hub's users have) and a complete ``auto_map``."""
     code = remote_code_files()
     check_remote_code(code)
     for f in code:
@@ -492,26 +545,25 @@ def stage(model_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id: str
     tok_config = _read_json(src / "tokenizer_config.json")
     _write_json(out / "tokenizer_config.json", {**tok_config, "auto_map": maps["tokenizer"]})
 
-    if with_onnx:
-        graphs = sorted(p for p in onnx_src.rglob("*.onnx") if not p.name.endswith(".failed.onnx")) \
-            if onnx_src.is_dir() else []
-        if not graphs:
-            raise HubPushError(f"--with-onnx: {onnx_src} holds no .onnx graph; run `scgpt-hf export onnx` into it.")
-        report = onnx_src / ONNX_REPORT
-        if report.is_file() and _read_json(report).get("passed") is False:
-            raise HubPushError(f"{report} says the ONNX export failed validation; it is not published.")
-        for p in sorted(onnx_src.rglob("*")):
-            if p.is_file() and not p.name.endswith(".failed.onnx"):
-                dest = out / ONNX_DIR / p.relative_to(onnx_src)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(p, dest)
 
-    if card is None:
-        card = render_card(src, repo_id, base_model=base_model, license=license, with_onnx=with_onnx)
-    elif not isinstance(card, ModelCard):
-        card = ModelCard(Path(card).read_text(encoding="utf-8") if Path(str(card)).is_file() else str(card))
-    (out / "README.md").write_text(str(card), encoding="utf-8")
-    return sorted(str(p.relative_to(out)).replace(os.sep, "/") for p in out.rglob("*") if p.is_file())
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _copy_onnx(onnx_src: Path, onnx_out: Path) -> None:
+    """The ONNX export (graphs, report, external data), unless it has no graph or failed its validation;
+    graphs set aside as ``*.failed.onnx`` stay behind."""
+    files = sorted(p for p in onnx_src.rglob("*") if p.is_file() and not p.name.endswith(".failed.onnx")) \
+        if onnx_src.is_dir() else []
+    if not any(p.suffix == ".onnx" for p in files):
+        raise HubPushError(f"--with-onnx: {onnx_src} holds no .onnx graph; run `scgpt-hf export onnx` into it.")
+    report = onnx_src / ONNX_REPORT
+    if report.is_file() and _read_json(report).get("passed") is False:
+        raise HubPushError(f"{report} says the ONNX export failed validation; it is not published.")
+    for p in files:
+        dest = onnx_out / p.relative_to(onnx_src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dest)
 
 
 def _explain(err: Exception, repo_id: str, revision: str | None, action: str) -> str:
