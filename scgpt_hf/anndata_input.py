@@ -11,12 +11,14 @@ name the genes, read in-memory and backed (on-disk) matrices and refuse bad valu
 - `csr_rows` reads one block; float16 (which scipy cannot hold) becomes float32, exactly.
 - `check_numeric` and `check_values` refuse non-numeric, NaN/infinite and negative values with the
   position of the first bad entry and the fix.
+- `batch_codes` maps an ``obs`` column of batches to a model's batch ids.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ import scipy.sparse as sp
 
 __all__ = [
     "ExpressionInput",
+    "batch_codes",
     "check_numeric",
     "check_values",
     "csr_rows",
@@ -214,3 +217,40 @@ def _where(block: sp.csr_matrix, start: int, bad: np.ndarray, gene_names: Sequen
     col = int(block.indices[pos])
     gene = f", gene {gene_names[col]!r}" if gene_names is not None else ""
     return f"first at cell {row}, column {col}{gene}; {int(bad.sum())} entries in rows {start}-{start + block.shape[0] - 1}"
+
+
+def batch_codes(
+    adata: Any,
+    batch_key: str | None,
+    *,
+    needs_batch_labels: bool,
+    num_batch_labels: int | None,
+    batch2id: Mapping[str, int] | None,
+    as_ids: bool = False,
+) -> np.ndarray | None:
+    """Each cell's batch id from ``obs[batch_key]``, or None for a model that takes no batch labels.
+
+    The model's batch settings (its config's, or those a served model publishes) decide: `needs_batch_labels`
+    (batch embeddings or domain-specific batch norm), `num_batch_labels` and `batch2id`. Values are names of
+    `batch2id` whatever the column's dtype; integer ids only where the model has no names, or with `as_ids`.
+    A missing or needless `batch_key`, or a batch the model was not trained on, is an error naming the fix.
+    """
+    from .modeling_scgpt import batch_ids
+
+    if not needs_batch_labels:
+        if batch_key is not None:
+            raise ValueError(f"batch_key={batch_key!r} was given but this model takes no batch labels; drop it.")
+        return None
+    if batch_key is None:
+        raise ValueError(
+            "This model needs batch labels (batch embeddings or domain-specific batch norm): pass batch_key=, the "
+            "obs column with each cell's batch (names of config.batch2id, or the integer ids used in training "
+            "when the model has no names)."
+        )
+    if batch_key not in adata.obs:
+        raise ValueError(f"obs has no column {batch_key!r}; available: {list(adata.obs.columns)}.")
+    settings = SimpleNamespace(num_batch_labels=num_batch_labels, batch2id=batch2id)
+    try:
+        return np.asarray(batch_ids(adata.obs[batch_key], settings, as_ids=as_ids), dtype=np.int64)
+    except ValueError as err:
+        raise ValueError(f"obs[{batch_key!r}]: {err}") from err

@@ -41,70 +41,34 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
 
-from .inference import DEFAULT_MAX_TOKENS, autocast_dtype, precision_name, run_cells
-from .modeling_scgpt import ScGPTForCellClassification, ScGPTModel, ScGPTPreTrainedModel, batch_ids
+from .anndata_input import batch_codes
+from .anndata_output import (
+    DEFAULT_KEY,
+    DEFAULT_LABEL_KEY,
+    check_annotation_key,
+    check_embedding_key,
+    write_annotation,
+    write_embedding,
+)
+from .inference import DEFAULT_MAX_TOKENS, autocast_dtype, load_model, pick_device, precision_name, run_cells
+from .modeling_scgpt import ScGPTForCellClassification, ScGPTPreTrainedModel
 from .tokenization_scgpt import ScGPTTokenizer, csr_rows
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["annotate", "embed", "DEFAULT_KEY"]
 
-DEFAULT_KEY = "X_scGPT"
 # Largest number of matrix elements read at once from a dense (in-memory or on-disk) matrix.
 _DENSE_READ_ELEMENTS = 1 << 24
 
 
 # ----------------------------------------------------------------------------------------------
 # Model and data resolution
-
-
-def _load(
-    model: ScGPTPreTrainedModel | str | os.PathLike,
-    tokenizer: ScGPTTokenizer | str | os.PathLike | None,
-    model_class: type[ScGPTPreTrainedModel] = ScGPTModel,
-) -> tuple[ScGPTPreTrainedModel, ScGPTTokenizer, str]:
-    """Return (model of `model_class`, tokenizer, model name) from instances, local folders or Hub ids.
-
-    For `ScGPTModel`, a head model's backbone (under `base_model_prefix`) is taken.
-    """
-    if isinstance(model, (str, os.PathLike)):
-        name = os.fspath(model)
-        model = model_class.from_pretrained(name)
-    elif isinstance(model, ScGPTPreTrainedModel):
-        name = str(getattr(model, "name_or_path", "") or model.config._name_or_path or "")
-    else:
-        raise TypeError(
-            f"model must be an scGPT model instance or a path / Hub id, got {type(model).__name__}."
-        )
-    if model_class is ScGPTModel and not isinstance(model, ScGPTModel):
-        model = getattr(model, model.base_model_prefix, None) or model
-    if not isinstance(model, model_class):
-        raise TypeError(f"Expected a {model_class.__name__} (or a folder / Hub id of one), got {type(model).__name__}.")
-    if tokenizer is None:
-        if not name:
-            raise ValueError(
-                "No tokenizer given and the model was not loaded from a folder or Hub id; pass "
-                "tokenizer=ScGPTTokenizer.from_pretrained(...) (the vocabulary the model was trained with)."
-            )
-        tokenizer = ScGPTTokenizer.from_pretrained(name)
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(tokenizer))
-    if not isinstance(tokenizer, ScGPTTokenizer):
-        raise TypeError(f"tokenizer must be an ScGPTTokenizer, got {type(tokenizer).__name__}.")
-    config = model.config
-    if len(tokenizer) > config.vocab_size or tokenizer.pad_token_id != config.pad_token_id:
-        raise ValueError(
-            f"Tokenizer and model disagree (tokenizer: {len(tokenizer)} tokens, pad id "
-            f"{tokenizer.pad_token_id}; model: vocab_size {config.vocab_size}, pad id {config.pad_token_id}): "
-            "use the tokenizer saved with the model."
-        )
-    return model, tokenizer, name
 
 
 def _select_matrix(
@@ -148,15 +112,6 @@ def _row_blocks(matrix: Any, start: int, stop: int) -> Iterator[sp.csr_matrix]:
 
 # ----------------------------------------------------------------------------------------------
 # Runtime
-
-
-def _pick_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} was asked for but CUDA is not available here.")
-    return device
 
 
 def _available_cpus() -> int:
@@ -245,7 +200,7 @@ def _run_cells(
     if sp.issparse(matrix) and matrix.format != "csr":
         matrix = matrix.tocsr()  # row chunks of CSC are slow; this copies but never densifies
     match = tokenizer.match_genes(gene_names)
-    target = _pick_device(device)
+    target = pick_device(device)
     dtype = autocast_dtype(target, precision)
     if max_tokens == "auto":
         max_tokens = DEFAULT_MAX_TOKENS.get(target.type)
@@ -317,50 +272,12 @@ def _run_cells(
     return out, n_genes, facts
 
 
-def _batch_ids(adata: AnnData, config: Any, batch_key: str | None, as_ids: bool = False) -> np.ndarray | None:
-    """Each cell's batch id from `obs[batch_key]` (names through `config.batch2id`; integer ids where the model
-    has no names, or with `as_ids`), for models with batch embeddings or batch norm. `config`: the model's, or
-    a served model's batch settings."""
-    if not config.needs_batch_labels:
-        if batch_key is not None:
-            raise ValueError(f"batch_key={batch_key!r} was given but this model takes no batch labels; drop it.")
-        return None
-    if batch_key is None:
-        raise ValueError(
-            "This model needs batch labels (batch embeddings or domain-specific batch norm): pass batch_key=, the "
-            "obs column with each cell's batch (names of config.batch2id, or the integer ids used in training "
-            "when the model has no names)."
-        )
-    if batch_key not in adata.obs:
-        raise ValueError(f"obs has no column {batch_key!r}; available: {list(adata.obs.columns)}.")
-    try:
-        return np.asarray(batch_ids(adata.obs[batch_key], config, as_ids=as_ids), dtype=np.int64)
-    except ValueError as err:
-        raise ValueError(f"obs[{batch_key!r}]: {err}") from err
-
-
-def _check_storable(key_added: Any, default: str, obsm: list[str], obs: list[str]) -> None:
-    """Refuse, before any compute, a `key_added` whose keys (and `uns[key_added + "_params"]`) an .h5ad file
-    cannot hold: they would fail to write, or come back under other names or not at all."""
-    if not isinstance(key_added, str):
-        raise ValueError(f"key_added={key_added!r} is not a string, which an .h5ad file cannot hold: choose a string.")
-    slots = [("obsm", key) for key in obsm] + [("obs", key) for key in obs] + [("uns", f"{key_added}_params")]
-    for slot, key in slots:
-        if "/" in key:
-            why = "'/' separates groups in HDF5"
-        elif "\x00" in key:
-            why = "HDF5 names hold no NUL byte"
-        elif key in ("", "."):
-            why = "HDF5 reads it as the group itself"
-        elif slot == "obs" and key == "_index":
-            why = "anndata keeps the cell names there"
-        else:
-            continue
-        suggestion = key_added.replace("/", "_").replace("\x00", "").strip(".")
-        raise ValueError(
-            f"key_added={key_added!r} would write {slot}[{key!r}], which an .h5ad file cannot hold ({why}): "
-            f"choose another key, e.g. {suggestion if suggestion not in ('', '_index') else default!r}."
-        )
+def _batch_codes(adata: AnnData, config: Any, batch_key: str | None, as_ids: bool) -> np.ndarray | None:
+    """Each cell's batch id for a model with this config (see `anndata_input.batch_codes`)."""
+    return batch_codes(
+        adata, batch_key, needs_batch_labels=config.needs_batch_labels, num_batch_labels=config.num_batch_labels,
+        batch2id=config.batch2id, as_ids=as_ids,
+    )
 
 
 def _warn_empty(n_empty: int, n_obs: int, where: str, n_genes_key: str) -> None:
@@ -438,30 +355,26 @@ def embed(
     """
     from . import __version__
 
-    _check_storable(key_added, DEFAULT_KEY, obsm=[key_added], obs=[f"{key_added}_n_genes"])
-    backbone, tokenizer, name = _load(model, tokenizer)
+    check_embedding_key(key_added)
+    backbone, tokenizer, name = load_model(model, tokenizer)
     config = backbone.config
     out, n_genes, facts = _run_cells(
         adata, backbone, tokenizer, lambda result: result.cell_embedding, config.hidden_size,
         cls_value=float(config.pad_value),  # the original's embedding path puts pad_value at <cls>
-        batch_ids=_batch_ids(adata, backbone.config, batch_key, batch_as_ids),
+        batch_ids=_batch_codes(adata, config, batch_key, batch_as_ids),
         batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
         gene_column=gene_column, device=device, precision=precision, chunk_size=chunk_size, max_tokens=max_tokens,
         num_threads=num_threads, progress=progress, desc="Embedding cells",
     )
-    done = n_genes > 0
-    out[done] /= np.linalg.norm(out[done], axis=1, keepdims=True)
     _warn_empty(facts["n_cells_empty"], adata.n_obs, f"rows of obsm[{key_added!r}]", f"{key_added}_n_genes")
-    adata.obsm[key_added] = out
-    adata.obs[f"{key_added}_n_genes"] = n_genes
-    adata.uns[f"{key_added}_params"] = {
+    write_embedding(adata, key_added, out, n_genes, {
         "model": name or type(backbone).__name__,
         "cell_emb_style": str(config.cell_emb_style),
         "batch_key": batch_key,
         "batch_as_ids": bool(batch_as_ids),
         **facts,
         "scgpt_hf_version": str(__version__),
-    }
+    })
     return adata
 
 
@@ -470,7 +383,7 @@ def annotate(
     model: ScGPTForCellClassification | str | os.PathLike,
     tokenizer: ScGPTTokenizer | str | os.PathLike | None = None,
     *,
-    key_added: str = "scGPT_label",
+    key_added: str = DEFAULT_LABEL_KEY,
     batch_size: int = 64,
     max_length: int = 1200,
     seed: int = 0,
@@ -499,19 +412,14 @@ def annotate(
     """
     from . import __version__
 
-    _check_storable(
-        key_added,
-        "scGPT_label",
-        obsm=[f"{key_added}_probabilities"],
-        obs=[key_added, f"{key_added}_probability", f"{key_added}_n_genes"],
-    )
-    classifier, tokenizer, name = _load(model, tokenizer, ScGPTForCellClassification)
+    check_annotation_key(key_added)
+    classifier, tokenizer, name = load_model(model, tokenizer, ScGPTForCellClassification)
     config = classifier.config
     labels = [config.id2label[i] for i in range(config.num_labels)]
     probs, n_genes, facts = _run_cells(
         adata, classifier, tokenizer, lambda result: torch.softmax(result.logits.float(), dim=-1), config.num_labels,
         cls_value=float(tokenizer.cls_value),
-        batch_ids=_batch_ids(adata, classifier.config, batch_key, batch_as_ids),
+        batch_ids=_batch_codes(adata, config, batch_key, batch_as_ids),
         batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
         gene_column=gene_column, device=device, precision=precision, chunk_size=chunk_size, max_tokens=max_tokens,
         num_threads=num_threads, progress=progress, desc="Annotating cells",
@@ -519,11 +427,8 @@ def annotate(
     done = n_genes > 0
     _warn_empty(facts["n_cells_empty"], adata.n_obs, f"labels in obs[{key_added!r}]", f"{key_added}_n_genes")
     best = np.where(done, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), -1)
-    adata.obs[key_added] = pd.Categorical.from_codes(best, categories=labels)
-    adata.obs[f"{key_added}_probability"] = np.where(done, probs[np.arange(len(best)), np.maximum(best, 0)], np.nan)
-    adata.obs[f"{key_added}_n_genes"] = n_genes
-    adata.obsm[f"{key_added}_probabilities"] = probs
-    adata.uns[f"{key_added}_params"] = {
+    probability = np.where(done, probs[np.arange(len(best)), np.maximum(best, 0)], np.nan)
+    params = {
         "model": name or type(classifier).__name__,
         "labels": labels,
         "batch_key": batch_key,
@@ -531,4 +436,6 @@ def annotate(
         **facts,
         "scgpt_hf_version": str(__version__),
     }
+    write_annotation(adata, key_added, labels=labels, codes=best, probability=probability, probabilities=probs,
+                     n_genes=n_genes, params=params)
     return adata

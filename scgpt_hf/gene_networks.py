@@ -16,10 +16,12 @@ What the original offers (``scgpt.tasks.GeneEmbedding`` and the GRN tutorials), 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -28,8 +30,10 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
+from .anndata_input import ExpressionInput, check_values, row_blocks, select_matrix
 from .cell_encoding import encode_cell, match_gene_names
-from .embedding import _load, _pick_device, _row_blocks, _select_matrix
+from .inference import load_model as _load
+from .inference import pick_device as _pick_device
 from .modeling_scgpt import ScGPTModel, ScGPTPreTrainedModel
 from .tokenization_scgpt import ScGPTTokenizer
 
@@ -53,40 +57,6 @@ MissingPolicy = Literal["error", "drop"]
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _backbone_and_tokenizer(
-    model: ScGPTPreTrainedModel | str | os.PathLike, tokenizer: ScGPTTokenizer | str | os.PathLike | None
-) -> tuple[ScGPTModel, ScGPTTokenizer, str]:
-    """Backbone and tokenizer from instances or folders / Hub ids (any scGPT model, batch labels or not)."""
-    if isinstance(model, (str, os.PathLike)):
-        name = os.fspath(model)
-        model = ScGPTModel.from_pretrained(name)
-    elif isinstance(model, ScGPTPreTrainedModel):
-        name = str(getattr(model, "name_or_path", "") or model.config._name_or_path or "")
-    else:
-        raise TypeError(f"model must be an scGPT model instance or a path / Hub id, got {type(model).__name__}.")
-    if not isinstance(model, ScGPTModel):
-        model = getattr(model, model.base_model_prefix, None) or model
-    if not isinstance(model, ScGPTModel):
-        raise TypeError(f"Expected an scGPT model with an ScGPTModel backbone, got {type(model).__name__}.")
-    if tokenizer is None:
-        if not name:
-            raise ValueError(
-                "No tokenizer given and the model was not loaded from a folder or Hub id; pass "
-                "tokenizer=ScGPTTokenizer.from_pretrained(...) (the vocabulary the model was trained with)."
-            )
-        tokenizer = name
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(tokenizer))
-    if not isinstance(tokenizer, ScGPTTokenizer):
-        raise TypeError(f"tokenizer must be an ScGPTTokenizer, got {type(tokenizer).__name__}.")
-    if max(tokenizer.get_vocab().values()) >= model.config.vocab_size:
-        raise ValueError(
-            f"The tokenizer has ids up to {max(tokenizer.get_vocab().values())} but the model only "
-            f"{model.config.vocab_size} embedding rows: use the tokenizer saved with the model."
-        )
-    return model, tokenizer, name
 
 
 def _special_tokens(tokenizer: ScGPTTokenizer) -> tuple[str, ...]:
@@ -123,6 +93,14 @@ def _resolve_genes(
     if unmatched:
         logger.warning("%d genes not in %s were left out: %s", len(unmatched), where, unmatched[:20])
     return [n for n, k in zip(names, keep) if k], ids[keep], unmatched
+
+
+def _gene_vectors(gene_adata: AnnData, use_rep: str | None = None) -> np.ndarray:
+    """The genes' vectors (`X`, or `obsm[use_rep]`) as a dense array."""
+    x = gene_adata.X if use_rep is None else gene_adata.obsm[use_rep]
+    if x is None:
+        raise ValueError("gene_adata has no X; pass use_rep= naming an obsm entry with the gene vectors.")
+    return x.toarray() if sp.issparse(x) else np.asarray(x)
 
 
 def _unit_rows(x: np.ndarray, metric: str) -> np.ndarray:
@@ -188,7 +166,7 @@ def gene_embeddings(
         AnnData (n_genes x hidden_size): `X` float32 gene-encoder output, `obs_names` gene symbols,
         `obs["token_id"]` vocabulary ids, `uns["gene_embedding"]` = {`model`, `source`, `missing_genes`}.
     """
-    backbone, tokenizer, name = _backbone_and_tokenizer(model, tokenizer)
+    backbone, tokenizer, name = _load(model, tokenizer)
     vocab = tokenizer.get_vocab()
     specials = _special_tokens(tokenizer)
     if genes is None:
@@ -244,52 +222,78 @@ def gene_similarity_network(
         layout (`connectivities_key`, `distances_key`, `params` with `n_neighbors`, `metric`,
         `threshold`, `method`, `use_rep`) so `sc.tl.leiden(gene_adata)` / `sc.tl.umap` work.
     """
-    x = gene_adata.X if use_rep is None else gene_adata.obsm[use_rep]
-    if x is None:
-        raise ValueError("gene_adata has no X; pass use_rep= naming an obsm entry with the gene vectors.")
-    x = x.toarray() if sp.issparse(x) else np.asarray(x)
-    n = x.shape[0]
+    x = _gene_vectors(gene_adata, use_rep)
     if threshold is not None and not 0 < float(threshold) <= 1:
         raise ValueError(f"threshold must lie in (0, 1], got {threshold}.")
     if top_k is None and threshold is None:
         top_k = 15
     if top_k is not None and int(top_k) < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}.")
-    keep_dense = n <= _DENSE_SIMILARITY_LIMIT if store_similarity is None else bool(store_similarity)
-    unit = _unit_rows(x, metric)
+    keep_dense = x.shape[0] <= _DENSE_SIMILARITY_LIMIT if store_similarity is None else bool(store_similarity)
+    graph, dense = _similarity_graph(_unit_rows(x, metric), top_k, threshold, keep_dense)
+    _store_graph(gene_adata, graph, dense, {
+        "n_neighbors": int(top_k) if top_k is not None else 0,
+        "metric": metric,
+        "threshold": float(threshold) if threshold is not None else None,
+        "method": "scgpt_hf.gene_similarity_network",
+        "use_rep": use_rep if use_rep is not None else "X",
+    })
+    return gene_adata
+
+
+def _similarity_graph(
+    unit: np.ndarray, top_k: int | None, threshold: float | None, keep_dense: bool
+) -> tuple[sp.csr_matrix, np.ndarray | None]:
+    """The symmetric similarity graph of unit rows (float32 CSR) and, with `keep_dense`, the dense similarity.
+
+    Similarities are computed a block of rows at a time (at most `_BLOCK_ELEMENTS` entries); a pair is joined
+    with the larger weight of i->j and j->i.
+    """
+    n = unit.shape[0]
     dense = np.empty((n, n), dtype=np.float32) if keep_dense else None
     k = None if top_k is None else min(int(top_k), n - 1)
-    rows_i: list[np.ndarray] = []
-    cols_j: list[np.ndarray] = []
-    weights: list[np.ndarray] = []
+    rows_i, cols_j, weights = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)]
     step = max(1, _BLOCK_ELEMENTS // max(n, 1))
     for start in range(0, n, step):
-        stop = min(n, start + step)
-        block = np.clip(unit[start:stop] @ unit.T, -1.0, 1.0)
+        block = np.clip(unit[start : start + step] @ unit.T, -1.0, 1.0)
         if dense is not None:
-            dense[start:stop] = block
-        local = np.arange(stop - start)
-        block[local, start + local] = -np.inf  # no self loops
-        if k is not None:
-            if k == 0:
-                continue
-            cand = np.argpartition(-block, k - 1, axis=1)[:, :k]
-            vals = np.take_along_axis(block, cand, axis=1)
-            r = np.repeat(local, k)
-            c, v = cand.ravel(), vals.ravel()
-        else:
-            r, c = np.nonzero(block >= threshold)
-            v = block[r, c]
-        ok = (v > 0) & (v >= (threshold if threshold is not None else 0.0))
-        rows_i.append(r[ok] + start)
-        cols_j.append(c[ok])
-        weights.append(v[ok])
-    r = np.concatenate(rows_i) if rows_i else np.zeros(0, np.int64)
-    c = np.concatenate(cols_j) if cols_j else np.zeros(0, np.int64)
-    w = np.concatenate(weights) if weights else np.zeros(0)
-    graph = sp.csr_matrix((w, (r, c)), shape=(n, n), dtype=np.float64)
+            dense[start : start + step] = block
+        r, c, v = _block_edges(block, start, k, threshold)
+        rows_i.append(r + start)
+        cols_j.append(c)
+        weights.append(v)
+    edges = (np.concatenate(weights), (np.concatenate(rows_i), np.concatenate(cols_j)))
+    graph = sp.csr_matrix(edges, shape=(n, n), dtype=np.float64)
     graph = graph.maximum(graph.T).tocsr().astype(np.float32)
     graph.sort_indices()
+    return graph, dense
+
+
+def _block_edges(
+    block: np.ndarray, start: int, k: int | None, threshold: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edges out of a block of similarity rows (first row `start`): (row in the block, column, similarity).
+
+    Each row's `k` most similar genes (with `k` None: every gene at or above `threshold`), itself left out,
+    keeping only positive similarities at or above `threshold` (community detection needs positive weights).
+    """
+    local = np.arange(block.shape[0])
+    block[local, start + local] = -np.inf  # no self loops
+    if k == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    if k is not None:
+        cand = np.argpartition(-block, k - 1, axis=1)[:, :k]
+        r, c = np.repeat(local, k), cand.ravel()
+        v = np.take_along_axis(block, cand, axis=1).ravel()
+    else:
+        r, c = np.nonzero(block >= threshold)
+        v = block[r, c]
+    ok = (v > 0) & (v >= (threshold if threshold is not None else 0.0))
+    return r[ok], c[ok], v[ok]
+
+
+def _store_graph(gene_adata: AnnData, graph: sp.csr_matrix, dense: np.ndarray | None, params: dict) -> None:
+    """Write the graph in scanpy's neighbors layout (distances = 1 - similarity on the same edges)."""
     distances = graph.copy()
     distances.data = 1.0 - distances.data
     gene_adata.obsp["connectivities"] = graph
@@ -299,17 +303,8 @@ def gene_similarity_network(
     elif "similarity" in gene_adata.obsp:
         del gene_adata.obsp["similarity"]
     gene_adata.uns["neighbors"] = {
-        "connectivities_key": "connectivities",
-        "distances_key": "distances",
-        "params": {
-            "n_neighbors": int(top_k) if top_k is not None else 0,
-            "metric": metric,
-            "threshold": float(threshold) if threshold is not None else None,
-            "method": "scgpt_hf.gene_similarity_network",
-            "use_rep": use_rep if use_rep is not None else "X",
-        },
+        "connectivities_key": "connectivities", "distances_key": "distances", "params": params,
     }
-    return gene_adata
 
 
 def most_similar_genes(
@@ -318,8 +313,7 @@ def most_similar_genes(
     """The genes most similar to `gene` (itself left out): DataFrame with columns `gene`, `similarity`, best first."""
     if gene not in gene_adata.obs_names:
         raise KeyError(f"{gene!r} is not among the {gene_adata.n_obs} genes of gene_adata.")
-    x = gene_adata.X.toarray() if sp.issparse(gene_adata.X) else np.asarray(gene_adata.X)
-    unit = _unit_rows(x, metric)
+    unit = _unit_rows(_gene_vectors(gene_adata), metric)
     i = gene_adata.obs_names.get_loc(gene)
     sims = unit @ unit[i]
     order = [j for j in np.argsort(-sims, kind="stable") if j != i]
@@ -422,8 +416,7 @@ def gene_programs(
     labels = pd.Categorical([rename.get(int(c)) for c in raw], categories=names)
     gene_adata.obs[key_added] = labels
 
-    x = gene_adata.X.toarray() if sp.issparse(gene_adata.X) else np.asarray(gene_adata.X)
-    unit = _unit_rows(x, "cosine")
+    unit = _unit_rows(_gene_vectors(gene_adata), "cosine")
     genes = gene_adata.obs_names.astype(str).to_numpy()
     records = []
     for c in big:
@@ -537,118 +530,142 @@ def attention_gene_scores(
     if int(batch_size) < 1 or int(chunk_size) < 1:
         raise ValueError("batch_size and chunk_size must be at least 1.")
     backbone, tokenizer, _ = _load(model, tokenizer)
-    config = backbone.config
     n_layers = len(backbone.encoder.layers)
     if not -n_layers <= int(layer) < n_layers:
         raise ValueError(f"layer must be in [{-n_layers}, {n_layers}), the model has {n_layers} layers; got {layer}.")
     layer = int(layer) % n_layers
-
-    matrix, var_names, _ = _select_matrix(adata, expression_layer, use_raw, gene_column)
-    if sp.issparse(matrix) and matrix.format != "csr":
-        matrix = matrix.tocsr()
-    vocab_ids = tokenizer.match_genes(var_names).ids  # column -> vocabulary id (-1: unknown or repeat)
-    columns = {name: j for j, name in enumerate(var_names) if vocab_ids[j] >= 0}
-    if genes is None:
-        genes = [var_names[j] for j in np.flatnonzero(vocab_ids >= 0)]
-    names, cols, dropped = _resolve_genes(genes, columns, missing, "both adata and the model's vocabulary")
-    n_genes = len(names)
-    m = n_genes + 1
-    limit = int(config.max_seq_len if max_length is None else max_length)
-    if m > limit:
-        raise ValueError(
-            f"{n_genes} genes make {m} tokens per cell (with <cls>), more than max_length={limit}. Pass fewer "
-            "genes (e.g. genes=adata.var_names[adata.var.highly_variable]) or a larger max_length."
-        )
-    position = np.full(len(var_names), -1, dtype=np.int64)  # column -> position in the sequence (after <cls>)
-    position[cols] = np.arange(n_genes)
-    token_ids = np.concatenate(([tokenizer.cls_token_id], vocab_ids[cols])).astype(np.int64)
+    source = select_matrix(adata, expression_layer, use_raw, gene_column)
+    limit = int(backbone.config.max_seq_len if max_length is None else max_length)
+    scored = _ScoredGenes.build(source.gene_names, tokenizer, genes, missing, limit)
     rows = _cell_rows(adata, cells)
 
-    target = _pick_device(device)
+    m = len(scored.names) + 1
+    total = torch.zeros((m, m), dtype=torch.float64)
+    with (
+        _layer_attention(backbone, layer, scored.token_ids, _pick_device(device)) as attention,
+        torch.inference_mode(),
+    ):
+        values = _selected_cell_values(source, rows, chunk_size, scored, tokenizer, seed)
+        for batch in _batches(values, int(batch_size)):
+            for cell in attention(batch):  # (heads, M, M), one cell at a time to bound memory
+                scores = _rank_normalise(cell) if normalization == "rank" else cell.double()
+                total.add_(scores.mean(0).cpu())
+
+    mean = (total / len(rows)).numpy()[1:, 1:]
+    names = scored.names
+    scores = pd.DataFrame(mean, index=pd.Index(names, name="query_gene"), columns=pd.Index(names, name="key_gene"))
+    scores.attrs.update(
+        {"n_cells": int(len(rows)), "layer": layer, "normalization": normalization, "missing_genes": scored.dropped}
+    )
+    return scores
+
+
+@dataclass(frozen=True)
+class _ScoredGenes:
+    """The genes scored and how a cell's matrix columns become their tokens (`<cls>`, then the genes)."""
+
+    names: list[str]
+    dropped: list[str]  # asked for but not in both the data and the vocabulary (missing="drop")
+    token_ids: np.ndarray  # <cls>, then the genes' vocabulary ids
+    vocab_ids: np.ndarray  # column -> vocabulary id (-1: unknown or repeated name)
+    position: np.ndarray  # column -> position after <cls> (-1: not scored)
+
+    @classmethod
+    def build(
+        cls, var_names: list[str], tokenizer: ScGPTTokenizer, genes: Sequence[str] | None, missing: MissingPolicy,
+        limit: int,
+    ) -> _ScoredGenes:
+        vocab_ids = tokenizer.match_genes(var_names).ids
+        columns = {name: j for j, name in enumerate(var_names) if vocab_ids[j] >= 0}
+        if genes is None:
+            genes = [var_names[j] for j in np.flatnonzero(vocab_ids >= 0)]
+        names, cols, dropped = _resolve_genes(genes, columns, missing, "both adata and the model's vocabulary")
+        if len(names) + 1 > limit:
+            raise ValueError(
+                f"{len(names)} genes make {len(names) + 1} tokens per cell (with <cls>), more than max_length={limit}. "
+                "Pass fewer genes (e.g. genes=adata.var_names[adata.var.highly_variable]) or a larger max_length."
+            )
+        position = np.full(len(var_names), -1, dtype=np.int64)
+        position[cols] = np.arange(len(names))
+        token_ids = np.concatenate(([tokenizer.cls_token_id], vocab_ids[cols])).astype(np.int64)
+        return cls(names, list(dropped), token_ids, vocab_ids, position)
+
+
+@contextlib.contextmanager
+def _layer_attention(
+    backbone: ScGPTModel, layer: int, token_ids: np.ndarray, device: torch.device
+) -> Iterator[Callable[[np.ndarray], torch.Tensor]]:
+    """A function (values of a batch of cells, all with the tokens `token_ids`) -> that layer's attention
+    probabilities (float32, cells x heads x M x M), running the backbone on `device` in eval mode with eager
+    attention and stopping after `layer`. The model's mode and attention implementation are restored on exit;
+    it stays on `device`."""
     captured: list[torch.Tensor] = []
 
     def capture(module: torch.nn.Module, args: Any, output: Any) -> None:
         captured.append(output[1])
         raise _StopForward
 
-    previous_attn = config._attn_implementation
-    was_training = backbone.training
-    backbone.to(target).eval()
-    if previous_attn != "eager":
-        backbone.set_attn_implementation("eager")
-    handle = backbone.encoder.layers[layer].register_forward_hook(capture)
-    total = torch.zeros((m, m), dtype=torch.float64)
-    ids_t = torch.from_numpy(token_ids).to(target)
-
-    def run(values: np.ndarray) -> None:
+    def attention(values: np.ndarray) -> torch.Tensor:
         captured.clear()
-        batch = values.shape[0]
+        batch, m = values.shape
         try:
             backbone(
-                input_ids=ids_t.expand(batch, m),
-                values=torch.from_numpy(values).to(target),
-                attention_mask=torch.ones((batch, m), dtype=torch.long, device=target),
+                input_ids=ids.expand(batch, m),
+                values=torch.from_numpy(values).to(device),
+                attention_mask=torch.ones((batch, m), dtype=torch.long, device=device),
             )
         except _StopForward:
             pass
-        probs = captured[0] if captured else None
-        if probs is None:
+        if not captured or captured[0] is None:
             raise RuntimeError("The chosen layer returned no attention probabilities; eager attention is required.")
-        probs = probs.float()
-        for cell in probs:  # (heads, M, M), one cell at a time to bound memory
-            scores = _rank_normalise(cell) if normalization == "rank" else cell.double()
-            total.add_(scores.mean(0).cpu())
+        return captured[0].float()
 
+    previous_attn = backbone.config._attn_implementation
+    was_training = backbone.training
+    backbone.to(device).eval()
+    if previous_attn != "eager":
+        backbone.set_attn_implementation("eager")
+    handle = backbone.encoder.layers[layer].register_forward_hook(capture)
+    ids = torch.from_numpy(token_ids).to(device)
     try:
-        with torch.inference_mode():
-            pending: list[np.ndarray] = []
-            for start in range(0, adata.n_obs, chunk_size):
-                stop = min(adata.n_obs, start + chunk_size)
-                wanted = rows[(rows >= start) & (rows < stop)]
-                if wanted.size == 0:
-                    continue
-                offset = start
-                for block in _row_blocks(matrix, start, stop):
-                    block = block if sp.issparse(block) else sp.csr_matrix(block)
-                    tokenizer._validate_chunk(block, offset, var_names)
-                    local = wanted[(wanted >= offset) & (wanted < offset + block.shape[0])] - offset
-                    for r in local:
-                        pending.append(_cell_values(block, int(r), vocab_ids, position, n_genes, tokenizer, seed))
-                        if len(pending) == batch_size:
-                            run(np.stack(pending))
-                            pending.clear()
-                    offset += block.shape[0]
-            if pending:
-                run(np.stack(pending))
+        yield attention
     finally:
         handle.remove()
         if previous_attn != "eager":
             backbone.set_attn_implementation(previous_attn)
         backbone.train(was_training)
 
-    mean = (total / len(rows)).numpy()[1:, 1:]
-    scores = pd.DataFrame(mean, index=pd.Index(names, name="query_gene"), columns=pd.Index(names, name="key_gene"))
-    scores.attrs.update(
-        {"n_cells": int(len(rows)), "layer": layer, "normalization": normalization, "missing_genes": list(dropped)}
-    )
-    return scores
+
+def _selected_cell_values(
+    source: ExpressionInput, rows: np.ndarray, chunk_size: int, scored: _ScoredGenes, tokenizer: ScGPTTokenizer,
+    seed: int,
+) -> Iterator[np.ndarray]:
+    """The token values of the cells at `rows` (sorted), reading `chunk_size` rows at a time and skipping chunks
+    that hold none of them; every block read is checked for NaN, infinite and negative values."""
+    matrix = source.matrix
+    if sp.issparse(matrix) and matrix.format != "csr":
+        matrix = matrix.tocsr()  # once, not per chunk
+    n = source.n_cells
+    for start in range(0, n, chunk_size):
+        stop = min(n, start + chunk_size)
+        if not ((rows >= start) & (rows < stop)).any():
+            continue
+        for first, block in row_blocks(matrix, start, stop):
+            check_values(block, first, source.gene_names)
+            for r in rows[(rows >= first) & (rows < first + block.shape[0])] - first:
+                yield _cell_values(block, int(r), scored, tokenizer, seed)
 
 
 def _cell_values(
-    block: sp.csr_matrix,
-    r: int,
-    vocab_ids: np.ndarray,
-    position: np.ndarray,
-    n_genes: int,
-    tokenizer: ScGPTTokenizer,
-    seed: int,
+    block: sp.csr_matrix, r: int, scored: _ScoredGenes, tokenizer: ScGPTTokenizer, seed: int
 ) -> np.ndarray:
-    """One cell's token values: `cls_value`, then the bins of the chosen genes (0 where not expressed)."""
+    """One cell's token values: `cls_value`, then the bins of the scored genes (0 where not expressed)."""
+    vocab_ids, position = scored.vocab_ids, scored.position
     lo, hi = block.indptr[r], block.indptr[r + 1]
     cols, vals = block.indices[lo:hi], block.data[lo:hi]
     keep = (vocab_ids[cols] >= 0) & (vals != 0)
     cols, vals = cols[keep], vals[keep].astype(np.float32)
-    out = np.zeros(n_genes + 1, dtype=np.float32)
+    out = np.zeros(len(scored.token_ids), dtype=np.float32)
     out[0] = tokenizer.cls_value
     if cols.size:
         _, bins = encode_cell(
@@ -659,3 +676,15 @@ def _cell_values(
         chosen = pos >= 0
         out[1 + pos[chosen]] = bins[chosen]
     return out
+
+
+def _batches(items: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """`items` stacked `size` at a time (the last batch may be smaller)."""
+    pending: list[np.ndarray] = []
+    for item in items:
+        pending.append(item)
+        if len(pending) == size:
+            yield np.stack(pending)
+            pending = []
+    if pending:
+        yield np.stack(pending)

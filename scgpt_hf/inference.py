@@ -10,18 +10,36 @@ while the host prepares the next batch.  Here the value checks run on the host s
 the server's request checks) before anything moves, batches are copied from pinned memory without waiting,
 a batch without padding is sent without a mask (the model never has to look inside one to skip it), and
 each batch's result stays on the device until :func:`run_cells` copies all of them back once.
+
+:func:`load_model` and :func:`pick_device` resolve what the library's entry points (embed, annotate, gene
+networks, perturbation, pretraining) are given; they import the models and tokenizer on first use, so the
+served encoder, which never calls them, still needs numpy and torch only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_MAX_TOKENS", "PRECISIONS", "autocast_dtype", "length_groups", "precision_name", "run_cells"]
+if TYPE_CHECKING:
+    from .modeling_scgpt import ScGPTPreTrainedModel
+    from .tokenization_scgpt import ScGPTTokenizer
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "PRECISIONS",
+    "autocast_dtype",
+    "length_groups",
+    "load_model",
+    "pick_device",
+    "precision_name",
+    "run_cells",
+]
 
 #: Precision choices: "auto" is bf16 autocast on CUDA GPUs that support bf16, fp16 autocast on older ones,
 #: fp32 on CPU.
@@ -31,6 +49,65 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: memory (~65k tokens of whole-human size take a few GB in bf16) while leaving 64 cells of 1,024 tokens in
 #: one forward, enough to fill a large GPU.
 DEFAULT_MAX_TOKENS = {"cpu": 4096, "cuda": 65536}
+
+
+def load_model(
+    model: ScGPTPreTrainedModel | str | os.PathLike,
+    tokenizer: ScGPTTokenizer | str | os.PathLike | None = None,
+    model_class: type[ScGPTPreTrainedModel] | None = None,
+) -> tuple[ScGPTPreTrainedModel, ScGPTTokenizer, str]:
+    """(model of `model_class`, its tokenizer, the model's name or path) from instances, local folders or Hub ids.
+
+    `model_class` defaults to `ScGPTModel`, for which a head model's backbone (under `base_model_prefix`) is
+    taken. The tokenizer defaults to the one saved with the model, and must match the model's vocabulary.
+    """
+    from .modeling_scgpt import ScGPTModel, ScGPTPreTrainedModel
+    from .tokenization_scgpt import ScGPTTokenizer
+
+    model_class = ScGPTModel if model_class is None else model_class
+    if isinstance(model, (str, os.PathLike)):
+        name = os.fspath(model)
+        model = model_class.from_pretrained(name)
+    elif isinstance(model, ScGPTPreTrainedModel):
+        name = str(getattr(model, "name_or_path", "") or model.config._name_or_path or "")
+    else:
+        raise TypeError(
+            f"model must be an scGPT model instance or a path / Hub id, got {type(model).__name__}."
+        )
+    if model_class is ScGPTModel and not isinstance(model, ScGPTModel):
+        model = getattr(model, model.base_model_prefix, None) or model
+    if not isinstance(model, model_class):
+        raise TypeError(f"Expected a {model_class.__name__} (or a folder / Hub id of one), got {type(model).__name__}.")
+    if tokenizer is None:
+        if not name:
+            raise ValueError(
+                "No tokenizer given and the model was not loaded from a folder or Hub id; pass "
+                "tokenizer=ScGPTTokenizer.from_pretrained(...) (the vocabulary the model was trained with)."
+            )
+        tokenizer = ScGPTTokenizer.from_pretrained(name)
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(tokenizer))
+    if not isinstance(tokenizer, ScGPTTokenizer):
+        raise TypeError(f"tokenizer must be an ScGPTTokenizer, got {type(tokenizer).__name__}.")
+    config = model.config
+    if len(tokenizer) > config.vocab_size or tokenizer.pad_token_id != config.pad_token_id:
+        raise ValueError(
+            f"Tokenizer and model disagree (tokenizer: {len(tokenizer)} tokens, pad id "
+            f"{tokenizer.pad_token_id}; model: vocab_size {config.vocab_size}, pad id {config.pad_token_id}): "
+            "use the tokenizer saved with the model."
+        )
+    return model, tokenizer, name
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` as a torch device; None picks CUDA when available, else the CPU. CUDA asked for without it is
+    an error, before any model moves."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} was asked for but CUDA is not available here.")
+    return device
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
