@@ -13,6 +13,7 @@ its GEARS datasets): attention cost grows with the square of the number of genes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,7 +26,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from .embedding import _select_matrix
+from .anndata_input import row_blocks, select_matrix
 from .modeling_scgpt import ScGPTForPerturbationPrediction
 from .tokenization_scgpt import ScGPTTokenizer
 
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["PerturbationDataset", "predict_perturbation"]
 
 _UNKNOWN_GENES = ("drop", "pad")
-# Rows read (and densified over the token genes) at a time when scanning a whole matrix.
+# Rows densified (over the token genes) at a time when a dataset reads the whole matrix.
 _ROWS_PER_READ = 1024
 
 
@@ -48,6 +49,8 @@ def _parse_perturbed(perturbed_genes: str | Sequence[str], control_label: str = 
 
 
 def _vocabulary(model: ScGPTForPerturbationPrediction, tokenizer: Any) -> dict[str, int]:
+    """The model's gene vocabulary: from `tokenizer`, else the tokenizer saved with the model; sized like its
+    gene embedding."""
     if tokenizer is None:
         source = getattr(model, "name_or_path", "") or ""
         if not source or not os.path.isdir(source):
@@ -56,7 +59,13 @@ def _vocabulary(model: ScGPTForPerturbationPrediction, tokenizer: Any) -> dict[s
                 "gene -> id mapping), or load the model from a folder that holds its tokenizer."
             )
         tokenizer = ScGPTTokenizer.from_pretrained(source)
-    return _as_vocab(tokenizer)
+    vocab = _as_vocab(tokenizer)
+    if len(vocab) != model.config.vocab_size:
+        raise ValueError(
+            f"The vocabulary has {len(vocab)} tokens but the model's gene embedding has {model.config.vocab_size} "
+            "rows: pass the tokenizer the model was trained with."
+        )
+    return vocab
 
 
 def _as_vocab(tokenizer: Any) -> dict[str, int]:
@@ -131,28 +140,32 @@ class _GeneTokens:
 
 
 def _expression_rows(matrix: Any, columns: np.ndarray, step: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, dense float32 block of ``step`` rows x ``columns``), validated; never the whole matrix
-    densified. Warns once if the values look like raw counts."""
+    """(first row, dense float32 block of ``step`` rows x ``columns``), validated; read in bounded blocks
+    (`row_blocks`), never the whole matrix densified. Warns once if the values look like raw counts."""
     warned = False
-    for start in range(0, matrix.shape[0], step):
-        block = matrix[start : start + step]
-        block = block[:, columns]  # the model's genes first, so only they are ever densified
-        block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32)
-        stop = start + len(block) - 1
-        if not np.isfinite(block).all():
-            raise ValueError(f"adata's expression has NaN or infinite values in cells {start}..{stop}; fix or drop them.")
-        if block.size and block.min() < 0:
-            raise ValueError(
-                f"adata's expression has negative values (min {block.min():.3g}) in cells {start}..{stop}: scaled "
-                "data? The model takes non-negative log1p-normalised expression (normalize_total, then log1p)."
-            )
-        if not warned and block.size and block.max() > 30 and np.all(block == np.round(block)):
-            logger.warning(
-                "The expression looks like raw counts; the original perturbation model is fine-tuned on "
-                "log1p-normalised values (scanpy: normalize_total then log1p)."
-            )
-            warned = True
-        yield start, block
+    for first, rows in row_blocks(matrix):
+        rows = rows[:, columns]  # the model's genes first, so only they are ever densified
+        for offset in range(0, rows.shape[0], step):
+            start = first + offset
+            block = np.asarray(rows[offset : offset + step].toarray(), dtype=np.float32)
+            stop = start + len(block) - 1
+            if not np.isfinite(block).all():
+                raise ValueError(
+                    f"adata's expression has NaN or infinite values in cells {start}..{stop}; fix or drop them."
+                )
+            if block.size and block.min() < 0:
+                raise ValueError(
+                    f"adata's expression has negative values (min {block.min():.3g}) in cells {start}..{stop}: "
+                    "scaled data? The model takes non-negative log1p-normalised expression (normalize_total, then "
+                    "log1p)."
+                )
+            if not warned and block.size and block.max() > 30 and np.all(block == np.round(block)):
+                logger.warning(
+                    "The expression looks like raw counts; the original perturbation model is fine-tuned on "
+                    "log1p-normalised values (scanpy: normalize_total then log1p)."
+                )
+                warned = True
+            yield start, block
 
 
 class PerturbationDataset(torch.utils.data.Dataset):
@@ -207,8 +220,8 @@ class PerturbationDataset(torch.utils.data.Dataset):
                 f"No control cells: no cell has condition {control_label!r} in obs[{condition_key!r}] (found e.g. "
                 f"{sorted(set(conditions))[:5]}); pass control_label= naming the control condition."
             )
-        matrix, genes, _ = _select_matrix(adata, layer, False, gene_column)
-        self.tokens = _GeneTokens.build(genes, vocab, unknown_genes)
+        source = select_matrix(adata, layer, gene_column=gene_column)
+        self.tokens = _GeneTokens.build(source.gene_names, vocab, unknown_genes)
         genes_of = {c: _parse_perturbed(c, control_label) for c in dict.fromkeys(conditions)}
         self.tokens.check(genes_of, condition_key)
         self._flags = {c: self.tokens.flags(g) for c, g in genes_of.items()}
@@ -222,7 +235,7 @@ class PerturbationDataset(torch.utils.data.Dataset):
         self.pairs = np.concatenate(pairs)
         self.conditions = conditions[self.pairs[:, 1]]
         self._expression = sp.vstack(
-            [sp.csr_matrix(block) for _, block in _expression_rows(matrix, self.tokens.columns, _ROWS_PER_READ)],
+            [sp.csr_matrix(b) for _, b in _expression_rows(source.matrix, self.tokens.columns, _ROWS_PER_READ)],
             format="csr",
         )
 
@@ -287,34 +300,44 @@ def predict_perturbation(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     vocab = _vocabulary(model, tokenizer)
-    if len(vocab) != model.config.vocab_size:
-        raise ValueError(
-            f"The vocabulary has {len(vocab)} tokens but the model's gene embedding has {model.config.vocab_size} "
-            "rows: pass the tokenizer the model was trained with."
-        )
-    matrix, genes, _ = _select_matrix(adata, layer, False, gene_column)
-    tokens = _GeneTokens.build(genes, vocab, unknown_genes)
+    source = select_matrix(adata, layer, gene_column=gene_column)
+    tokens = _GeneTokens.build(source.gene_names, vocab, unknown_genes)
     perturbed = _parse_perturbed(perturbed_genes, control_label)
     tokens.check({str(perturbed_genes): perturbed})
-    n_tokens = len(tokens.columns)
+
     ids = torch.from_numpy(tokens.input_ids).to(model.device)
     flags = torch.from_numpy(tokens.flags(perturbed)).to(model.device)
 
+    result = np.full((adata.n_obs, len(source.gene_names)), np.nan, dtype=np.float32)
+    with _eval_mode(model):
+        for start, values in _expression_rows(source.matrix, tokens.columns, batch_size):
+            result[start : start + len(values), tokens.columns] = _predict(model, ids, flags, values)
+    return result
+
+
+def _predict(
+    model: ScGPTForPerturbationPrediction, ids: torch.Tensor, flags: torch.Tensor, values: np.ndarray
+) -> np.ndarray:
+    """The predicted expression (float32) of a batch of cells: one row of token `ids` and perturbation `flags`
+    (on the model's device) for every cell, and the cells' `values`."""
+    n = len(values)
+    with torch.no_grad():
+        out = model(
+            ids.expand(n, -1),
+            torch.from_numpy(values).to(model.device),
+            attention_mask=torch.ones(n, len(ids), dtype=torch.long, device=model.device),
+            perturbation_flags=flags.expand(n, -1),
+            return_dict=True,
+        )
+    return out.expression.float().cpu().numpy()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode, its previous mode restored on exit."""
     was_training = model.training
     model.eval()
-    result = np.full((adata.n_obs, len(genes)), np.nan, dtype=np.float32)
     try:
-        for start, block in _expression_rows(matrix, tokens.columns, batch_size):
-            n = len(block)
-            with torch.no_grad():
-                out = model(
-                    ids.expand(n, -1),
-                    torch.from_numpy(block).to(model.device),
-                    attention_mask=torch.ones(n, n_tokens, dtype=torch.long, device=model.device),
-                    perturbation_flags=flags.expand(n, -1),
-                    return_dict=True,
-                )
-            result[start : start + n, tokens.columns] = out.expression.float().cpu().numpy()
+        yield
     finally:
         model.train(was_training)
-    return result
