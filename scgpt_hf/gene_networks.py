@@ -117,29 +117,6 @@ def _unit_rows(x: np.ndarray, metric: str) -> np.ndarray:
     return x / norms
 
 
-def _average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """0-based ranks along the last dimension, ties sharing their average rank (scipy's rankdata "average" - 1)."""
-    ordered, order = x.sort(dim=-1, stable=True)
-    n = x.shape[-1]
-    pos = torch.arange(n, device=x.device).expand_as(order)
-    first = torch.ones_like(order, dtype=torch.bool)  # first of a run of equal values
-    first[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
-    last = torch.ones_like(first)  # last of a run
-    last[..., :-1] = first[..., 1:]
-    start = torch.where(first, pos, 0).cummax(dim=-1).values
-    end = torch.where(last, pos, n).flip(-1).cummin(dim=-1).values.flip(-1)
-    ranks = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    return ranks.scatter_(-1, order, (start + end).to(torch.float32) / 2)
-
-
-def _rank_normalise(probs: torch.Tensor) -> torch.Tensor:
-    """The GRN tutorial's normalisation of one cell's (heads, M, M) attention: ranks within each row / M,
-    then ranks of those within each column / M."""
-    m = probs.shape[-1]
-    rows = _average_ranks(probs) / m
-    return (_average_ranks(rows.transpose(-1, -2)) / m).transpose(-1, -2)
-
-
 # ----------------------------------------------------------------------------------------------
 # Gene embeddings and the similarity graph
 
@@ -326,50 +303,6 @@ def most_similar_genes(
 # Gene programs
 
 
-def _pick_method(method: str) -> str:
-    has = {m: importlib.util.find_spec(m) is not None for m in ("scanpy", "igraph", "leidenalg", "networkx")}
-    available = {
-        "leiden": has["scanpy"] and (has["igraph"] or has["leidenalg"]),
-        "louvain": has["networkx"],
-        "components": True,
-    }
-    if method == "auto":
-        return next(m for m in ("leiden", "louvain", "components") if available[m])
-    if method not in available:
-        raise ValueError(f"method must be 'auto', 'leiden', 'louvain' or 'components', got {method!r}.")
-    if not available[method]:
-        need = "scanpy and igraph (pip install igraph)" if method == "leiden" else "networkx"
-        raise ImportError(f"method={method!r} needs {need}; install it or use method='auto'.")
-    return method
-
-
-def _cluster(graph: sp.csr_matrix, method: str, resolution: float, seed: int) -> np.ndarray:
-    """Integer community of every node of a symmetric weighted graph."""
-    n = graph.shape[0]
-    if method == "leiden":
-        import scanpy as sc
-
-        flavor = "igraph" if importlib.util.find_spec("igraph") is not None else "leidenalg"
-        extra: dict[str, Any] = {"n_iterations": 2, "directed": False} if flavor == "igraph" else {}
-        holder = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(n)]))
-        sc.tl.leiden(
-            holder, resolution=resolution, random_state=seed, adjacency=graph, key_added="program",
-            flavor=flavor, **extra,
-        )
-        return holder.obs["program"].astype(int).to_numpy()
-    if method == "louvain":
-        import networkx as nx
-
-        g = nx.from_scipy_sparse_array(graph, edge_attribute="weight")
-        communities = nx.community.louvain_communities(g, weight="weight", resolution=resolution, seed=seed)
-        labels = np.empty(n, dtype=np.int64)
-        for c, members in enumerate(communities):
-            labels[list(members)] = c
-        return labels
-    _, labels = sp.csgraph.connected_components(graph, directed=False)
-    return labels.astype(np.int64)
-
-
 def gene_programs(
     gene_adata: AnnData,
     resolution: float = 1.0,
@@ -436,37 +369,52 @@ def gene_programs(
     return table
 
 
+def _pick_method(method: str) -> str:
+    has = {m: importlib.util.find_spec(m) is not None for m in ("scanpy", "igraph", "leidenalg", "networkx")}
+    available = {
+        "leiden": has["scanpy"] and (has["igraph"] or has["leidenalg"]),
+        "louvain": has["networkx"],
+        "components": True,
+    }
+    if method == "auto":
+        return next(m for m in ("leiden", "louvain", "components") if available[m])
+    if method not in available:
+        raise ValueError(f"method must be 'auto', 'leiden', 'louvain' or 'components', got {method!r}.")
+    if not available[method]:
+        need = "scanpy and igraph (pip install igraph)" if method == "leiden" else "networkx"
+        raise ImportError(f"method={method!r} needs {need}; install it or use method='auto'.")
+    return method
+
+
+def _cluster(graph: sp.csr_matrix, method: str, resolution: float, seed: int) -> np.ndarray:
+    """Integer community of every node of a symmetric weighted graph."""
+    n = graph.shape[0]
+    if method == "leiden":
+        import scanpy as sc
+
+        flavor = "igraph" if importlib.util.find_spec("igraph") is not None else "leidenalg"
+        extra: dict[str, Any] = {"n_iterations": 2, "directed": False} if flavor == "igraph" else {}
+        holder = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(n)]))
+        sc.tl.leiden(
+            holder, resolution=resolution, random_state=seed, adjacency=graph, key_added="program",
+            flavor=flavor, **extra,
+        )
+        return holder.obs["program"].astype(int).to_numpy()
+    if method == "louvain":
+        import networkx as nx
+
+        g = nx.from_scipy_sparse_array(graph, edge_attribute="weight")
+        communities = nx.community.louvain_communities(g, weight="weight", resolution=resolution, seed=seed)
+        labels = np.empty(n, dtype=np.int64)
+        for c, members in enumerate(communities):
+            labels[list(members)] = c
+        return labels
+    _, labels = sp.csgraph.connected_components(graph, directed=False)
+    return labels.astype(np.int64)
+
+
 # ----------------------------------------------------------------------------------------------
 # Attention-derived scores
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once the chosen layer has run: later layers are not needed."""
-
-
-def _cell_rows(adata: AnnData, cells: Any) -> np.ndarray:
-    """Sorted unique row positions of `cells` (None, boolean mask, integer positions or obs names)."""
-    n = adata.n_obs
-    if cells is None:
-        return np.arange(n)
-    arr = np.asarray(cells)
-    if arr.dtype == bool:
-        if arr.shape != (n,):
-            raise ValueError(f"A boolean cells mask must have one entry per cell ({n}), got shape {arr.shape}.")
-        rows = np.flatnonzero(arr)
-    elif np.issubdtype(arr.dtype, np.integer):
-        if arr.size and (arr.min() < -n or arr.max() >= n):
-            raise ValueError(f"cells holds positions outside 0..{n - 1}.")
-        rows = np.unique(np.where(arr < 0, arr + n, arr))
-    else:
-        names = arr.astype(str)
-        pos = adata.obs_names.get_indexer(names)
-        if (pos < 0).any():
-            raise ValueError(f"cells names not in adata.obs_names: {names[pos < 0][:10].tolist()}.")
-        rows = np.unique(pos)
-    if rows.size == 0:
-        raise ValueError("cells selects no cell.")
-    return rows
 
 
 def attention_gene_scores(
@@ -591,6 +539,35 @@ class _ScoredGenes:
         return cls(names, list(dropped), token_ids, vocab_ids, position)
 
 
+def _cell_rows(adata: AnnData, cells: Any) -> np.ndarray:
+    """Sorted unique row positions of `cells` (None, boolean mask, integer positions or obs names)."""
+    n = adata.n_obs
+    if cells is None:
+        return np.arange(n)
+    arr = np.asarray(cells)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise ValueError(f"A boolean cells mask must have one entry per cell ({n}), got shape {arr.shape}.")
+        rows = np.flatnonzero(arr)
+    elif np.issubdtype(arr.dtype, np.integer):
+        if arr.size and (arr.min() < -n or arr.max() >= n):
+            raise ValueError(f"cells holds positions outside 0..{n - 1}.")
+        rows = np.unique(np.where(arr < 0, arr + n, arr))
+    else:
+        names = arr.astype(str)
+        pos = adata.obs_names.get_indexer(names)
+        if (pos < 0).any():
+            raise ValueError(f"cells names not in adata.obs_names: {names[pos < 0][:10].tolist()}.")
+        rows = np.unique(pos)
+    if rows.size == 0:
+        raise ValueError("cells selects no cell.")
+    return rows
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the chosen layer has run: later layers are not needed."""
+
+
 @contextlib.contextmanager
 def _layer_attention(
     backbone: ScGPTModel, layer: int, token_ids: np.ndarray, device: torch.device
@@ -688,3 +665,26 @@ def _batches(items: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
             pending = []
     if pending:
         yield np.stack(pending)
+
+
+def _rank_normalise(probs: torch.Tensor) -> torch.Tensor:
+    """The GRN tutorial's normalisation of one cell's (heads, M, M) attention: ranks within each row / M,
+    then ranks of those within each column / M."""
+    m = probs.shape[-1]
+    rows = _average_ranks(probs) / m
+    return (_average_ranks(rows.transpose(-1, -2)) / m).transpose(-1, -2)
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """0-based ranks along the last dimension, ties sharing their average rank (scipy's rankdata "average" - 1)."""
+    ordered, order = x.sort(dim=-1, stable=True)
+    n = x.shape[-1]
+    pos = torch.arange(n, device=x.device).expand_as(order)
+    first = torch.ones_like(order, dtype=torch.bool)  # first of a run of equal values
+    first[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    last = torch.ones_like(first)  # last of a run
+    last[..., :-1] = first[..., 1:]
+    start = torch.where(first, pos, 0).cummax(dim=-1).values
+    end = torch.where(last, pos, n).flip(-1).cummin(dim=-1).values.flip(-1)
+    ranks = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    return ranks.scatter_(-1, order, (start + end).to(torch.float32) / 2)
