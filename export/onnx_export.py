@@ -1,27 +1,30 @@
 """Export scGPT models to validated, optimised ONNX graphs, and run them with ONNX Runtime.
 
-Pipeline of :func:`export_onnx` (every step is reported in ``export_report.json`` beside the model):
+Pipeline of :func:`export_onnx`, one function per step (every step is reported in ``export_report.json``
+beside the model):
 
-1. Load the model for the task (``embedding``: `ScGPTModel`; ``expression``: `ScGPTForPreTraining`) and
-   export it with torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``) with dynamic batch and
+1. Load the model for the task (``embedding``: `ScGPTModel`; ``expression``: `ScGPTForPreTraining`), its
+   tokenizer and gene vocabulary.
+2. Export it with torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``) with dynamic batch and
    sequence axes, attention through SDPA. The legacy TorchScript exporter is not used: it hard-codes the
    sequence length in attention reshapes.
-2. Fuse with onnxscript's ``optimize_for_ort``: SDPA -> ``MultiHeadAttention`` and Add+LayerNorm ->
-   ``SkipLayerNormalization``. This is not optional on CPU: unfused, ONNX Runtime materialises each
-   attention matrix and is slower than PyTorch (see REFERENCE.md section 8). In fp32 and int8 (CPU) graphs
-   the fused attention then takes the padding mask as ``key_padding_mask`` (batch, sequence) instead of a
-   (batch, 1, L, L) bias per layer; fp16 (CUDA) graphs keep the bias (see `_use_key_padding_mask`).
-3. Precision: ``fp32``; ``fp16`` (weights and compute in half, float32 inputs/outputs, meant for CUDA
-   hosts); ``int8`` (``onnxruntime.quantization.quantize_dynamic``: dynamic uint8 activations, int8
-   weights per output channel in 7 bits, for CPU hosts; see `_to_int8`).
+3. Optimise, then set the precision. Fusion with onnxscript's ``optimize_for_ort``: SDPA ->
+   ``MultiHeadAttention`` and Add+LayerNorm -> ``SkipLayerNormalization``. This is not optional on CPU:
+   unfused, ONNX Runtime materialises each attention matrix and is slower than PyTorch (see REFERENCE.md
+   section 8). In fp32 and int8 (CPU) graphs the fused attention then takes the padding mask as
+   ``key_padding_mask`` (batch, sequence) instead of a (batch, 1, L, L) bias per layer; fp16 (CUDA) graphs
+   keep the bias (see `_use_key_padding_mask`). Precision: ``fp32``; ``fp16`` (weights and compute in half,
+   float32 inputs/outputs, meant for CUDA hosts); ``int8`` (``onnxruntime.quantization.quantize_dynamic``:
+   dynamic uint8 activations, int8 weights per output channel in 7 bits, for CPU hosts; see `_to_int8`).
 4. Validate: PyTorch (fp32) against ONNX Runtime on real cells (scirpy's wu2020 through the tokenizer when
    its genes match the vocabulary, else synthetic cells) at several (batch, length) shapes with padding;
    compare only non-padded positions. fp32 must agree within ``1e-4`` (max abs); fp16 / int8 cell
    embeddings need cosine >= 0.999 / 0.99 (bounds in `selfcheck`). A failing export raises
    :class:`ExportValidationError` and writes nothing.
-5. ``metadata_props``: config, vocabulary hash, package version, opset, task, precision, input/output
+5. Write ``metadata_props`` (config, vocabulary hash, package version, opset, task, precision, input/output
    contract, the preprocessing contract (n_bins, pad/cls values and ids, max length) and the sha256 of
-   ``selfcheck.npz``: a few real cells and PyTorch's outputs for them, written beside the graph.
+   ``selfcheck.npz``: a few real cells and PyTorch's outputs for them, written beside the graph), the report,
+   the config and the tokenizer.
 
 The output folder is written beside the target and renamed into place (`scgpt_hf.atomic`): an existing
 folder is replaced only with ``overwrite=True``, and a failure or a kill leaves it as it was.
@@ -83,6 +86,7 @@ __all__ = [
     "TASKS",
     "TaskSpec",
     "export_onnx",
+    "preprocessing_contract",
     "read_onnx_metadata",
     "register_task",
     "vocab_sha256",
@@ -179,62 +183,47 @@ def register_task(spec: TaskSpec) -> None:
     TASKS[spec.name] = spec
 
 
-register_task(
-    TaskSpec(
-        name="embedding",
-        description="backbone: cell_embedding (batch, hidden) and last_hidden_state (batch, seq, hidden)",
-        load=lambda path: ScGPTModel.from_pretrained(path),
-        adapt=_adapt_backbone,
-        outputs=("cell_embedding", "last_hidden_state"),
-    )
-)
-register_task(
-    TaskSpec(
-        name="expression",
-        description="pretraining head: expression (+ zero_probs, mvc_expression, mvc_zero_probs) and cell_embedding",
-        load=lambda path: ScGPTForPreTraining.from_pretrained(path),
-        adapt=_expect(ScGPTForPreTraining, "expression"),
-        outputs=("expression", "zero_probs", "mvc_expression", "mvc_zero_probs", "cell_embedding"),
-    )
-)
-register_task(
-    TaskSpec(
-        name="annotation",
-        description="cell-type classification: logits (batch, num_labels) and cell_embedding (batch, hidden)",
-        load=lambda path: ScGPTForCellClassification.from_pretrained(path),
-        adapt=_expect(ScGPTForCellClassification, "annotation"),
-        outputs=("logits", "cell_embedding"),
-    )
-)
-register_task(
-    TaskSpec(
-        name="integration",
-        description="batch integration: cell_embedding (the integrated representation) and batch_logits",
-        load=lambda path: ScGPTForBatchIntegration.from_pretrained(path),
-        adapt=_expect(ScGPTForBatchIntegration, "integration"),
-        outputs=("cell_embedding", "batch_logits"),
-    )
-)
-register_task(
-    TaskSpec(
-        name="perturbation",
-        description="perturbation prediction: expression (batch, seq) after perturbing the flagged genes",
-        load=lambda path: ScGPTForPerturbationPrediction.from_pretrained(path),
-        adapt=_expect(ScGPTForPerturbationPrediction, "perturbation"),
-        outputs=("expression", "zero_probs"),
-        extra_inputs=lambda config: ("perturbation_flags",),
-    )
-)
-register_task(
-    TaskSpec(
-        name="multiomic",
-        description="multi-omic integration: cell_embedding, expression and batch_logits over modality tokens",
-        load=lambda path: ScGPTForMultiOmicIntegration.from_pretrained(path),
-        adapt=_expect(ScGPTForMultiOmicIntegration, "multiomic"),
-        outputs=("cell_embedding", "expression", "batch_logits"),
-        extra_inputs=lambda config: _batch_label_inputs(config) + ("modality_ids",),
-    )
-)
+def _head_task(name: str, model_class: type[ScGPTPreTrainedModel], description: str, outputs: tuple[str, ...],
+               extra_inputs: Callable[[ScGPTConfig], tuple[str, ...]] = _batch_label_inputs) -> TaskSpec:
+    """A task that exports one head class as it is: loaded with that class, and only that class accepted."""
+    return TaskSpec(name=name, description=description, load=model_class.from_pretrained,
+                    adapt=_expect(model_class, name), outputs=outputs, extra_inputs=extra_inputs)
+
+
+register_task(TaskSpec(
+    name="embedding",
+    description="backbone: cell_embedding (batch, hidden) and last_hidden_state (batch, seq, hidden)",
+    load=ScGPTModel.from_pretrained,
+    adapt=_adapt_backbone,
+    outputs=("cell_embedding", "last_hidden_state"),
+))
+register_task(_head_task(
+    "expression", ScGPTForPreTraining,
+    "pretraining head: expression (+ zero_probs, mvc_expression, mvc_zero_probs) and cell_embedding",
+    ("expression", "zero_probs", "mvc_expression", "mvc_zero_probs", "cell_embedding"),
+))
+register_task(_head_task(
+    "annotation", ScGPTForCellClassification,
+    "cell-type classification: logits (batch, num_labels) and cell_embedding (batch, hidden)",
+    ("logits", "cell_embedding"),
+))
+register_task(_head_task(
+    "integration", ScGPTForBatchIntegration,
+    "batch integration: cell_embedding (the integrated representation) and batch_logits",
+    ("cell_embedding", "batch_logits"),
+))
+register_task(_head_task(
+    "perturbation", ScGPTForPerturbationPrediction,
+    "perturbation prediction: expression (batch, seq) after perturbing the flagged genes",
+    ("expression", "zero_probs"),
+    extra_inputs=lambda config: ("perturbation_flags",),
+))
+register_task(_head_task(
+    "multiomic", ScGPTForMultiOmicIntegration,
+    "multi-omic integration: cell_embedding, expression and batch_logits over modality tokens",
+    ("cell_embedding", "expression", "batch_logits"),
+    extra_inputs=lambda config: _batch_label_inputs(config) + ("modality_ids",),
+))
 # Inputs with one integer per token, besides input_ids and attention_mask.
 PER_TOKEN_INPUTS = ("perturbation_flags", "modality_ids")
 
@@ -371,26 +360,212 @@ def _sdpa_attention(model: ScGPTPreTrainedModel) -> Iterator[None]:
             model.set_attn_implementation(previous)
 
 
+# Loggers of the exporter and the fusion passes, whose progress lines and hints the export silences.
+EXPORTER_LOGGERS = ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "root")
+
+
 @contextlib.contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
-    """Silence the exporter's progress lines and known-harmless warnings unless verbose."""
-    if verbose:
-        yield
-        return
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "root")]
+def _log_level(level: int, *names: str) -> Iterator[None]:
+    """Hold the named loggers at `level` for the block, then restore their own levels."""
+    loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, levels):
+            lg.setLevel(old)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's progress lines and known-harmless warnings."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _log_level(logging.ERROR,
+                                                                                           *EXPORTER_LOGGERS):
         warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
+        yield
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with the model in eval mode (no dropout), then restore its training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    """Record the block's wall time under `step` (for the report's ``timings_s``) when it completes."""
+    start = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - start
+
+
+def _session_options() -> Any:
+    """ONNX Runtime session options that log errors only."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return so
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: load -> export the graph -> optimise and set precision -> validate -> write metadata and report
+
+
+def export_onnx(
+    model_or_path: nn.Module | str | os.PathLike, output_dir: str | os.PathLike, *, task: str = "embedding",
+    opset: int = 18, precision: str = "fp32", validate: bool = True, optimize: bool = True, tokenizer: Any = None,
+    vocab: Mapping[str, int] | None = None, validation_cells: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    validation_shapes: Sequence[tuple[int, int | None]] = DEFAULT_VALIDATION_SHAPES,
+    providers: Sequence[str] | None = None, seed: int = 0, overwrite: bool = False, verbose: bool = True,
+) -> ExportReport:
+    """Export an scGPT model to ``output_dir/model.onnx`` (dynamic batch and sequence), optimise and validate it.
+
+    The folder is built beside ``output_dir`` and renamed into place once validated: a failure (or a kill)
+    leaves an existing ``output_dir`` as it was, and one is replaced only with ``overwrite=True``.
+
+    Args:
+        model_or_path: a model object or a local folder / Hub id (loaded with the task's model class).
+        output_dir: folder for ``model.onnx``, ``selfcheck.npz``, ``export_report.json``, ``config.json`` and the
+            tokenizer files; checked for writability before any work.
+        task: one of `TASKS` ("embedding", "expression", and heads registered later).
+        opset: ONNX opset of the exported graph (>= 18; the dynamo exporter's floor).
+        precision: "fp32", "fp16" (for CUDA hosts) or "int8" (dynamic quantisation, for CPU hosts).
+        validate: compare with PyTorch on real cells; raise `ExportValidationError` if out of bounds.
+        optimize: fuse attention and layer norms (leave on: unfused graphs are slow on CPU).
+        tokenizer: `ScGPTTokenizer` for real validation cells and the preprocessing contract
+            (default: the one saved with the model).
+        vocab: gene vocabulary (token -> id) for the metadata hash when no tokenizer is available.
+        validation_cells: (input_ids, values) per cell to validate and self-check on instead of wu2020 /
+            synthetic cells.
+        validation_shapes: (batch size, max tokens or None for the cells' own lengths) per validation case.
+        providers: ONNX Runtime execution providers for validation (default CPU).
+        seed: seed for the choice of validation cells and tokenizer tie-breaking.
+        overwrite: replace an existing ``output_dir``.
+        verbose: print what was fused and the validation figures.
+
+    Returns:
+        The `ExportReport` (also written to ``output_dir/export_report.json``).
+    """
+    spec = _task_spec(task, precision, opset)
+    output_dir = check_writable(output_dir, overwrite=overwrite, what="ONNX export folder")
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    # 1. load
+    model, source = _load_model(spec, model_or_path)
+    config: ScGPTConfig = model.config
+    tokenizer, vocab = _tokenizer_and_vocab(model, source, tokenizer, vocab)
+    # 2. export the graph
+    input_names = ("input_ids", "values", "attention_mask") + tuple(spec.extra_inputs(config))
+    ir_model, output_names = _export_graph(model, spec.outputs, input_names, opset, timings)
+    # 3. optimise and set the precision
+    with _timed(timings, "fusion"):
+        proto, rewrites = _optimise(ir_model, optimize, precision)
+    _rename_dynamic_dims(proto, {n for n in output_names if n not in PER_CELL_OUTPUTS})
+    with _timed(timings, "precision"):
+        proto = _apply_precision(proto, precision)
+    # 4. (cells to validate on, and PyTorch's outputs for the self-check) and 5. (metadata and report)
+    cells, data = _check_cells(tokenizer, config, validation_cells, validation_shapes, seed)
+    check_feed = _self_check_batch(cells, config, input_names[3:])
+    check_outputs = _torch_outputs(model, check_feed, input_names, output_names)
+    inputs, outputs = _io_contract(proto)
+    report = ExportReport(task=task, precision=precision, opset=int(opset), model_path=str(output_dir / MODEL_FILE),
+                          source=source or type(model_or_path).__name__, inputs=inputs, outputs=outputs,
+                          fusion_rewrites=rewrites, vocab_sha256=vocab_sha256(vocab), versions=_versions())
+    _stamp(proto, report, config, len(vocab), preprocessing_contract(config, tokenizer, task))
+    with atomic_output(output_dir, overwrite=overwrite, directory=True, what="ONNX export folder") as staging:
+        path = _save_with_self_check(proto, staging, check_feed, check_outputs)
+        _count_ops(report, proto, path)
+        if validate:
+            with _timed(timings, "validation"):
+                report.validation = _validate(model, path, config, input_names, output_names, precision, cells,
+                                              data, validation_shapes, providers)
+            report.passed = bool(report.validation["passed"])
+        else:
+            report.validation = {"skipped": True}
+        _seal(report, path, timings, start)
+        if verbose:
+            print(report.summary())
+        if report.passed is False:
+            raise _validation_error(report, data, output_dir)
+        _write_beside(staging, report, config, tokenizer)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 1: load the model, its tokenizer and vocabulary
+
+
+def _task_spec(task: str, precision: str, opset: int) -> TaskSpec:
+    """The task's spec, refusing an unknown task or precision and an opset the exporter cannot emit."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASKS)}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}; choose one of {list(PRECISIONS)}.")
+    if int(opset) < 18:
+        raise ValueError(f"opset {opset} is too old: torch's dynamo exporter emits opset 18 or newer.")
+    return TASKS[task]
+
+
+def _load_model(spec: TaskSpec, model_or_path: nn.Module | str | os.PathLike) -> tuple[nn.Module, str | None]:
+    """The module the task exports, and the local folder or Hub id it came from (None when unknown)."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        source = str(model_or_path)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # loading a backbone from a pretraining checkpoint lists the heads
         try:
-            yield
+            model = spec.load(source)
         finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
+            hf_logging.set_verbosity(verbosity)
+    elif isinstance(model_or_path, nn.Module):
+        model = spec.adapt(model_or_path)
+        name = getattr(model, "name_or_path", "") or getattr(model_or_path, "name_or_path", "")
+        source = name if name and Path(name).is_dir() else None
+    else:
+        raise TypeError(f"model_or_path must be a model or a folder / Hub id, got {type(model_or_path).__name__}.")
+    model = spec.adapt(model)
+    if model.config.domain_spec_batchnorm == "dsbn":
+        raise NotImplementedError(
+            "Models with domain-specific batch norm (dsbn) pick a BatchNorm per batch label with data-dependent "
+            "Python control flow, which has no static ONNX graph; export is not supported for them yet."
+        )
+    return model, source
+
+
+def _tokenizer_and_vocab(model: nn.Module, source: str | None, tokenizer: Any,
+                         vocab: Mapping[str, int] | None) -> tuple[Any, dict]:
+    """The tokenizer (None if there is none) and the gene vocabulary, which must belong to the model.
+
+    The vocabulary's hash goes into the metadata so that a server can check its tokenizer; the tokenizer
+    gives real validation cells and the preprocessing contract.
+    """
+    vocab = _load_vocab(model, source, tokenizer, vocab)
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(source, vocab, model.config)
+        if vocab is None and tokenizer is not None:
+            vocab = dict(tokenizer.get_vocab())
+    if vocab is None:
+        raise ValueError(
+            "No gene vocabulary found: the ONNX metadata records its hash so servers can check their tokenizer. "
+            "Pass tokenizer=ScGPTTokenizer(...) or vocab={gene: id}, or export from a folder that holds vocab.json."
+        )
+    if len(vocab) != model.config.vocab_size:
+        raise ValueError(f"The vocabulary has {len(vocab)} entries but the model embeds {model.config.vocab_size} "
+                         "tokens: it does not belong to this model.")
+    return tokenizer, vocab
 
 
 def _load_vocab(model: nn.Module, source: str | None, tokenizer: Any, vocab: Mapping[str, int] | None) -> dict | None:
+    """The vocabulary given, else the tokenizer's, else vocab.json in the model's folder; None when there is none."""
     if vocab is not None:
         return dict(vocab)
     if tokenizer is not None:
@@ -420,145 +595,47 @@ def _load_tokenizer(source: str | None, vocab: Mapping[str, int] | None, config:
     return None
 
 
-def _preprocessing_contract(config: ScGPTConfig, tokenizer: Any, task: str) -> dict[str, Any]:
-    """What a client must feed: how cells are tokenised and padded for this graph."""
-    return {
-        "n_bins": int(config.n_bins),
-        "pad_value": float(config.pad_value),
-        # The zero-shot embedding path (scgpt_hf.embedding.embed, the original embed_data) puts pad_value at
-        # <cls>; pretraining-style inputs use the tokenizer's cls_value (0 in the original tokenizer).
-        "cls_value": float(config.pad_value) if task == "embedding" else float(getattr(tokenizer, "cls_value", 0.0)),
-        "mask_value": float(config.mask_value),
-        "pad_token_id": int(config.pad_token_id),
-        "cls_token_id": int(config.cls_token_id),
-        "eoc_token_id": int(config.eoc_token_id),
-        "max_length": int(getattr(tokenizer, "max_length", config.max_seq_len) or config.max_seq_len),
-        "vocab_size": int(config.vocab_size),
-        "input_emb_style": config.input_emb_style,
-        "binning": "per-cell quantile bins 1..n_bins-1 of non-zero values (ScGPTTokenizer, do_binning=True)",
-        "layout": "<cls> first, then expressed genes; padding at the end with pad_token_id / pad_value and "
-                  "attention_mask 0",
-    }
-
-
 # ----------------------------------------------------------------------------------------------
-# Validation data
+# Step 2: export the graph
 
 
-def _synthetic_cells(config: ScGPTConfig, n_cells: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    specials = {config.pad_token_id, config.cls_token_id, config.eoc_token_id}
-    genes = np.array([i for i in range(config.vocab_size) if i not in specials], dtype=np.int64)
-    cells = []
-    for _ in range(n_cells):
-        n = int(rng.integers(2, max(3, min(config.max_seq_len, len(genes) + 1))))
-        ids = np.concatenate([[config.cls_token_id], rng.choice(genes, size=n - 1, replace=False)])
-        vals = np.concatenate([[config.pad_value], rng.integers(1, config.n_bins, size=n - 1)]).astype(np.float32)
-        cells.append((ids.astype(np.int64), vals))
-    return cells
+def _export_graph(model: nn.Module, candidates: Sequence[str], input_names: Sequence[str], opset: int,
+                  timings: dict[str, float]) -> tuple[Any, tuple[str, ...]]:
+    """Trace the model with torch's dynamo exporter, attention through SDPA, batch and sequence axes dynamic.
+
+    Returns the ONNX IR model and its output names: those of `candidates` that this model computes.
+    """
+    args = _example_inputs(model.config, input_names)
+    with _eval_mode(model), _sdpa_attention(model), torch.no_grad():
+        probe = model(**dict(zip(input_names, args)), return_dict=True)
+        output_names = tuple(n for n in candidates if getattr(probe, n, None) is not None)
+        wrapper = _ExportWrapper(model, input_names, output_names).eval()
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        dynamic = tuple({0: batch} if n == "batch_labels" else {0: batch, 1: seq} for n in input_names)
+        with _timed(timings, "torch_export"), _quiet():
+            program = torch.onnx.export(
+                wrapper, args, dynamo=True, opset_version=int(opset), input_names=list(input_names),
+                output_names=list(output_names), dynamic_shapes={"inputs": dynamic},
+                optimize=True, verbose=False, external_data=False,
+            )
+    return program.model, output_names
 
 
-def _real_cells(tokenizer: Any, config: ScGPTConfig, n_cells: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """Cells of scirpy's wu2020 through the tokenizer, or None when unavailable or no gene matches."""
-    if tokenizer is None:
-        return None
-    try:
-        import anndata
-        import importlib.util
-
-        spec = importlib.util.find_spec("scirpy")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        path = next((Path(p) / "tests/data/wu2020_200_v0_11.h5ad" for p in spec.submodule_search_locations
-                     if (Path(p) / "tests/data/wu2020_200_v0_11.h5ad").is_file()), None)
-        if path is None:
-            return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            adata = anndata.read_h5ad(path)
-        rows = np.random.default_rng(seed).permutation(adata.n_obs)[:n_cells]
-        tok_logger = logging.getLogger(type(tokenizer).__module__)
-        level = tok_logger.level
-        tok_logger.setLevel(logging.ERROR)  # a small vocabulary matching few genes is fine for validation
-        try:
-            enc = tokenizer(adata[np.sort(rows)], padding=False, return_tensors=None, seed=seed,
-                            max_length=config.max_seq_len, cls_value=config.pad_value)
-        finally:
-            tok_logger.setLevel(level)
-    except (ValueError, OSError, ImportError) as err:  # no gene matches, unreadable file ...
-        logger.info("real validation cells unavailable (%s); using synthetic cells", err)
-        return None
-    cells = [(np.asarray(i, dtype=np.int64), np.asarray(v, dtype=np.float32))
-             for i, v in zip(enc["input_ids"], enc["values"]) if len(i) >= 2]
-    return cells or None
-
-
-def pad_cells(cells: Sequence[tuple[np.ndarray, np.ndarray]], pad_token_id: int, pad_value: float,
-              max_length: int | None = None) -> dict[str, np.ndarray]:
-    """Stack (input_ids, values) cells into a padded batch (truncated to `max_length` tokens, `<cls>` kept)."""
-    cells = [(i[:max_length], v[:max_length]) if max_length else (i, v) for i, v in cells]
-    length = max(len(i) for i, _ in cells)
-    ids = np.full((len(cells), length), pad_token_id, dtype=np.int64)
-    vals = np.full((len(cells), length), pad_value, dtype=np.float32)
-    mask = np.zeros((len(cells), length), dtype=np.int64)
-    for row, (i, v) in enumerate(cells):
-        ids[row, : len(i)], vals[row, : len(v)], mask[row, : len(i)] = i, v, 1
-    return {"input_ids": ids, "values": vals, "attention_mask": mask}
-
-
-def _check_cells(tokenizer: Any, config: ScGPTConfig, cells: list | None, n_needed: int,
-                 seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
-    """Cells to validate and self-check on, and what they are: given, wu2020 via the tokenizer, or synthetic."""
-    if cells is not None:
-        return cells, "given cells"
-    real = _real_cells(tokenizer, config, n_needed, seed)
-    if real is not None:
-        return real, "scirpy wu2020 cells via ScGPTTokenizer"
-    return _synthetic_cells(config, n_needed, seed), "synthetic cells"
-
-
-def _with_extra_inputs(feed: dict[str, np.ndarray], extra_inputs: Sequence[str],
-                       config: ScGPTConfig) -> dict[str, np.ndarray]:
-    """Add example values for the inputs beyond input_ids / values / attention_mask: batch ids in turn, per-token ids."""
-    if "batch_labels" in extra_inputs:
-        feed["batch_labels"] = (np.arange(len(feed["input_ids"])) % config.num_batch_labels).astype(np.int64)
-    feed.update({name: _token_ids_for(name, feed["attention_mask"], config) for name in extra_inputs
-                 if name in PER_TOKEN_INPUTS})
-    return feed
-
-
-def _validation_batches(cells: list, config: ScGPTConfig, shapes: Sequence[tuple[int, int | None]],
-                        extra_inputs: Sequence[str]) -> list[dict[str, np.ndarray]]:
-    """One padded batch per (batch size, max length); cells of mixed lengths so padding is exercised."""
-    order = sorted(range(len(cells)), key=lambda k: len(cells[k][0]))
-    batches = []
-    for n, (batch, max_len) in enumerate(shapes):
-        # spread picks over the length range (shortest to longest) so each batch mixes lengths
-        picks = [order[int(round(x))] for x in np.linspace(0, len(order) - 1, batch)] if batch > 1 else \
-            [order[(len(order) // 2 + n) % len(order)]]
-        feed = pad_cells([cells[k] for k in picks], config.pad_token_id, config.pad_value, max_len)
-        batches.append(_with_extra_inputs(feed, extra_inputs, config))
-    return batches
-
-
-def _self_check_batch(cells: list, config: ScGPTConfig, extra_inputs: Sequence[str]) -> dict[str, np.ndarray]:
-    """The self-check's padded batch: the longest cells cut to `SELF_CHECK_LENGTHS` tokens."""
-    longest = sorted(cells, key=lambda c: -len(c[0]))[: len(SELF_CHECK_LENGTHS)]
-    cut = [(ids[:n], vals[:n]) for (ids, vals), n in zip(longest, SELF_CHECK_LENGTHS)]
-    return _with_extra_inputs(pad_cells(cut, config.pad_token_id, config.pad_value), extra_inputs, config)
-
-
-def _torch_outputs(model: nn.Module, feed: Mapping[str, np.ndarray], input_names: Sequence[str],
-                   output_names: Sequence[str]) -> dict[str, np.ndarray]:
-    """PyTorch's outputs (eval mode, fp32) for a padded batch."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(**{n: torch.from_numpy(feed[n]) for n in input_names}, return_dict=True)
-    finally:
-        model.train(was_training)
-    return {n: getattr(out, n).float().numpy() for n in output_names}
+def _example_inputs(config: ScGPTConfig, input_names: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """Two short cells to trace with, the second padded (gene ids clamped into a small vocabulary)."""
+    example = {
+        "input_ids": torch.tensor([[config.cls_token_id] + [1, 2, 3, 4, 5, 6, 7],
+                                   [config.cls_token_id] + [8, 9, 10, 11, 12] + [config.pad_token_id] * 2]),
+        "values": torch.tensor([[config.pad_value, 1, 5, 9, 2, 3, 4, 1],
+                                [config.pad_value, 2, 2, 7, 1, 1, config.pad_value, config.pad_value]]),
+        "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2]),
+        "batch_labels": torch.tensor([0, min(1, (config.num_batch_labels or 1) - 1)]),
+    }
+    example["input_ids"] = example["input_ids"].clamp(max=config.vocab_size - 1)
+    for name in PER_TOKEN_INPUTS:
+        if name in input_names:
+            example[name] = torch.from_numpy(_token_ids_for(name, example["attention_mask"].numpy(), config))
+    return tuple(example[n] for n in input_names)
 
 
 def _token_ids_for(name: str, mask: np.ndarray, config: ScGPTConfig) -> np.ndarray:
@@ -574,35 +651,26 @@ def _token_ids_for(name: str, mask: np.ndarray, config: ScGPTConfig) -> np.ndarr
 
 
 # ----------------------------------------------------------------------------------------------
-# Graph steps
+# Step 3: optimise and set the precision
 
 
-def _op_counts(model: Any) -> Counter:
-    """Op type counts of an onnx.ModelProto (main graph; fused contrib ops prefixed by nothing)."""
-    return Counter(node.op_type for node in model.graph.node)
+def _optimise(ir_model: Any, optimize: bool, precision: str) -> tuple[Any, dict[str, int]]:
+    """Fuse attention and layer norms for ONNX Runtime; returns the graph as a ModelProto and the rewrite counts.
 
+    CPU graphs (fp32, int8) then feed fused attention the 2-D padding mask (`_use_key_padding_mask`).
+    """
+    import onnx_ir as ir
 
-def _fused(counts: Mapping[str, int], domain_ops: set[str]) -> dict[str, int]:
-    return {op: n for op, n in sorted(counts.items()) if op in domain_ops}
+    rewrites: dict[str, int] = {}
+    if optimize:
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-
-def _contrib_ops(model: Any) -> set[str]:
-    return {node.op_type for node in model.graph.node if node.domain == "com.microsoft"}
-
-
-def _ort_session_ops(path: Path, saved_counts: Mapping[str, int]) -> dict[str, int]:
-    """Ops ONNX Runtime adds when it optimises the graph at load (e.g. DynamicQuantizeMatMul, FusedMatMul)."""
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.optimized_model_filepath = str(Path(tmp) / "ort_optimized.onnx")
-        so.log_severity_level = 3
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(so.optimized_model_filepath, load_external_data=False)
-    counts = Counter(n.op_type for n in optimized.graph.node if n.domain == "com.microsoft")
-    return {op: n for op, n in sorted(counts.items()) if op not in saved_counts}
+        with _quiet():
+            ir_model, rewrites = optimize_for_ort(ir_model)
+        rewrites = {k: int(v) for k, v in rewrites.items() if v}
+        if precision != "fp16":
+            rewrites["key_padding_mask"] = _use_key_padding_mask(ir_model)
+    return ir.serde.serialize_model(ir_model), rewrites
 
 
 # Inputs of com.microsoft MultiHeadAttention, in order.
@@ -664,27 +732,37 @@ def _use_key_padding_mask(ir_model: Any) -> int:
     return len(attention)
 
 
-def _attention_inputs(model: Any) -> dict[str, int]:
-    """MultiHeadAttention nodes of an onnx.ModelProto counted by the inputs they are fed."""
-    counts = Counter(", ".join(name for name, value in zip(MHA_INPUTS, node.input) if value)
-                     for node in model.graph.node if node.op_type == "MultiHeadAttention")
-    return dict(sorted(counts.items()))
+def _rename_dynamic_dims(model: Any, per_token: set[str]) -> None:
+    """Name the dynamic axes 'batch' and 'sequence' on every graph input and output."""
+    for vi in list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if axis == 0:
+                dim.dim_param = "batch"
+            elif axis == 1 and (vi.name in per_token or vi.name in {"input_ids", "values", "attention_mask"}):
+                dim.dim_param = "sequence"
 
 
-def _save(model: Any, path: Path) -> None:
+def _apply_precision(proto: Any, precision: str) -> Any:
+    """The graph in `precision`: fp32 as it is, fp16 for CUDA hosts, int8 (dynamic quantisation) for CPU hosts."""
     import onnx
 
-    if model.ByteSize() > 1_800_000_000:  # protobuf's 2 GiB limit
-        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
-    else:
-        onnx.save_model(model, str(path))
+    if precision == "fp16":
+        return _to_fp16(proto)
+    if precision == "int8":
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32_path, int8_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+            _save(proto, fp32_path)
+            _to_int8(fp32_path, int8_path)
+            return onnx.load(str(int8_path))
+    return proto
 
 
 def _to_fp16(model: Any) -> Any:
+    """Weights and compute in half, inputs and outputs kept float32 so clients feed the same arrays."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    with _quiet(False), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet():
         return convert_float_to_float16(model, keep_io_types=True)
 
 
@@ -702,282 +780,126 @@ def _to_int8(src: Path, dst: Path) -> None:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint that does not apply here
-    try:
+    # quantize_dynamic logs a pre-processing hint that does not apply here
+    with _log_level(logging.ERROR, "root"):
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                          extra_options={"MatMulConstBOnly": True})
-    finally:
-        root.setLevel(level)
-
-
-def _set_metadata(model: Any, entries: Mapping[str, str]) -> None:
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in entries.items():
-        if key in existing:
-            existing[key].value = value
-        else:
-            prop = model.metadata_props.add()
-            prop.key, prop.value = key, value
-
-
-def _dim_names(value_info: Any) -> list:
-    dims = value_info.type.tensor_type.shape.dim
-    return [d.dim_param or d.dim_value for d in dims]
-
-
-def _rename_dynamic_dims(model: Any, per_token: set[str]) -> None:
-    """Name the dynamic axes 'batch' and 'sequence' on every graph input and output."""
-    for vi in list(model.graph.input) + list(model.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        for axis, dim in enumerate(dims):
-            if axis == 0:
-                dim.dim_param = "batch"
-            elif axis == 1 and (vi.name in per_token or vi.name in {"input_ids", "values", "attention_mask"}):
-                dim.dim_param = "sequence"
 
 
 # ----------------------------------------------------------------------------------------------
-# Export
+# Step 4: validate against PyTorch
 
 
-def export_onnx(
-    model_or_path: nn.Module | str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    task: str = "embedding",
-    opset: int = 18,
-    precision: str = "fp32",
-    validate: bool = True,
-    optimize: bool = True,
-    tokenizer: Any = None,
-    vocab: Mapping[str, int] | None = None,
-    validation_cells: list[tuple[np.ndarray, np.ndarray]] | None = None,
-    validation_shapes: Sequence[tuple[int, int | None]] = DEFAULT_VALIDATION_SHAPES,
-    providers: Sequence[str] | None = None,
-    seed: int = 0,
-    overwrite: bool = False,
-    verbose: bool = True,
-) -> ExportReport:
-    """Export an scGPT model to ``output_dir/model.onnx`` (dynamic batch and sequence), optimise and validate it.
+def _check_cells(tokenizer: Any, config: ScGPTConfig, cells: list | None, shapes: Sequence[tuple[int, int | None]],
+                 seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """Cells to validate and self-check on, and what they are: given, wu2020 via the tokenizer, or synthetic.
 
-    The folder is built beside ``output_dir`` and renamed into place once validated: a failure (or a kill)
-    leaves an existing ``output_dir`` as it was, and one is replaced only with ``overwrite=True``.
-
-    Args:
-        model_or_path: a model object or a local folder / Hub id (loaded with the task's model class).
-        output_dir: folder for ``model.onnx``, ``selfcheck.npz``, ``export_report.json``, ``config.json`` and the
-            tokenizer files; checked for writability before any work.
-        task: one of `TASKS` ("embedding", "expression", and heads registered later).
-        opset: ONNX opset of the exported graph (>= 18; the dynamo exporter's floor).
-        precision: "fp32", "fp16" (for CUDA hosts) or "int8" (dynamic quantisation, for CPU hosts).
-        validate: compare with PyTorch on real cells; raise `ExportValidationError` if out of bounds.
-        optimize: fuse attention and layer norms (leave on: unfused graphs are slow on CPU).
-        tokenizer: `ScGPTTokenizer` for real validation cells and the preprocessing contract
-            (default: the one saved with the model).
-        vocab: gene vocabulary (token -> id) for the metadata hash when no tokenizer is available.
-        validation_cells: (input_ids, values) per cell to validate and self-check on instead of wu2020 /
-            synthetic cells.
-        validation_shapes: (batch size, max tokens or None for the cells' own lengths) per validation case.
-        providers: ONNX Runtime execution providers for validation (default CPU).
-        seed: seed for the choice of validation cells and tokenizer tie-breaking.
-        overwrite: replace an existing ``output_dir``.
-        verbose: print what was fused and the validation figures.
-
-    Returns:
-        The `ExportReport` (also written to ``output_dir/export_report.json``).
+    Enough for twice the largest validation batch (so batches mix lengths) and for the self-check.
     """
-    import onnx
+    if cells is not None:
+        return cells, "given cells"
+    n_needed = max(16, 2 * max(b for b, _ in shapes), len(SELF_CHECK_LENGTHS))
+    real = _real_cells(tokenizer, config, n_needed, seed)
+    if real is not None:
+        return real, "scirpy wu2020 cells via ScGPTTokenizer"
+    return _synthetic_cells(config, n_needed, seed), "synthetic cells"
 
-    from scgpt_hf import __version__
 
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASKS)}.")
-    if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}; choose one of {list(PRECISIONS)}.")
-    if int(opset) < 18:
-        raise ValueError(f"opset {opset} is too old: torch's dynamo exporter emits opset 18 or newer.")
-    output_dir = check_writable(output_dir, overwrite=overwrite, what="ONNX export folder")
-    spec = TASKS[task]
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-
-    source = None
-    if isinstance(model_or_path, (str, os.PathLike)):
-        source = str(model_or_path)
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # loading a backbone from a pretraining checkpoint lists the heads
-        try:
-            model = spec.load(source)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-    elif isinstance(model_or_path, nn.Module):
-        model = spec.adapt(model_or_path)
-        name = getattr(model, "name_or_path", "") or getattr(model_or_path, "name_or_path", "")
-        source = name if name and Path(name).is_dir() else None
-    else:
-        raise TypeError(f"model_or_path must be a model or a folder / Hub id, got {type(model_or_path).__name__}.")
-    model = spec.adapt(model)
-    config: ScGPTConfig = model.config
-    if config.domain_spec_batchnorm == "dsbn":
-        raise NotImplementedError(
-            "Models with domain-specific batch norm (dsbn) pick a BatchNorm per batch label with data-dependent "
-            "Python control flow, which has no static ONNX graph; export is not supported for them yet."
-        )
-    vocab = _load_vocab(model, source, tokenizer, vocab)
+def _real_cells(tokenizer: Any, config: ScGPTConfig, n_cells: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Cells of scirpy's wu2020 through the tokenizer, or None when unavailable or no gene matches."""
     if tokenizer is None:
-        tokenizer = _load_tokenizer(source, vocab, config)
-        if vocab is None and tokenizer is not None:
-            vocab = dict(tokenizer.get_vocab())
-    if vocab is None:
-        raise ValueError(
-            "No gene vocabulary found: the ONNX metadata records its hash so servers can check their tokenizer. "
-            "Pass tokenizer=ScGPTTokenizer(...) or vocab={gene: id}, or export from a folder that holds vocab.json."
-        )
-    if len(vocab) != config.vocab_size:
-        raise ValueError(f"The vocabulary has {len(vocab)} entries but the model embeds {config.vocab_size} tokens: "
-                         "it does not belong to this model.")
-
-    was_training = model.training
-    model.eval()
-    input_names = ("input_ids", "values", "attention_mask") + tuple(spec.extra_inputs(config))
-    example = {
-        "input_ids": torch.tensor([[config.cls_token_id] + [1, 2, 3, 4, 5, 6, 7],
-                                   [config.cls_token_id] + [8, 9, 10, 11, 12] + [config.pad_token_id] * 2]),
-        "values": torch.tensor([[config.pad_value, 1, 5, 9, 2, 3, 4, 1],
-                                [config.pad_value, 2, 2, 7, 1, 1, config.pad_value, config.pad_value]]),
-        "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2]),
-        "batch_labels": torch.tensor([0, min(1, (config.num_batch_labels or 1) - 1)]),
-    }
-    example["input_ids"] = example["input_ids"].clamp(max=config.vocab_size - 1)
-    for name in PER_TOKEN_INPUTS:
-        example[name] = torch.from_numpy(_token_ids_for(name, example["attention_mask"].numpy(), config)) \
-            if name in input_names else None
-    args = tuple(example[n] for n in input_names)
+        return None
     try:
-        with _sdpa_attention(model), torch.no_grad():
-            probe = model(**dict(zip(input_names, args)), return_dict=True)
-            output_names = tuple(n for n in spec.outputs if getattr(probe, n, None) is not None)
-            wrapper = _ExportWrapper(model, input_names, output_names).eval()
-            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-            dynamic = {n: ({0: batch} if n == "batch_labels" else {0: batch, 1: seq}) for n in input_names}
-            t0 = time.perf_counter()
-            with _quiet(False):
-                program = torch.onnx.export(
-                    wrapper, args, dynamo=True, opset_version=int(opset), input_names=list(input_names),
-                    output_names=list(output_names), dynamic_shapes={"inputs": tuple(dynamic[n] for n in input_names)},
-                    optimize=True, verbose=False, external_data=False,
-                )
-            timings["torch_export"] = time.perf_counter() - t0
-    finally:
-        model.train(was_training)
+        import anndata
+        import importlib.util
 
-    t0 = time.perf_counter()
-    rewrites: dict[str, int] = {}
-    ir_model = program.model
-    if optimize:
-        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+        spec = importlib.util.find_spec("scirpy")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        files = (Path(p) / "tests/data/wu2020_200_v0_11.h5ad" for p in spec.submodule_search_locations)
+        path = next((f for f in files if f.is_file()), None)
+        if path is None:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adata = anndata.read_h5ad(path)
+        rows = np.random.default_rng(seed).permutation(adata.n_obs)[:n_cells]
+        # a small vocabulary matching few genes is fine for validation
+        with _log_level(logging.ERROR, type(tokenizer).__module__):
+            enc = tokenizer(adata[np.sort(rows)], padding=False, return_tensors=None, seed=seed,
+                            max_length=config.max_seq_len, cls_value=config.pad_value)
+    except (ValueError, OSError, ImportError) as err:  # no gene matches, unreadable file ...
+        logger.info("real validation cells unavailable (%s); using synthetic cells", err)
+        return None
+    cells = [(np.asarray(i, dtype=np.int64), np.asarray(v, dtype=np.float32))
+             for i, v in zip(enc["input_ids"], enc["values"]) if len(i) >= 2]
+    return cells or None
 
-        with _quiet(False):
-            ir_model, rewrites = optimize_for_ort(ir_model)
-        rewrites = {k: int(v) for k, v in rewrites.items() if v}
-        if precision != "fp16":
-            rewrites["key_padding_mask"] = _use_key_padding_mask(ir_model)
-    import onnx_ir as ir
 
-    proto = ir.serde.serialize_model(ir_model)
-    timings["fusion"] = time.perf_counter() - t0
-    per_token = {n for n in output_names if n not in PER_CELL_OUTPUTS}
-    _rename_dynamic_dims(proto, per_token)
+def _synthetic_cells(config: ScGPTConfig, n_cells: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Random cells (<cls> first, distinct non-special genes, values in the expression bins) when no real ones fit."""
+    rng = np.random.default_rng(seed)
+    specials = {config.pad_token_id, config.cls_token_id, config.eoc_token_id}
+    genes = np.array([i for i in range(config.vocab_size) if i not in specials], dtype=np.int64)
+    cells = []
+    for _ in range(n_cells):
+        n = int(rng.integers(2, max(3, min(config.max_seq_len, len(genes) + 1))))
+        ids = np.concatenate([[config.cls_token_id], rng.choice(genes, size=n - 1, replace=False)])
+        vals = np.concatenate([[config.pad_value], rng.integers(1, config.n_bins, size=n - 1)]).astype(np.float32)
+        cells.append((ids.astype(np.int64), vals))
+    return cells
 
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32_path = Path(tmp) / "fp32.onnx"
-        _save(proto, fp32_path)
-        if precision == "int8":
-            _to_int8(fp32_path, Path(tmp) / "int8.onnx")
-            proto = onnx.load(str(Path(tmp) / "int8.onnx"))
-        elif precision == "fp16":
-            proto = _to_fp16(proto)
-    timings["precision"] = time.perf_counter() - t0
 
-    cells, data = _check_cells(tokenizer, config, validation_cells,
-                               max(16, 2 * max(b for b, _ in validation_shapes), len(SELF_CHECK_LENGTHS)), seed)
-    check_feed = _self_check_batch(cells, config, input_names[3:])
-    check_outputs = _torch_outputs(model, check_feed, input_names, output_names)
-    contract = _preprocessing_contract(config, tokenizer, task)
-    inputs_meta = [{"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name,
-                    "shape": _dim_names(vi)} for vi in proto.graph.input]
-    outputs_meta = [{"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name,
-                     "shape": _dim_names(vi), "per": "cell" if vi.name in PER_CELL_OUTPUTS else "token"}
-                    for vi in proto.graph.output]
-    vhash = vocab_sha256(vocab)
-    final_path = output_dir / MODEL_FILE
-    with atomic_output(output_dir, overwrite=overwrite, directory=True, what="ONNX export folder") as staging:
-        _set_metadata(proto, {
-            METADATA_PREFIX + "task": task,
-            METADATA_PREFIX + "precision": precision,
-            METADATA_PREFIX + "opset": str(int(opset)),
-            METADATA_PREFIX + "version": __version__,
-            METADATA_PREFIX + "config": config.to_json_string(use_diff=False),
-            METADATA_PREFIX + "vocab_sha256": vhash,
-            METADATA_PREFIX + "vocab_size": str(len(vocab)),
-            METADATA_PREFIX + "preprocessing": json.dumps(contract),
-            METADATA_PREFIX + "inputs": json.dumps(inputs_meta),
-            METADATA_PREFIX + "outputs": json.dumps(outputs_meta),
-            selfcheck.METADATA_KEY: selfcheck.save(staging / selfcheck.FILE, check_feed, check_outputs),
-        })
-        proto.producer_name = "scgpt-hf"
-        proto.producer_version = __version__
-        proto.doc_string = f"scGPT {task} graph ({precision}) exported by scgpt-hf {__version__}"
-        counts = _op_counts(proto)
-        contrib = _contrib_ops(proto)
-        work_path = staging / MODEL_FILE
-        _save(proto, work_path)
+def pad_cells(cells: Sequence[tuple[np.ndarray, np.ndarray]], pad_token_id: int, pad_value: float,
+              max_length: int | None = None) -> dict[str, np.ndarray]:
+    """Stack (input_ids, values) cells into a padded batch (truncated to `max_length` tokens, `<cls>` kept)."""
+    cells = [(i[:max_length], v[:max_length]) if max_length else (i, v) for i, v in cells]
+    length = max(len(i) for i, _ in cells)
+    ids = np.full((len(cells), length), pad_token_id, dtype=np.int64)
+    vals = np.full((len(cells), length), pad_value, dtype=np.float32)
+    mask = np.zeros((len(cells), length), dtype=np.int64)
+    for row, (i, v) in enumerate(cells):
+        ids[row, : len(i)], vals[row, : len(v)], mask[row, : len(i)] = i, v, 1
+    return {"input_ids": ids, "values": vals, "attention_mask": mask}
 
-        report = ExportReport(
-            task=task, precision=precision, opset=int(opset), model_path=str(final_path),
-            source=source or type(model_or_path).__name__, inputs=inputs_meta, outputs=outputs_meta,
-            fusion_rewrites=rewrites, fused_ops=_fused(counts, contrib), attention_inputs=_attention_inputs(proto),
-            op_counts=dict(sorted(counts.items())),
-            vocab_sha256=vhash, versions=_versions(),
-        )
-        with contextlib.suppress(Exception):
-            report.ort_session_ops = _ort_session_ops(work_path, counts)
 
-        if validate:
-            t0 = time.perf_counter()
-            report.validation = _validate(model, work_path, config, input_names, output_names, precision, cells,
-                                          data, validation_shapes, providers)
-            report.passed = bool(report.validation["passed"])
-            timings["validation"] = time.perf_counter() - t0
-        else:
-            report.validation = {"skipped": True}
-        report.file_size = work_path.stat().st_size
-        report.sha256 = selfcheck.sha256(work_path)
-        timings["total"] = time.perf_counter() - start
-        report.timings_s = {k: round(v, 3) for k, v in timings.items()}
-        if verbose:
-            print(report.summary())
-        if report.passed is False:
-            failed = [c for c in report.validation["cases"] if not c["passed"]][0]
-            raise ExportValidationError(
-                f"ONNX Runtime disagrees with PyTorch beyond the {precision} bound on {data}: "
-                f"{selfcheck.worst(precision, failed['outputs'])} at batch {failed['batch']} x len "
-                f"{failed['length']} ({report.validation['criterion']}); nothing was written to {output_dir}. "
-                + ("Export in fp32 instead." if precision != "fp32" else
-                   "This is a bug: please report it with the figures of export_report (ExportValidationError.report)."),
-                report,
-            )
-        (staging / REPORT_FILE).write_text(report.to_json() + "\n")
-        config.save_pretrained(staging)
-        if tokenizer is not None:
-            with contextlib.suppress(Exception):
-                tokenizer.save_pretrained(staging)
-    return report
+def _with_extra_inputs(feed: dict[str, np.ndarray], extra_inputs: Sequence[str],
+                       config: ScGPTConfig) -> dict[str, np.ndarray]:
+    """Add example values for the inputs beyond input_ids / values / attention_mask: batch ids in turn, per-token ids."""
+    if "batch_labels" in extra_inputs:
+        feed["batch_labels"] = (np.arange(len(feed["input_ids"])) % config.num_batch_labels).astype(np.int64)
+    feed.update({name: _token_ids_for(name, feed["attention_mask"], config) for name in extra_inputs
+                 if name in PER_TOKEN_INPUTS})
+    return feed
+
+
+def _validation_batches(cells: list, config: ScGPTConfig, shapes: Sequence[tuple[int, int | None]],
+                        extra_inputs: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """One padded batch per (batch size, max length); cells of mixed lengths so padding is exercised."""
+    order = sorted(range(len(cells)), key=lambda k: len(cells[k][0]))
+    batches = []
+    for n, (batch, max_len) in enumerate(shapes):
+        # spread picks over the length range (shortest to longest) so each batch mixes lengths
+        picks = [order[int(round(x))] for x in np.linspace(0, len(order) - 1, batch)] if batch > 1 else \
+            [order[(len(order) // 2 + n) % len(order)]]
+        feed = pad_cells([cells[k] for k in picks], config.pad_token_id, config.pad_value, max_len)
+        batches.append(_with_extra_inputs(feed, extra_inputs, config))
+    return batches
+
+
+def _self_check_batch(cells: list, config: ScGPTConfig, extra_inputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """The self-check's padded batch: the longest cells cut to `SELF_CHECK_LENGTHS` tokens."""
+    longest = sorted(cells, key=lambda c: -len(c[0]))[: len(SELF_CHECK_LENGTHS)]
+    cut = [(ids[:n], vals[:n]) for (ids, vals), n in zip(longest, SELF_CHECK_LENGTHS)]
+    return _with_extra_inputs(pad_cells(cut, config.pad_token_id, config.pad_value), extra_inputs, config)
+
+
+def _torch_outputs(model: nn.Module, feed: Mapping[str, np.ndarray], input_names: Sequence[str],
+                   output_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """PyTorch's outputs (eval mode, fp32) for a padded batch."""
+    with _eval_mode(model), torch.no_grad():
+        out = model(**{n: torch.from_numpy(feed[n]) for n in input_names}, return_dict=True)
+    return {n: getattr(out, n).float().numpy() for n in output_names}
 
 
 def _validate(model: nn.Module, path: Path, config: ScGPTConfig, input_names: Sequence[str],
@@ -987,9 +909,7 @@ def _validate(model: nn.Module, path: Path, config: ScGPTConfig, input_names: Se
     import onnxruntime as ort
 
     batches = _validation_batches(cells, config, shapes, input_names[3:])
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    session = ort.InferenceSession(str(path), so, providers=list(providers or ["CPUExecutionProvider"]))
+    session = ort.InferenceSession(str(path), _session_options(), providers=list(providers or ["CPUExecutionProvider"]))
     cases = []
     for feed in batches:
         ref = _torch_outputs(model, feed, input_names, output_names)
@@ -1003,6 +923,170 @@ def _validate(model: nn.Module, path: Path, config: ScGPTConfig, input_names: Se
                       "passed": selfcheck.within_bound(precision, figures)})
     return {"data": data, "criterion": selfcheck.criterion(precision), "providers": session.get_providers(),
             "cases": cases, "passed": all(c["passed"] for c in cases)}
+
+
+def _validation_error(report: ExportReport, data: str, output_dir: Path) -> ExportValidationError:
+    """The refusal of a graph outside its precision's bound: the first failing case's worst figure and the way out."""
+    precision = report.precision
+    failed = next(c for c in report.validation["cases"] if not c["passed"])
+    return ExportValidationError(
+        f"ONNX Runtime disagrees with PyTorch beyond the {precision} bound on {data}: "
+        f"{selfcheck.worst(precision, failed['outputs'])} at batch {failed['batch']} x len "
+        f"{failed['length']} ({report.validation['criterion']}); nothing was written to {output_dir}. "
+        + ("Export in fp32 instead." if precision != "fp32" else
+           "This is a bug: please report it with the figures of export_report (ExportValidationError.report)."),
+        report,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 5: write metadata, the self-check and the report
+
+
+def preprocessing_contract(config: ScGPTConfig, tokenizer: Any, task: str) -> dict[str, Any]:
+    """What a client must feed: how cells are tokenised and padded for this graph."""
+    return {
+        "n_bins": int(config.n_bins),
+        "pad_value": float(config.pad_value),
+        # The zero-shot embedding path (scgpt_hf.embedding.embed, the original embed_data) puts pad_value at
+        # <cls>; pretraining-style inputs use the tokenizer's cls_value (0 in the original tokenizer).
+        "cls_value": float(config.pad_value) if task == "embedding" else float(getattr(tokenizer, "cls_value", 0.0)),
+        "mask_value": float(config.mask_value),
+        "pad_token_id": int(config.pad_token_id),
+        "cls_token_id": int(config.cls_token_id),
+        "eoc_token_id": int(config.eoc_token_id),
+        "max_length": int(getattr(tokenizer, "max_length", config.max_seq_len) or config.max_seq_len),
+        "vocab_size": int(config.vocab_size),
+        "input_emb_style": config.input_emb_style,
+        "binning": "per-cell quantile bins 1..n_bins-1 of non-zero values (ScGPTTokenizer, do_binning=True)",
+        "layout": "<cls> first, then expressed genes; padding at the end with pad_token_id / pad_value and "
+                  "attention_mask 0",
+    }
+
+
+# Until export/triton.py imports the public name.
+_preprocessing_contract = preprocessing_contract
+
+
+def _io_contract(proto: Any) -> tuple[list[dict], list[dict]]:
+    """The graph's inputs and outputs (name, dtype, axes; outputs also per cell or per token) for metadata and report."""
+    import onnx
+
+    def describe(value_info: Any) -> dict[str, Any]:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type).name
+        return {"name": value_info.name, "dtype": dtype, "shape": _dim_names(value_info)}
+
+    inputs = [describe(vi) for vi in proto.graph.input]
+    outputs = [{**describe(vi), "per": "cell" if vi.name in PER_CELL_OUTPUTS else "token"}
+               for vi in proto.graph.output]
+    return inputs, outputs
+
+
+def _dim_names(value_info: Any) -> list:
+    """Each axis by name where dynamic, else by size."""
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
+
+
+def _stamp(proto: Any, report: ExportReport, config: ScGPTConfig, vocab_size: int,
+           contract: Mapping[str, Any]) -> None:
+    """Record in the graph what a server needs to feed and check it: task, precision, config, vocabulary hash,
+    input/output and preprocessing contracts (the self-check's sha256 is added once its file is written)."""
+    from scgpt_hf import __version__
+
+    _set_metadata(proto, {
+        METADATA_PREFIX + "task": report.task,
+        METADATA_PREFIX + "precision": report.precision,
+        METADATA_PREFIX + "opset": str(report.opset),
+        METADATA_PREFIX + "version": __version__,
+        METADATA_PREFIX + "config": config.to_json_string(use_diff=False),
+        METADATA_PREFIX + "vocab_sha256": report.vocab_sha256,
+        METADATA_PREFIX + "vocab_size": str(vocab_size),
+        METADATA_PREFIX + "preprocessing": json.dumps(contract),
+        METADATA_PREFIX + "inputs": json.dumps(report.inputs),
+        METADATA_PREFIX + "outputs": json.dumps(report.outputs),
+    })
+    proto.producer_name = "scgpt-hf"
+    proto.producer_version = __version__
+    proto.doc_string = f"scGPT {report.task} graph ({report.precision}) exported by scgpt-hf {__version__}"
+
+
+def _set_metadata(model: Any, entries: Mapping[str, str]) -> None:
+    """Set (or replace) metadata_props entries of an onnx.ModelProto."""
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in entries.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            prop = model.metadata_props.add()
+            prop.key, prop.value = key, value
+
+
+def _save_with_self_check(proto: Any, staging: Path, inputs: Mapping[str, np.ndarray],
+                          outputs: Mapping[str, np.ndarray]) -> Path:
+    """Write the self-check cells and PyTorch's outputs, record their sha256 in the graph, and save the graph."""
+    _set_metadata(proto, {selfcheck.METADATA_KEY: selfcheck.save(staging / selfcheck.FILE, inputs, outputs)})
+    path = staging / MODEL_FILE
+    _save(proto, path)
+    return path
+
+
+def _save(model: Any, path: Path) -> None:
+    """Save a graph, its weights in a ``.data`` file beside it past protobuf's 2 GiB limit."""
+    import onnx
+
+    if model.ByteSize() > 1_800_000_000:  # protobuf's 2 GiB limit
+        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _count_ops(report: ExportReport, proto: Any, path: Path) -> None:
+    """Report the saved graph's ops: all of them, the fused ones, attention's inputs and what ONNX Runtime adds."""
+    counts = Counter(node.op_type for node in proto.graph.node)
+    contrib = {node.op_type for node in proto.graph.node if node.domain == "com.microsoft"}
+    report.op_counts = dict(sorted(counts.items()))
+    report.fused_ops = {op: n for op, n in sorted(counts.items()) if op in contrib}
+    report.attention_inputs = _attention_inputs(proto)
+    with contextlib.suppress(Exception):
+        report.ort_session_ops = _ort_session_ops(path, counts)
+
+
+def _attention_inputs(model: Any) -> dict[str, int]:
+    """MultiHeadAttention nodes of an onnx.ModelProto counted by the inputs they are fed."""
+    counts = Counter(", ".join(name for name, value in zip(MHA_INPUTS, node.input) if value)
+                     for node in model.graph.node if node.op_type == "MultiHeadAttention")
+    return dict(sorted(counts.items()))
+
+
+def _ort_session_ops(path: Path, saved_counts: Mapping[str, int]) -> dict[str, int]:
+    """Ops ONNX Runtime adds when it optimises the graph at load (e.g. DynamicQuantizeMatMul, FusedMatMul)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = _session_options()
+        so.optimized_model_filepath = str(Path(tmp) / "ort_optimized.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(so.optimized_model_filepath, load_external_data=False)
+    counts = Counter(n.op_type for n in optimized.graph.node if n.domain == "com.microsoft")
+    return {op: n for op, n in sorted(counts.items()) if op not in saved_counts}
+
+
+def _seal(report: ExportReport, path: Path, timings: Mapping[str, float], start: float) -> None:
+    """Record the saved graph's size and sha256 (which loading checks) and the steps' timings."""
+    report.file_size = path.stat().st_size
+    report.sha256 = selfcheck.sha256(path)
+    report.timings_s = {k: round(v, 3) for k, v in {**timings, "total": time.perf_counter() - start}.items()}
+
+
+def _write_beside(staging: Path, report: ExportReport, config: ScGPTConfig, tokenizer: Any) -> None:
+    """Write the report, the config and the tokenizer beside the graph, so the folder serves on its own."""
+    (staging / REPORT_FILE).write_text(report.to_json() + "\n")
+    config.save_pretrained(staging)
+    if tokenizer is not None:
+        with contextlib.suppress(Exception):
+            tokenizer.save_pretrained(staging)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1094,8 +1178,7 @@ class OnnxScGPT:
             self._verify_against_report()
         so = session_options
         if so is None:
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
+            so = _session_options()
             if intra_op_num_threads:
                 so.intra_op_num_threads = int(intra_op_num_threads)
         try:
