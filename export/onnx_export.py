@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from scgpt_hf import padding
 from scgpt_hf.atomic import atomic_output, check_writable
 from scgpt_hf.configuration_scgpt import ScGPTConfig
 from scgpt_hf.modeling_scgpt import (
@@ -852,15 +853,11 @@ def _synthetic_cells(config: ScGPTConfig, n_cells: int, seed: int) -> list[tuple
 
 def pad_cells(cells: Sequence[tuple[np.ndarray, np.ndarray]], pad_token_id: int, pad_value: float,
               max_length: int | None = None) -> dict[str, np.ndarray]:
-    """Stack (input_ids, values) cells into a padded batch (truncated to `max_length` tokens, `<cls>` kept)."""
+    """(input_ids, values) cells as a graph feed, right-padded by `scgpt_hf.padding` (cut to `max_length` tokens,
+    `<cls>` kept)."""
     cells = [(i[:max_length], v[:max_length]) if max_length else (i, v) for i, v in cells]
-    length = max(len(i) for i, _ in cells)
-    ids = np.full((len(cells), length), pad_token_id, dtype=np.int64)
-    vals = np.full((len(cells), length), pad_value, dtype=np.float32)
-    mask = np.zeros((len(cells), length), dtype=np.int64)
-    for row, (i, v) in enumerate(cells):
-        ids[row, : len(i)], vals[row, : len(v)], mask[row, : len(i)] = i, v, 1
-    return {"input_ids": ids, "values": vals, "attention_mask": mask}
+    ids, values, mask = padding.pad_cells(cells, pad_token_id, pad_value)
+    return {"input_ids": ids, "values": values, "attention_mask": mask}
 
 
 def _with_extra_inputs(feed: dict[str, np.ndarray], extra_inputs: Sequence[str],
