@@ -1,0 +1,353 @@
+"""Cells from many places behind one interface: .h5ad files and AnnData zarr stores read backed, and
+TileDB-SOMA experiments (local folders or URIs, through the optional ``tiledbsoma``).
+
+A :class:`CellSource` knows how many cells it holds, their ids, one gene name per column, and reads any
+range of its rows as bounded CSR blocks, so a run over millions of cells holds one block at a time.
+
+* AnnData sources (``.h5ad`` files, ``.zarr`` stores) choose their matrix with
+  :func:`scgpt_hf.anndata_input.select_matrix` (X, a layer or ``raw``; gene names from ``var_names`` or a
+  ``var`` column) over the stored groups and read rows with :func:`~scgpt_hf.anndata_input.row_blocks`;
+  ``obs`` is never loaded, only the slices of its index that are asked for. Cell ids are ``obs_names``.
+* SOMA sources read one measurement's X layer (Census defaults: measurement ``RNA``, layer ``raw``, gene
+  symbols in var column ``feature_name``) for the cells an optional obs filter selects (passed to SOMA's
+  query, e.g. ``"tissue_general == 'blood'"``). Cell ids are the ``obs_id`` column that
+  ``tiledbsoma.io.from_anndata`` writes, or ``soma_joinid`` where there is none (as in the Census).
+
+Names that do not exist (measurement, layer, gene column, filter columns) are errors listing what does. A
+source that cannot be read in the middle of a run (deleted, truncated, corrupt) raises `SourceError`
+naming the source and the rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..anndata_input import SPARSE_BLOCK_ROWS, check_numeric, row_blocks, select_matrix
+
+__all__ = ["CellSource", "SourceError", "SourceOptions", "open_source", "open_sources"]
+
+
+class SourceError(OSError):
+    """A source could not be read (gone, changed or corrupt) during a run."""
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Which matrix and gene names to read: `layer`/`use_raw`/`gene_column` for AnnData sources,
+    `measurement`/`x_layer`/`var_column`/`obs_filter` for TileDB-SOMA experiments (Census defaults)."""
+
+    layer: str | None = None
+    use_raw: bool = False
+    gene_column: str | None = None
+    measurement: str = "RNA"
+    x_layer: str = "raw"
+    var_column: str = "feature_name"
+    obs_filter: str | None = None
+
+
+class CellSource:
+    """Cells x genes, read in row ranges. Subclasses set `name`, `kind`, `n_cells`, `gene_names`, `where`
+    (which matrix), `var` (a frame of gene annotations, for suggesting a gene column) and implement
+    `_ids` and `_blocks`."""
+
+    name: str
+    kind: str
+    n_cells: int
+    gene_names: list[str]
+    where: str
+    var: Any = None
+
+    def ids(self, start: int, stop: int) -> np.ndarray:
+        """The ids of cells start:stop (strings)."""
+        with self._reading(start, stop, "ids"):
+            return np.asarray([str(v) for v in self._ids(start, stop)], dtype=object)
+
+    def blocks(self, start: int, stop: int) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """(first row, CSR block) over rows start:stop, each block of bounded size."""
+        with self._reading(start, stop, "expression"):
+            yield from self._blocks(start, stop)
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this source's cells for a store's settings check (JSON-able)."""
+        genes = hashlib.sha256("\n".join(self.gene_names).encode()).hexdigest()
+        return {"source": self.name, "kind": self.kind, "n_cells": int(self.n_cells), "matrix": self.where,
+                "n_genes": len(self.gene_names), "genes_sha256": genes}
+
+    @contextlib.contextmanager
+    def _reading(self, start: int, stop: int, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (ValueError, TypeError, SourceError):
+            raise  # bad values, named by the checks themselves
+        except Exception as err:  # noqa: BLE001 - h5py, zarr and tiledbsoma raise many kinds
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise SourceError(
+                f"{self.name}: cannot read the {what} of cells {start}-{stop - 1} ({type(err).__name__}: {message}); "
+                "the source was removed, changed or is corrupt. Finished chunks are kept: restore the source and "
+                "rerun the same command to continue."
+            ) from err
+
+    def _ids(self, start: int, stop: int) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def _blocks(self, start: int, stop: int) -> Iterator[tuple[int, sp.csr_matrix]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the open file or experiment."""
+
+    def __enter__(self) -> CellSource:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# AnnData: .h5ad and zarr, backed
+
+
+def _stored_matrix(elem: Any) -> Any:
+    """A stored AnnData matrix left on disk: anndata's backed sparse dataset, or the dense array itself."""
+    from anndata.io import sparse_dataset
+
+    encoding = elem.attrs.get("encoding-type")
+    if encoding in ("csr_matrix", "csc_matrix"):
+        return sparse_dataset(elem)
+    if encoding is None and not hasattr(elem, "shape"):
+        raise ValueError(f"{elem.name} has no anndata encoding (a file from anndata < 0.8): read it with "
+                         "anndata.read_h5ad and write it again with write_h5ad/write_zarr.")
+    return elem
+
+
+class _StoredLayers(Mapping):
+    """``layers`` of a stored AnnData, each opened on access."""
+
+    def __init__(self, group: Any):
+        self._group = group
+
+    def __getitem__(self, name: str) -> Any:
+        if self._group is None or name not in self._group:
+            raise KeyError(name)
+        return _stored_matrix(self._group[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._group.keys() if self._group is not None else ())
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
+class _StoredAnnData:
+    """The parts of an AnnData that `select_matrix` reads (X, layers, raw, var) over an open .h5ad or zarr
+    group; matrices stay on disk and obs is not read."""
+
+    def __init__(self, group: Any):
+        from anndata.io import read_elem
+
+        def stored(key: str) -> Any:  # anndata writes an absent element as one of encoding "null" to zarr
+            return group[key] if key in group and group[key].attrs.get("encoding-type") != "null" else None
+
+        self.var = read_elem(group["var"])
+        self.X = None if stored("X") is None else _stored_matrix(group["X"])
+        self.layers = _StoredLayers(stored("layers"))
+        self.raw = None if stored("raw") is None else _StoredAnnData(group["raw"])
+
+
+class AnnDataSource(CellSource):
+    """An .h5ad file or AnnData zarr store, read backed."""
+
+    def __init__(self, path: Path, kind: str, options: SourceOptions):
+        import h5py
+        import zarr
+
+        self.name, self.kind, self._path = str(path), kind, path
+        self._file = h5py.File(path, "r") if kind == "h5ad" else zarr.open_group(str(path), mode="r")
+        try:
+            if "obs" not in self._file or "var" not in self._file:
+                raise ValueError(f"not an AnnData {kind} (no obs/var): write it with anndata.")
+            chosen = select_matrix(_StoredAnnData(self._file), options.layer, options.use_raw, options.gene_column)
+            check_numeric(chosen.matrix)
+            obs = self._file["obs"]
+            self._index = obs[obs.attrs.get("_index", "_index")]
+            if self._index.shape[0] != chosen.n_cells:
+                raise ValueError(f"obs has {self._index.shape[0]} cells but {chosen.where} has {chosen.n_cells} rows.")
+        except ValueError as err:
+            self.close()
+            raise ValueError(f"{path}: {err}") from None
+        except Exception:
+            self.close()
+            raise
+        self.matrix, self.gene_names, self.where, self.var = chosen.matrix, chosen.gene_names, chosen.where, chosen.var
+        self.n_cells = chosen.n_cells
+
+    def _ids(self, start: int, stop: int) -> Sequence[Any]:
+        import h5py
+
+        index = self._index
+        if isinstance(index, h5py.Dataset) and h5py.check_string_dtype(index.dtype) is not None:
+            index = index.asstr()
+        return index[start:stop]
+
+    def _blocks(self, start: int, stop: int) -> Iterator[tuple[int, sp.csr_matrix]]:
+        for first, block in row_blocks(self.matrix, start, stop):
+            # zarr reads a chunk file that is gone as zeros, and an open .h5ad outlives its deletion: check.
+            if not self._path.exists():
+                raise FileNotFoundError(f"{self._path} is gone")
+            yield first, block
+
+    def close(self) -> None:
+        if hasattr(self._file, "close"):
+            self._file.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# TileDB-SOMA
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+class SomaSource(CellSource):
+    """One measurement of a TileDB-SOMA experiment, the cells an obs filter selects."""
+
+    kind = "soma"
+
+    def __init__(self, uri: str, options: SourceOptions):
+        try:
+            import tiledbsoma
+        except ImportError:
+            raise ImportError(
+                f"{uri} is a TileDB-SOMA experiment, which needs tiledbsoma: pip install 'scgpt-hf[soma]'."
+            ) from None
+        self.name, self.options = uri, options
+        self._exp = tiledbsoma.Experiment.open(uri)
+        try:
+            self._open(tiledbsoma)
+        except Exception:
+            self.close()
+            raise
+
+    def _open(self, tiledbsoma: Any) -> None:
+        o = self.options
+        measurements = list(self._exp.ms.keys())
+        if o.measurement not in measurements:
+            raise ValueError(f"{self.name} has no measurement {o.measurement!r}; it has {measurements} "
+                             "(--measurement).")
+        ms = self._exp.ms[o.measurement]
+        layers = list(ms.X.keys())
+        if o.x_layer not in layers:
+            raise ValueError(f"{self.name}: measurement {o.measurement!r} has no X layer {o.x_layer!r}; it has "
+                             f"{layers} (--x-layer).")
+        columns = [c for c in ms.var.schema.names if c != "soma_joinid"]
+        if o.var_column not in columns:
+            raise ValueError(f"{self.name}: var of measurement {o.measurement!r} has no column {o.var_column!r}; "
+                             f"it has {columns} (--var-column).")
+        var = ms.var.read(column_names=["soma_joinid", o.var_column]).concat().to_pandas()
+        self.gene_names = var[o.var_column].astype(str).tolist()
+        self.var = var.drop(columns="soma_joinid")
+        self._column = np.full(int(var["soma_joinid"].max()) + 1 if len(var) else 0, -1, dtype=np.int64)
+        self._column[var["soma_joinid"].to_numpy()] = np.arange(len(var))
+        self._x = ms.X[o.x_layer]
+        self.where = f"ms/{o.measurement}/X/{o.x_layer}"
+        obs_columns = self._exp.obs.schema.names
+        self._id_column = "obs_id" if "obs_id" in obs_columns else "soma_joinid"
+        try:
+            query = self._exp.axis_query(o.measurement, obs_query=tiledbsoma.AxisQuery(value_filter=o.obs_filter))
+            self._joinids = np.sort(query.obs_joinids().to_numpy())
+        except tiledbsoma.SOMAError as err:
+            raise ValueError(f"{self.name}: obs filter {o.obs_filter!r} failed ({_first_line(err)}); obs columns: "
+                             f"{obs_columns}.") from None
+        if not len(self._joinids):
+            raise ValueError(f"{self.name}: obs filter {o.obs_filter!r} selects no cell; check the values "
+                             f"(obs columns: {obs_columns}).")
+        self.n_cells = len(self._joinids)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "gene_column": self.options.var_column, "obs_filter": self.options.obs_filter or ""}
+
+    def _ids(self, start: int, stop: int) -> Sequence[Any]:
+        joinids = self._joinids[start:stop]
+        table = self._exp.obs.read(coords=(joinids,), column_names=["soma_joinid", self._id_column]).concat()
+        frame = table.to_pandas().set_index("soma_joinid")
+        return frame.loc[joinids, self._id_column].to_numpy() if self._id_column != "soma_joinid" else joinids
+
+    def _blocks(self, start: int, stop: int) -> Iterator[tuple[int, sp.csr_matrix]]:
+        for first in range(start, stop, SPARSE_BLOCK_ROWS):
+            joinids = self._joinids[first : min(stop, first + SPARSE_BLOCK_ROWS)]
+            table = self._x.read(coords=(joinids,)).tables().concat()
+            rows = np.searchsorted(joinids, table.column("soma_dim_0").to_numpy())
+            cols = self._column[table.column("soma_dim_1").to_numpy()]
+            values = table.column("soma_data").to_numpy()
+            yield first, sp.csr_matrix((values, (rows, cols)), shape=(len(joinids), len(self.gene_names)))
+
+    def close(self) -> None:
+        self._exp.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Opening
+
+
+def _kind(spec: str) -> str:
+    """'h5ad', 'zarr' or 'soma' for a path or URI; an error naming what was found otherwise."""
+    if "://" in spec:
+        return "soma"
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"input {spec} does not exist.")
+    if path.is_file():
+        import h5py
+
+        if h5py.is_hdf5(path):
+            return "h5ad"
+        raise ValueError(f"input {spec} is a file but not HDF5: give an .h5ad file, an AnnData .zarr store or a "
+                         "TileDB-SOMA experiment.")
+    if (path / ".zgroup").is_file() or (path / "zarr.json").is_file():
+        return "zarr"
+    if (path / "__tiledb_group.tdb").exists() or (path / "__group").is_dir():
+        return "soma"
+    raise ValueError(f"input folder {spec} is neither an AnnData zarr store nor a TileDB-SOMA experiment.")
+
+
+def open_source(spec: str | os.PathLike, options: SourceOptions | None = None) -> CellSource:
+    """Open an .h5ad file, an AnnData zarr store or a TileDB-SOMA experiment (path or URI) for reading."""
+    options = options or SourceOptions()
+    spec = os.fspath(spec)
+    kind = _kind(spec)
+    if kind == "soma":
+        return SomaSource(spec if "://" in spec else str(Path(spec).expanduser().absolute()), options)
+    return AnnDataSource(Path(spec).expanduser().absolute(), kind, options)
+
+
+def open_sources(specs: Sequence[str | os.PathLike], options: SourceOptions | None = None) -> list[CellSource]:
+    """Open every input (see `open_source`); an obs filter without a SOMA input is an error, since only SOMA's
+    query applies it."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    if not specs:
+        raise ValueError("No input given: pass .h5ad files, AnnData .zarr stores or TileDB-SOMA experiments.")
+    options = options or SourceOptions()
+    sources: list[CellSource] = []
+    try:
+        for spec in specs:
+            sources.append(open_source(spec, options))
+    except BaseException:
+        for source in sources:
+            source.close()
+        raise
+    if options.obs_filter is not None and not any(s.kind == "soma" for s in sources):
+        for source in sources:
+            source.close()
+        raise ValueError("--obs-filter applies to TileDB-SOMA inputs only; filter AnnData files before embedding.")
+    return sources
