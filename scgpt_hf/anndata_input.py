@@ -16,6 +16,7 @@ name the genes, read in-memory and backed (on-disk) matrices and refuse bad valu
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -94,19 +95,19 @@ def expression_input(
     ``gene_names`` (one per column) is required for matrices and overrides an AnnData's own names;
     ``layer``, ``use_raw`` and ``gene_column`` apply to AnnData only.
     """
-    import anndata
-    import pandas as pd
-
+    # An AnnData or DataFrame argument means its module is loaded: looked up, not imported, so that this module
+    # (saved beside the tokenizer for trust_remote_code) requires neither anndata nor pandas where it is loaded.
+    anndata, pandas = sys.modules.get("anndata"), sys.modules.get("pandas")
     if gene_names is not None and gene_column is not None:
         raise ValueError("Give either gene_names or gene_column, not both.")
-    if isinstance(data, anndata.AnnData):
+    if anndata is not None and isinstance(data, anndata.AnnData):
         source = select_matrix(data, layer, use_raw, gene_column)
         if gene_names is not None:
             source = ExpressionInput(source.matrix, [str(g) for g in gene_names], source.where, source.var)
         return _checked_shape(source)
     if layer is not None or use_raw or gene_column is not None:
         raise ValueError("layer=, use_raw= and gene_column= only apply to AnnData input.")
-    if isinstance(data, pd.DataFrame):
+    if pandas is not None and isinstance(data, pandas.DataFrame):
         if gene_names is None:
             gene_names = [str(c) for c in data.columns]
         data = data.to_numpy()
