@@ -1,90 +1,67 @@
-"""scgpt-hf: the scGPT single-cell foundation model as a Hugging Face model family."""
+"""scgpt-hf: the scGPT single-cell foundation model as a Hugging Face model family.
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForPreTraining,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-)
+Importing the package is light: each public name loads its module (and torch, transformers, anndata) on first
+use, and the Auto classes resolve to the scGPT classes once transformers loads them (see `lazy_imports`).
+"""
 
-from .configuration_scgpt import ScGPTConfig
-from .convert import ConversionReport, convert_original_checkpoint
-from .data import CellDataset, DomainGroupedSampler, DomainGroupedTrainer, MultiOmicCellDataset, ScGPTDataCollator
-from .embedding import annotate, embed
-from .perturbation import PerturbationDataset, predict_perturbation
-from .pretraining import StreamingCellDataset, build_vocab, make_tokenizer, pretrain
-from .gene_networks import (
-    attention_gene_scores,
-    gene_embeddings,
-    gene_programs,
-    gene_similarity_network,
-    most_similar_genes,
-)
-from .modeling_scgpt import (
-    ScGPTForBatchIntegration,
-    ScGPTForBatchIntegrationOutput,
-    ScGPTForCellClassification,
-    ScGPTForCellClassificationOutput,
-    ScGPTForMultiOmicIntegration,
-    ScGPTForPerturbationPrediction,
-    ScGPTForPerturbationPredictionOutput,
-    ScGPTForPreTraining,
-    ScGPTForPreTrainingOutput,
-    ScGPTModel,
-    ScGPTModelOutput,
-    ScGPTPreTrainedModel,
-)
-from .tokenization_scgpt import GeneMatch, ScGPTTokenizer
+from typing import TYPE_CHECKING
+
+from .lazy_imports import install_auto_registration, lazy_exports
 
 __version__ = "0.1.0"
 
-AutoConfig.register(ScGPTConfig.model_type, ScGPTConfig)
-AutoModel.register(ScGPTConfig, ScGPTModel)
-AutoModelForPreTraining.register(ScGPTConfig, ScGPTForPreTraining)
-AutoModelForSequenceClassification.register(ScGPTConfig, ScGPTForCellClassification)
-AutoTokenizer.register(ScGPTConfig, tokenizer_class=ScGPTTokenizer)
+# submodule -> the public names it holds
+_EXPORTS = {
+    "configuration_scgpt": ["ScGPTConfig"],
+    "convert": ["ConversionReport", "convert_original_checkpoint"],
+    "data": ["CellDataset", "DomainGroupedSampler", "DomainGroupedTrainer", "MultiOmicCellDataset",
+             "ScGPTDataCollator"],
+    "embedding": ["annotate", "embed"],
+    "gene_networks": ["attention_gene_scores", "gene_embeddings", "gene_programs", "gene_similarity_network",
+                      "most_similar_genes"],
+    "modeling_scgpt": ["ScGPTForBatchIntegration", "ScGPTForBatchIntegrationOutput", "ScGPTForCellClassification",
+                       "ScGPTForCellClassificationOutput", "ScGPTForMultiOmicIntegration",
+                       "ScGPTForPerturbationPrediction", "ScGPTForPerturbationPredictionOutput",
+                       "ScGPTForPreTraining", "ScGPTForPreTrainingOutput", "ScGPTModel", "ScGPTModelOutput",
+                       "ScGPTPreTrainedModel"],
+    "perturbation": ["PerturbationDataset", "predict_perturbation"],
+    "pretraining": ["StreamingCellDataset", "build_vocab", "make_tokenizer", "pretrain"],
+    "tokenization_scgpt": ["GeneMatch", "ScGPTTokenizer"],
+}
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-__all__ = [
-    "CellDataset",
-    "ConversionReport",
-    "DomainGroupedSampler",
-    "DomainGroupedTrainer",
-    "GeneMatch",
-    "MultiOmicCellDataset",
-    "PerturbationDataset",
-    "ScGPTConfig",
-    "ScGPTDataCollator",
-    "ScGPTForBatchIntegration",
-    "ScGPTForBatchIntegrationOutput",
-    "ScGPTForCellClassification",
-    "ScGPTForCellClassificationOutput",
-    "ScGPTForMultiOmicIntegration",
-    "ScGPTForPerturbationPrediction",
-    "ScGPTForPerturbationPredictionOutput",
-    "ScGPTForPreTraining",
-    "ScGPTForPreTrainingOutput",
-    "ScGPTModel",
-    "ScGPTModelOutput",
-    "ScGPTPreTrainedModel",
-    "ScGPTTokenizer",
-    "StreamingCellDataset",
-    "annotate",
-    "attention_gene_scores",
-    "build_vocab",
-    "convert_original_checkpoint",
-    "embed",
-    "gene_embeddings",
-    "gene_programs",
-    "gene_similarity_network",
-    "make_tokenizer",
-    "most_similar_genes",
-    "predict_perturbation",
-    "pretrain",
-]
+if TYPE_CHECKING:
+    from .configuration_scgpt import ScGPTConfig
+    from .convert import ConversionReport, convert_original_checkpoint
+    from .data import CellDataset, DomainGroupedSampler, DomainGroupedTrainer, MultiOmicCellDataset, ScGPTDataCollator
+    from .embedding import annotate, embed
+    from .gene_networks import (
+        attention_gene_scores,
+        gene_embeddings,
+        gene_programs,
+        gene_similarity_network,
+        most_similar_genes,
+    )
+    from .modeling_scgpt import (
+        ScGPTForBatchIntegration,
+        ScGPTForBatchIntegrationOutput,
+        ScGPTForCellClassification,
+        ScGPTForCellClassificationOutput,
+        ScGPTForMultiOmicIntegration,
+        ScGPTForPerturbationPrediction,
+        ScGPTForPerturbationPredictionOutput,
+        ScGPTForPreTraining,
+        ScGPTForPreTrainingOutput,
+        ScGPTModel,
+        ScGPTModelOutput,
+        ScGPTPreTrainedModel,
+    )
+    from .perturbation import PerturbationDataset, predict_perturbation
+    from .pretraining import StreamingCellDataset, build_vocab, make_tokenizer, pretrain
+    from .tokenization_scgpt import GeneMatch, ScGPTTokenizer
 
-# Saved folders carry the configuration, tokenizer and modeling code plus an auto_map, so a pushed model
-# loads with trust_remote_code=True where scgpt_hf is not installed.
-from .hub import register_remote_code  # noqa: E402
-
-register_remote_code()
+# AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForSequenceClassification and AutoTokenizer resolve
+# to the scGPT classes, and saved folders carry the code and an auto_map (loadable with trust_remote_code=True
+# where scgpt_hf is not installed).
+install_auto_registration()
