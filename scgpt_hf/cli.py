@@ -5,6 +5,10 @@ it. Later subcommands (export onnx, export triton, push, serve, pretrain) plug i
 `COMMANDS`, or by naming a module in `PLUGIN_MODULES` that offers `add_parser(subparsers)` (registering its
 subparser with `set_defaults(func=handler)`; `scgpt_hf.serving.server` does this for `serve`).
 
+Every run builds every parser, so declaring arguments imports nothing heavy (torch, transformers, anndata):
+a command's module and a plugin module import those inside the function that runs it, and names the parser
+shows come from light modules (`scgpt_hf.constants`). That keeps ``scgpt-hf --help`` fast.
+
 Failures, one mechanism for every command (plugins included): a handler raises, and `main` prints one line
 on stderr, ``scgpt-hf COMMAND: error: MESSAGE``, and exits with code 2, never with a traceback. The message
 of a user error (`ValueError`, `OSError`, `CommandError`: bad input, missing or unwritable files, a refusal)
@@ -118,7 +122,7 @@ def model_argument(model: str) -> Iterator[None]:
 
 
 def _convert_arguments(p: argparse.ArgumentParser) -> None:
-    from .convert import TASKS
+    from .constants import CONVERT_TASKS
 
     p.add_argument("original_dir", help="original scGPT folder: best_model.pt, args.json, vocab.json")
     p.add_argument("output_dir", help="where to write the from_pretrained-ready folder")
@@ -130,7 +134,7 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-value", type=float, help="default: args.json, else -1")
     p.add_argument("--n-bins", type=int, help="default: args.json, else 51")
     p.add_argument("--max-seq-len", type=int, help="default: args.json, else 1200")
-    p.add_argument("--task", choices=sorted(TASKS),
+    p.add_argument("--task", choices=sorted(CONVERT_TASKS),
                    help="model to build: pretraining (foundation checkpoints), annotation (fine-tuned classifier), "
                         "integration, perturbation or multiomic (fine-tuned heads); default: read from the weights "
                         "(the report says which)")
@@ -174,7 +178,7 @@ def _convert_run(args: argparse.Namespace) -> int:
 
 
 def _embed_arguments(p: argparse.ArgumentParser) -> None:
-    from .embedding import DEFAULT_KEY
+    from .anndata_output import DEFAULT_KEY
 
     p.add_argument("input", help="input .h5ad (cells x genes; raw counts or normalised/log1p values)")
     p.add_argument("output", help="output .h5ad: the input plus obsm[KEY], obs[KEY_n_genes], uns[KEY_params]")

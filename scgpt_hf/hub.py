@@ -52,7 +52,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData, constants
 from huggingface_hub.errors import (
@@ -62,8 +62,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .configuration_scgpt import ScGPTConfig
-from .tokenization_scgpt import ScGPTTokenizer
+if TYPE_CHECKING:  # imported where used: `scgpt-hf push --help` loads no torch
+    from .configuration_scgpt import ScGPTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,11 @@ class HubPushError(RuntimeError):
 
 
 def _package_classes() -> dict[str, type]:
-    """Auto class name -> scgpt_hf class, from what scgpt_hf registered with transformers' Auto classes."""
+    """Auto class name -> scgpt_hf class, from what scgpt_hf registered with transformers' Auto classes (which
+    importing the configuration module has done: see `scgpt_hf.lazy_imports`)."""
     from transformers.models.auto import modeling_auto
+
+    from .configuration_scgpt import ScGPTConfig
 
     found: dict[str, type] = {}
     for name in sorted(n for n in dir(modeling_auto) if n.startswith("AutoModel")):
@@ -101,10 +104,6 @@ def _package_classes() -> dict[str, type]:
             cls = extra[ScGPTConfig]
             if cls.__module__.startswith(__package__ + "."):
                 found[name] = cls
-    if "AutoModel" not in found:  # scgpt_hf/__init__ registers it; keep working if imported oddly
-        from .modeling_scgpt import ScGPTModel
-
-        found["AutoModel"] = ScGPTModel
     return found
 
 
@@ -114,6 +113,9 @@ def _qualname(cls: type) -> str:
 
 def auto_map() -> dict[str, dict[str, Any]]:
     """The ``auto_map`` entries for ``config.json`` ("config") and ``tokenizer_config.json`` ("tokenizer")."""
+    from .configuration_scgpt import ScGPTConfig
+    from .tokenization_scgpt import ScGPTTokenizer
+
     config_map: dict[str, Any] = {"AutoConfig": _qualname(ScGPTConfig)}
     config_map.update({name: _qualname(cls) for name, cls in _package_classes().items()})
     return {"config": config_map, "tokenizer": {"AutoTokenizer": [_qualname(ScGPTTokenizer), None]}}
@@ -124,6 +126,9 @@ def register_remote_code() -> None:
 
     Uses transformers' ``register_for_auto_class`` for the config, every registered model class and the tokenizer.
     """
+    from .configuration_scgpt import ScGPTConfig
+    from .tokenization_scgpt import ScGPTTokenizer
+
     ScGPTConfig.register_for_auto_class("AutoConfig")
     for name, cls in _package_classes().items():
         if cls.__dict__.get("_auto_class") is None:
@@ -141,6 +146,9 @@ def add_auto_map(config: ScGPTConfig) -> ScGPTConfig:
 def remote_code_files() -> list[Path]:
     """Source files uploaded as remote code: the config, model and tokenizer modules and their relative imports."""
     from transformers.dynamic_module_utils import get_relative_import_files
+
+    from .configuration_scgpt import ScGPTConfig
+    from .tokenization_scgpt import ScGPTTokenizer
 
     modules = {ScGPTConfig.__module__, ScGPTTokenizer.__module__, *(c.__module__ for c in _package_classes().values())}
     files: dict[str, Path] = {}
@@ -272,6 +280,8 @@ def render_card(
     ``metrics`` defaults to ``MODEL_DIR/metrics.json``; ``base_model``, ``license`` and ``datasets`` override
     what it records. ``template`` overrides the template chosen from ``config.architectures``.
     """
+    from .configuration_scgpt import ScGPTConfig
+
     model_dir = Path(model_dir)
     config = ScGPTConfig.from_pretrained(model_dir)
     metrics = dict(load_metrics(model_dir) if metrics is None else metrics)
@@ -497,6 +507,8 @@ def stage(model_dir: str | os.PathLike, out_dir: str | os.PathLike, repo_id: str
 
 def _check_model_folder(src: Path, with_onnx: bool) -> tuple[dict[str, Any], list[Path]]:
     """A saved scGPT model with safetensors weights, its tokenizer and no pickles: (its config, its weight files)."""
+    from .configuration_scgpt import ScGPTConfig
+
     if not (src / "config.json").is_file():
         raise HubPushError(f"{src} is not a saved scGPT model: it has no config.json (use model.save_pretrained).")
     config = _read_json(src / "config.json")
