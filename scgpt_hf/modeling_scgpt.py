@@ -7,6 +7,7 @@ runs through transformers' attention interface, so `attn_implementation="eager" 
 
 from __future__ import annotations
 
+import copy
 import numbers
 import os
 from collections.abc import Callable, Iterable
@@ -1242,10 +1243,11 @@ class ScGPTForPerturbationPrediction(ScGPTPreTrainedModel):
     """Predicts each gene's expression after perturbing some genes: the original perturbation generator
     (`scgpt.model.generation_model.TransformerGenerator`).
 
-    Input embedding = gene + value + perturbation-flag embedding (`config.use_perturbation_flags`, turned
-    on by this class, so a pretrained backbone loads into it with the flag embedding and the decoder freshly
-    initialised). There is no `<cls>` token: a cell is all its genes (expressed or not) with their control
-    (unperturbed) expression as values. The affine decoder predicts coefficient * value + bias per gene.
+    Input embedding = gene + value + perturbation-flag embedding (`config.use_perturbation_flags`, on in this
+    model's own copy of the config whatever the given one says, so a pretrained backbone loads into it with
+    the flag embedding and the decoder freshly initialised). There is no `<cls>` token: a cell is all its
+    genes (expressed or not) with their control (unperturbed) expression as values. The affine decoder
+    predicts coefficient * value + bias per gene.
 
     With `labels` (the post-perturbation expression, same shape as `values`), the loss is the original
     fine-tuning loss: mean squared error over all real positions. `config.cell_emb_style` still gives
@@ -1253,13 +1255,14 @@ class ScGPTForPerturbationPrediction(ScGPTPreTrainedModel):
     """
 
     def __init__(self, config: ScGPTConfig):
-        if not config.use_perturbation_flags:
-            config.use_perturbation_flags = True
         if config.use_batch_labels or config.domain_spec_batchnorm or config.use_modality_embeddings:
             raise ValueError(
                 "The perturbation generator has no batch labels, batch norm or modality embeddings; turn off "
                 "use_batch_labels, domain_spec_batchnorm and use_modality_embeddings in the config."
             )
+        if not config.use_perturbation_flags:
+            config = copy.deepcopy(config)  # the caller's config stays as it was given
+            config.use_perturbation_flags = True
         super().__init__(config)
         self.scgpt = ScGPTModel(config)
         self.expression_decoder = ScGPTAffineExpressionDecoder(config)
