@@ -138,102 +138,114 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 
 def worker(args: argparse.Namespace) -> None:
+    """Time one path at one batch size on the cells, save its embeddings and print its figures as a RESULT line."""
     import torch
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
-    hf_dir = workdir / "hf"
     adata = load_cells(args.n_cells, args.seed)
     bs = args.batch_size
     result: dict = {"path": args.path, "batch_size": bs, "n_cells": adata.n_obs}
-    same_tokens = None
-
-    if args.path == "original":
-        import reference
-
-        reference.import_original()  # registers the stand-ins (torchtext, IPython, ...) before scgpt loads
-        from scgpt.tasks.cell_emb import get_batch_cell_embeddings
-
-        orig_dir = Path(args.original_dir)
-        configs = json.loads((orig_dir / "args.json").read_text())
-        vocab = json.loads((orig_dir / "vocab.json").read_text())
-        import reference as ref
-
-        model = ref.build_original_model(flash=False, seed=0, ntoken=len(vocab), vocab=vocab, **WHOLE_HUMAN)
-        state = torch.load(orig_dir / "best_model.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(ref.convert_attention_keys(state, "pytorch"))
-        model.eval()
-        genes = adata.var_names.tolist()
-        ids = np.array([vocab.get(g, -1) for g in genes])
-        sub = adata[:, ids >= 0].copy()
-        gene_ids = ids[ids >= 0]
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
-        sub.X = sub.X.toarray() if hasattr(sub.X, "toarray") else sub.X
-        # warm-up on a few cells (thread pools, allocator)
-        with warnings.catch_warnings(), _silence():
-            warnings.simplefilter("ignore")
-            get_batch_cell_embeddings(sub[:2], model=model, vocab=vocab, max_length=args.max_length, batch_size=2,
-                                      model_configs=configs, gene_ids=gene_ids)
-            rss0 = _rss()
-            t0 = time.perf_counter()
-            emb = get_batch_cell_embeddings(sub, model=model, vocab=vocab, max_length=args.max_length,
-                                            batch_size=bs, model_configs=configs, gene_ids=gene_ids)
-            elapsed = time.perf_counter() - t0
-        if args.same_tokens:
-            import reference as ref
-
-            cells = _tokens(hf_dir, adata, args.max_length)
-            out = np.zeros((len(cells), configs["embsize"]), np.float32)
-            from scgpt_hf.export.onnx_export import pad_cells
-
-            for idx in _grouped(cells, 16):
-                feed = pad_cells([cells[k] for k in idx], vocab["<pad>"], configs["pad_value"])
-                with torch.no_grad(), _silence():
-                    enc = model._encode(torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["values"]),
-                                        src_key_padding_mask=torch.from_numpy(feed["attention_mask"] == 0))
-                out[idx] = enc[:, 0, :].numpy()
-            same_tokens = _normalise(out)
-    elif args.path == "ours-pytorch":
-        from scgpt_hf import ScGPTModel
-        from scgpt_hf.embedding import embed
-
-        model = ScGPTModel.from_pretrained(hf_dir, attn_implementation="sdpa").eval()
-        small = adata[:2].copy()
-        embed(small, model, str(hf_dir), batch_size=2, progress=False, device="cpu", num_threads=args.threads)
-        rss0 = _rss()
-        t0 = time.perf_counter()
-        embed(adata, model, str(hf_dir), batch_size=bs, max_length=args.max_length, progress=False, device="cpu",
-              num_threads=args.threads)
-        elapsed = time.perf_counter() - t0
-        emb = np.asarray(adata.obsm["X_scGPT"])
-    else:
-        from scgpt_hf.export.onnx_export import OnnxScGPT, pad_cells
-
-        onnx_dir = workdir / args.path
-        t0 = time.perf_counter()
-        session = OnnxScGPT(onnx_dir, intra_op_num_threads=args.threads)
-        result.update(load_s=time.perf_counter() - t0, self_check_s=session.self_check_result["seconds"],
-                      self_check=session.self_check_result["outputs"]["cell_embedding"])
-        pp = session.preprocessing
-        warm = _tokens(hf_dir, adata[:2], args.max_length)
-        session(pad_cells(warm, pp["pad_token_id"], pp["pad_value"]))
-        rss0 = _rss()
-        t0 = time.perf_counter()
-        cells = _tokens(hf_dir, adata, args.max_length)  # tokenisation is part of the timed path
-        emb = np.zeros((len(cells), session.config["hidden_size"]), np.float32)
-        for idx in _grouped(cells, bs):
-            out = session(pad_cells([cells[k] for k in idx], pp["pad_token_id"], pp["pad_value"]))
-            emb[idx] = out["cell_embedding"]
-        elapsed = time.perf_counter() - t0
-        emb = _normalise(emb)
-
+    run = {"original": _run_original, "ours-pytorch": _run_ours}.get(args.path, _run_ort)
+    emb, elapsed, rss0 = run(args, adata, workdir, result)
     result.update(seconds=elapsed, cells_per_s=adata.n_obs / elapsed, peak_rss_mib=_rss() / 1024,
                   rss_before_run_mib=rss0 / 1024)
     np.save(workdir / f"emb_{args.path}_{bs}.npy", emb)
-    if same_tokens is not None:
-        np.save(workdir / "emb_original_same_tokens.npy", same_tokens)
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _run_original(args: argparse.Namespace, adata, workdir: Path, result: dict) -> tuple[np.ndarray, float, int]:
+    """`get_batch_cell_embeddings` of the original package; with --_same-tokens also its model on our tokens."""
+    import reference
+    import torch
+
+    reference.import_original()  # registers the stand-ins (torchtext, IPython, ...) before scgpt loads
+    from scgpt.tasks.cell_emb import get_batch_cell_embeddings
+
+    orig_dir = Path(args.original_dir)
+    configs = json.loads((orig_dir / "args.json").read_text())
+    vocab = json.loads((orig_dir / "vocab.json").read_text())
+    model = reference.build_original_model(flash=False, seed=0, ntoken=len(vocab), vocab=vocab, **WHOLE_HUMAN)
+    state = torch.load(orig_dir / "best_model.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(reference.convert_attention_keys(state, "pytorch"))
+    model.eval()
+    ids = np.array([vocab.get(g, -1) for g in adata.var_names.tolist()])
+    sub = adata[:, ids >= 0].copy()
+    gene_ids = ids[ids >= 0]
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    sub.X = sub.X.toarray() if hasattr(sub.X, "toarray") else sub.X
+    # warm-up on a few cells (thread pools, allocator)
+    with warnings.catch_warnings(), _silence():
+        warnings.simplefilter("ignore")
+        get_batch_cell_embeddings(sub[:2], model=model, vocab=vocab, max_length=args.max_length, batch_size=2,
+                                  model_configs=configs, gene_ids=gene_ids)
+        rss0 = _rss()
+        t0 = time.perf_counter()
+        emb = get_batch_cell_embeddings(sub, model=model, vocab=vocab, max_length=args.max_length,
+                                        batch_size=args.batch_size, model_configs=configs, gene_ids=gene_ids)
+        elapsed = time.perf_counter() - t0
+    if args.same_tokens:
+        same = _original_on_our_tokens(model, workdir / "hf", adata, vocab, configs, args.max_length)
+        np.save(workdir / "emb_original_same_tokens.npy", same)
+    return emb, elapsed, rss0
+
+
+def _original_on_our_tokens(model, hf_dir: Path, adata, vocab: dict, configs: dict, max_length: int) -> np.ndarray:
+    """The original model's normalised `<cls>` embeddings of our tokenizer's cells (agreement on identical tokens)."""
+    import torch
+
+    from scgpt_hf.export.onnx_export import pad_cells
+
+    cells = _tokens(hf_dir, adata, max_length)
+    out = np.zeros((len(cells), configs["embsize"]), np.float32)
+    for idx in _grouped(cells, 16):
+        feed = pad_cells([cells[k] for k in idx], vocab["<pad>"], configs["pad_value"])
+        with torch.no_grad(), _silence():
+            enc = model._encode(torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["values"]),
+                                src_key_padding_mask=torch.from_numpy(feed["attention_mask"] == 0))
+        out[idx] = enc[:, 0, :].numpy()
+    return _normalise(out)
+
+
+def _run_ours(args: argparse.Namespace, adata, workdir: Path, result: dict) -> tuple[np.ndarray, float, int]:
+    """`scgpt_hf.embedding.embed` with SDPA attention."""
+    from scgpt_hf import ScGPTModel
+    from scgpt_hf.embedding import embed
+
+    hf_dir = workdir / "hf"
+    model = ScGPTModel.from_pretrained(hf_dir, attn_implementation="sdpa").eval()
+    small = adata[:2].copy()
+    embed(small, model, str(hf_dir), batch_size=2, progress=False, device="cpu", num_threads=args.threads)
+    rss0 = _rss()
+    t0 = time.perf_counter()
+    embed(adata, model, str(hf_dir), batch_size=args.batch_size, max_length=args.max_length, progress=False,
+          device="cpu", num_threads=args.threads)
+    elapsed = time.perf_counter() - t0
+    return np.asarray(adata.obsm["X_scGPT"]), elapsed, rss0
+
+
+def _run_ort(args: argparse.Namespace, adata, workdir: Path, result: dict) -> tuple[np.ndarray, float, int]:
+    """An exported graph in ONNX Runtime (`OnnxScGPT`, whose load and self-check are timed into `result`)."""
+    from scgpt_hf.export.onnx_export import OnnxScGPT, pad_cells
+
+    hf_dir = workdir / "hf"
+    t0 = time.perf_counter()
+    session = OnnxScGPT(workdir / args.path, intra_op_num_threads=args.threads)
+    result.update(load_s=time.perf_counter() - t0, self_check_s=session.self_check_result["seconds"],
+                  self_check=session.self_check_result["outputs"]["cell_embedding"])
+    pp = session.preprocessing
+    warm = _tokens(hf_dir, adata[:2], args.max_length)
+    session(pad_cells(warm, pp["pad_token_id"], pp["pad_value"]))
+    rss0 = _rss()
+    t0 = time.perf_counter()
+    cells = _tokens(hf_dir, adata, args.max_length)  # tokenisation is part of the timed path
+    emb = np.zeros((len(cells), session.config["hidden_size"]), np.float32)
+    for idx in _grouped(cells, args.batch_size):
+        out = session(pad_cells([cells[k] for k in idx], pp["pad_token_id"], pp["pad_value"]))
+        emb[idx] = out["cell_embedding"]
+    elapsed = time.perf_counter() - t0
+    return _normalise(emb), elapsed, rss0
 
 
 def _rss() -> int:
@@ -266,6 +278,39 @@ class _silence:
 
 
 def main() -> None:
+    args = _parse_args()
+    if args.path:
+        worker(args)
+        return
+    tmp = None
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="scgpt_bench_")
+        workdir = Path(tmp.name)
+    env = environment(args.threads)
+    print("== environment")
+    for k, v in env.items():
+        print(f"  {k}: {v}")
+    print("  note: the CPU is shared with other developers; figures are noisy.")
+    original_dir = _prepare_weights(args, workdir)
+    exports = _export(args, workdir)
+    results = [res for path in args.paths for bs in args.batch_sizes
+               if (res := _run_worker(args, workdir, original_dir, path, bs)) is not None]
+    _agreement(results, workdir)
+    _print_results(results)
+    print(f"load average at end: {os.getloadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"environment": env, "exports": exports, "results": results,
+                                               "n_cells": args.n_cells, "max_length": args.max_length}, indent=2,
+                                              default=str))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+def _parse_args() -> argparse.Namespace:
+    """The benchmark's options, and the hidden ones a worker subprocess is started with."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="original scGPT folder (best_model.pt, args.json, vocab.json); "
                                              "default: random whole-human-size weights")
@@ -282,24 +327,11 @@ def main() -> None:
     parser.add_argument("--_batch-size", dest="batch_size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_original-dir", dest="original_dir", help=argparse.SUPPRESS)
     parser.add_argument("--_same-tokens", dest="same_tokens", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.path:
-        worker(args)
-        return
+    return parser.parse_args()
 
-    tmp = None
-    if args.workdir:
-        workdir = Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="scgpt_bench_")
-        workdir = Path(tmp.name)
-    env = environment(args.threads)
-    print("== environment")
-    for k, v in env.items():
-        print(f"  {k}: {v}")
-    print("  note: the CPU is shared with other developers; figures are noisy.")
 
+def _prepare_weights(args: argparse.Namespace, workdir: Path) -> Path:
+    """The original checkpoint (given, or random whole-human weights) converted to ``workdir/hf``; returns its folder."""
     t0 = time.perf_counter()
     from scgpt_hf.convert import convert_original_checkpoint
 
@@ -307,7 +339,11 @@ def main() -> None:
     convert_original_checkpoint(original_dir, workdir / "hf", overwrite=True, verbose=False)
     print(f"== weights: {'checkpoint ' + str(original_dir) if args.checkpoint else 'random (original code), seed ' + str(args.seed)}"
           f"; converted in {time.perf_counter() - t0:.0f}s")
+    return original_dir
 
+
+def _export(args: argparse.Namespace, workdir: Path) -> dict:
+    """The fp32 and int8 graphs the ort paths run, exported into ``workdir``; returns what each export reported."""
     from scgpt_hf.export.onnx_export import export_onnx
 
     exports = {}
@@ -321,28 +357,30 @@ def main() -> None:
                              "fused_ops": report.fused_ops, "attention_inputs": report.attention_inputs,
                              "ort_session_ops": report.ort_session_ops,
                              "file_mib": report.file_size / 2**20}
+    return exports
 
-    results = []
-    for path in args.paths:
-        for bs in args.batch_sizes:
-            cmd = [sys.executable, __file__, "--_worker", path, "--_batch-size", str(bs), "--workdir", str(workdir),
-                   "--n-cells", str(args.n_cells), "--max-length", str(args.max_length), "--threads", str(args.threads),
-                   "--seed", str(args.seed), "--_original-dir", str(original_dir)]
-            if path == "original" and bs == args.batch_sizes[0]:
-                cmd.append("--_same-tokens")
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                print(f"!! {path} batch {bs} failed:\n{proc.stderr[-3000:]}")
-                continue
-            res = json.loads(line[len("RESULT "):])
-            results.append(res)
-            print(f"  {path:13s} batch {bs:3d}: {res['cells_per_s']:6.2f} cells/s  peak RSS {res['peak_rss_mib']:7.0f} MiB"
-                  f"  ({res['seconds']:.1f}s, load avg {os.getloadavg()[0]:.1f})", flush=True)
 
-    # agreement
-    agree = {}
+def _run_worker(args: argparse.Namespace, workdir: Path, original_dir: Path, path: str, bs: int) -> dict | None:
+    """One path at one batch size in its own subprocess (so peak memory is its own); its figures, or None if it failed."""
+    cmd = [sys.executable, __file__, "--_worker", path, "--_batch-size", str(bs), "--workdir", str(workdir),
+           "--n-cells", str(args.n_cells), "--max-length", str(args.max_length), "--threads", str(args.threads),
+           "--seed", str(args.seed), "--_original-dir", str(original_dir)]
+    if path == "original" and bs == args.batch_sizes[0]:
+        cmd.append("--_same-tokens")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        print(f"!! {path} batch {bs} failed:\n{proc.stderr[-3000:]}")
+        return None
+    res = json.loads(line[len("RESULT "):])
+    print(f"  {path:13s} batch {bs:3d}: {res['cells_per_s']:6.2f} cells/s  peak RSS {res['peak_rss_mib']:7.0f} MiB"
+          f"  ({res['seconds']:.1f}s, load avg {os.getloadavg()[0]:.1f})", flush=True)
+    return res
+
+
+def _agreement(results: list[dict], workdir: Path) -> None:
+    """Add to each result its cosines against the original (same tokens, end to end) and int8's against fp32."""
     ref_same = workdir / "emb_original_same_tokens.npy"
     if ref_same.is_file():
         ref = np.load(ref_same)
@@ -364,6 +402,9 @@ def main() -> None:
             b = np.load(workdir / f"emb_ort-fp32_{r['batch_size']}.npy")
             r["cosine_vs_ort_fp32_min"] = float((a * b).sum(1).min())
 
+
+def _print_results(results: list[dict]) -> None:
+    """The results table (adding each result's speed ratio to the original), the targets, and the ORT loads."""
     base = {r["batch_size"]: r["cells_per_s"] for r in results if r["path"] == "original"}
     print("\n== results (cells/s end to end incl. tokenisation; ratio vs the original at the same batch size)")
     header = f"{'path':13s} {'batch':>5s} {'cells/s':>8s} {'x orig':>7s} {'peak MiB':>9s} {'cos min (same tokens)':>22s} {'cos mean (orig e2e)':>20s}"
@@ -388,13 +429,6 @@ def main() -> None:
                           if "cosine_vs_ort_fp32_min" in r else "")
             print(f"  {r['path']} batch {r['batch_size']}: load {r['load_s']:.2f}s, self-check {r['self_check_s']:.2f}s "
                   f"(cell_embedding cosine {r['self_check']['min_cosine']:.5f}){agree_fp32}")
-    print(f"load average at end: {os.getloadavg()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "exports": exports, "results": results,
-                                               "n_cells": args.n_cells, "max_length": args.max_length}, indent=2,
-                                              default=str))
-    if tmp is not None:
-        tmp.cleanup()
 
 
 if __name__ == "__main__":
