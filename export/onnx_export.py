@@ -640,7 +640,7 @@ def _example_inputs(config: ScGPTConfig, input_names: Sequence[str]) -> tuple[to
 
 
 def _token_ids_for(name: str, mask: np.ndarray, config: ScGPTConfig) -> np.ndarray:
-    """Example per-token ids for validation: perturbation flags on every third gene, modalities in turn."""
+    """Example per-token ids (tracing, validation): perturbation flags on every third gene, modalities in turn."""
     positions = np.broadcast_to(np.arange(mask.shape[1]), mask.shape)
     if name == "perturbation_flags":
         ids, pad = (positions % 3 == 1).astype(np.int64), config.pert_pad_id
