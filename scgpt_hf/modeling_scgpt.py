@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import numbers
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -388,7 +388,8 @@ class ScGPTPreTrainedModel(PreTrainedModel):
         names, or with `as_ids=True`. Raises, naming them, for batches the model was not trained on and for
         ids outside [0, num_batch_labels).
         """
-        return torch.tensor(batch_ids(batches, self.config, as_ids=as_ids), dtype=torch.long, device=self.device)
+        ids = batch_ids(batches, self.config.num_batch_labels, self.config.batch2id, as_ids=as_ids)
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
 
 
 def _missing_parts(state: dict[str, Any], missing: set[str]) -> list[str]:
@@ -405,15 +406,23 @@ def _missing_parts(state: dict[str, Any], missing: set[str]) -> list[str]:
     return sorted(parts)
 
 
-def batch_ids(batches: Iterable[Any], config: Any, *, as_ids: bool = False) -> list[int]:
-    """`ScGPTPreTrainedModel.encode_batch_labels` for anything with a model's batch settings
-    (`num_batch_labels`, `batch2id`), e.g. a served model's configuration."""
-    if not config.num_batch_labels:
+def batch_ids(
+    batches: Iterable[Any],
+    num_batch_labels: int | None,
+    batch2id: Mapping[str, int] | None = None,
+    *,
+    as_ids: bool = False,
+) -> list[int]:
+    """`ScGPTPreTrainedModel.encode_batch_labels` from a model's batch settings alone (`config.num_batch_labels`,
+    `config.batch2id`), e.g. those a served model publishes."""
+    if hasattr(num_batch_labels, "num_batch_labels"):  # transitional: the former batch_ids(batches, config) call
+        num_batch_labels, batch2id = num_batch_labels.num_batch_labels, num_batch_labels.batch2id
+    if not num_batch_labels:
         raise ValueError(
             "This model has no batches (config.num_batch_labels is unset), so it takes no batch labels."
         )
     batches = list(batches)
-    known = config.batch2id or {}
+    known = batch2id or {}
     if known and not as_ids:
         names = [_batch_name(batch, known) for batch in batches]
         ids = [known.get(name) for name in names]
@@ -439,10 +448,10 @@ def batch_ids(batches: Iterable[Any], config: Any, *, as_ids: bool = False) -> l
             )
         raise ValueError(
             f"Batch labels {listed} are not integer ids, and this model has no config.batch2id to map batch "
-            f"names: pass the ids 0..{config.num_batch_labels - 1} used in training, or set config.batch2id "
+            f"names: pass the ids 0..{num_batch_labels - 1} used in training, or set config.batch2id "
             "(e.g. to the training CellDataset's batch2id) and save the model."
         )
-    _check_batch_ids(torch.tensor(ids, dtype=torch.long), config)
+    _check_batch_ids(torch.tensor(ids, dtype=torch.long), num_batch_labels, batch2id)
     return ids
 
 
@@ -465,14 +474,15 @@ def _as_batch_id(value: Any) -> int | None:
     return int(number) if number.is_integer() else None
 
 
-def _check_batch_ids(batch_labels: torch.Tensor, config: ScGPTConfig) -> None:
+def _check_batch_ids(
+    batch_labels: torch.Tensor, num_batch_labels: int, batch2id: Mapping[str, int] | None
+) -> None:
     """Batch ids must index the model's batches; the one check for the forward pass, losses and `embed`."""
-    if batch_labels.numel() and (batch_labels.min() < 0 or batch_labels.max() >= config.num_batch_labels):
-        known = config.batch2id
-        names = f"; config.batch2id names them: {sorted(known, key=known.get)[:10]}" if known else ""
+    if batch_labels.numel() and (batch_labels.min() < 0 or batch_labels.max() >= num_batch_labels):
+        names = f"; config.batch2id names them: {sorted(batch2id, key=batch2id.get)[:10]}" if batch2id else ""
         raise ValueError(
-            f"batch_labels must lie in [0, {config.num_batch_labels}) (config.num_batch_labels{names}); got values "
-            f"from {int(batch_labels.min())} to {int(batch_labels.max())}: use the batch ids the model was trained with."
+            f"batch_labels must lie in [0, {num_batch_labels}) (config.num_batch_labels{names}); got values from "
+            f"{int(batch_labels.min())} to {int(batch_labels.max())}: use the batch ids the model was trained with."
         )
 
 
@@ -573,7 +583,7 @@ class ScGPTModel(ScGPTPreTrainedModel):
         # ids off an accelerator makes the host wait for it every forward: there `embed`, `annotate` and the
         # served encoder check the ids on the host before the transfer.
         if batch_labels.device.type == "cpu" and not torch.compiler.is_exporting():
-            _check_batch_ids(batch_labels, self.config)
+            _check_batch_ids(batch_labels, self.config.num_batch_labels, self.config.batch2id)
 
     def _check_generative_mask(self, generative_mask: torch.Tensor | None, input_ids: torch.Tensor) -> None:
         if generative_mask is None:
@@ -1173,7 +1183,7 @@ def _add_integration_terms(
                 "The adversarial batch discriminator needs batch_labels to compute the loss: pass "
                 "batch_labels=model.encode_batch_labels(each cell's batch)."
             )
-        _check_batch_ids(batch_labels, config)
+        _check_batch_ids(batch_labels, config.num_batch_labels, config.batch2id)
         loss = loss + config.dab_weight * F.cross_entropy(output.batch_logits, batch_labels)
     output.loss = loss
 
