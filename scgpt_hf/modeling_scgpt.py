@@ -12,7 +12,7 @@ import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,8 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 try:  # relative when imported as part of scgpt_hf, flat when loaded as Hub remote code
     from .configuration_scgpt import ScGPTConfig
@@ -75,6 +76,39 @@ class ScGPTForPreTrainingOutput(ModelOutput):
     mvc_zero_probs: torch.FloatTensor | None = None
     cell_embedding: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ScGPTForBatchIntegrationOutput(ScGPTForPreTrainingOutput):
+    """Batch-integration output: the pretraining outputs plus `batch_logits` from the adversarial
+    discriminator (`config.do_dab`) and the elastic cell similarity loss `ecs_loss` (with `labels` only)."""
+
+    batch_logits: torch.FloatTensor | None = None
+    ecs_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class ScGPTForPerturbationPredictionOutput(ScGPTForPreTrainingOutput):
+    """Perturbation-prediction output, in the pretraining output's fields (there is no MVC decoder, so
+    `mvc_expression` and `mvc_zero_probs` stay None).
+
+    Args:
+        loss: MSE between `expression` and `labels` over real (non-padded) positions, when labels are given.
+        expression: (batch, seq_len) predicted post-perturbation expression, coefficient * input value + bias.
+        zero_probs: (batch, seq_len) zero-expression probabilities from the coefficient decoder
+            (`explicit_zero_prob`).
+    """
+
+
+@dataclass
+class ScGPTForCellClassificationOutput(ModelOutput):
+    """Cell-type classification output: `loss` (cross-entropy, with labels), `logits` (batch, num_labels)."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cell_embedding: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -304,28 +338,18 @@ class ScGPTLayer(GradientCheckpointingLayer):
 
 
 class ScGPTEncoder(nn.Module):
+    """The layer stack; each layer's output and attention probabilities are recorded on request by the
+    backbone's `capture_outputs` (see `ScGPTPreTrainedModel._can_record_outputs`)."""
+
     def __init__(self, config: ScGPTConfig):
         super().__init__()
         self.layers = nn.ModuleList(ScGPTLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-        **kwargs,
-    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
-        all_hidden = (hidden_states,) if output_hidden_states else None
-        all_attn = () if output_attentions else None
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
         for layer in self.layers:
-            hidden_states, weights = layer(hidden_states, attention_mask, output_attentions=output_attentions, **kwargs)
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
-            if output_attentions:
-                all_attn += (weights,)
-        return hidden_states, all_hidden, all_attn
+            hidden_states, _ = layer(hidden_states, attention_mask, **kwargs)
+        return hidden_states
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,6 +369,9 @@ class ScGPTPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # `output_hidden_states` / `output_attentions`: the embeddings and each layer's output, each layer's
+    # attention probabilities (eager attention only computes them).
+    _can_record_outputs = {"hidden_states": ScGPTLayer, "attentions": OutputRecorder(ScGPTSelfAttention, index=1)}
 
     @classmethod
     def from_pretrained(
@@ -650,20 +677,18 @@ class ScGPTModel(ScGPTPreTrainedModel):
         weighted = (hidden * (values.to(hidden.dtype) * keep).unsqueeze(-1)).sum(1)
         return F.normalize(weighted, p=2, dim=1)
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor,
         values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         batch_labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         perturbation_flags: torch.LongTensor | None = None,
         generative_mask: torch.BoolTensor | None = None,
         **kwargs,
-    ) -> ScGPTModelOutput | tuple:
-        """Encode cells.
+    ) -> ScGPTModelOutput:
+        """Encode cells (`output_hidden_states`, `output_attentions` and `return_dict` as in transformers).
 
         Args:
             input_ids: (batch, seq_len) gene token ids.
@@ -677,11 +702,6 @@ class ScGPTModel(ScGPTPreTrainedModel):
                 (generative pretraining, `config.use_generative_flag`): they attend to every known gene and
                 to themselves only, known genes attend to known genes only, and pooling uses known genes.
         """
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         input_ids, values = _without_padding(self.config, input_ids, values, attention_mask)
         self._check_batch_labels(batch_labels, input_ids.shape[0])
         self._check_perturbation_flags(perturbation_flags, input_ids)
@@ -700,34 +720,27 @@ class ScGPTModel(ScGPTPreTrainedModel):
             )
         else:
             mask, pooled = _generative_attention_mask(attention_mask, generative_mask)
-        hidden, all_hidden, all_attn = self.encoder(
-            embeddings, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions, **kwargs
-        )
+        hidden = self.encoder(embeddings, mask, **kwargs)
         if attention_mask is not None:  # a cell without tokens is NaN where it was not refused above
             hidden = torch.where(attention_mask.bool().any(1)[:, None, None], hidden, float("nan"))
-        output = ScGPTModelOutput(
+        return ScGPTModelOutput(
             last_hidden_state=hidden,
             cell_embedding=self._cell_embedding(hidden, values, pooled),
             gene_embeddings=gene_embeddings,
             batch_embedding=self.batch_encoder(batch_labels) if self.config.use_batch_labels else None,
-            hidden_states=all_hidden,
-            attentions=all_attn,
         )
-        return output if return_dict else output.to_tuple()
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoders and the pretraining head
+# Decoders shared by the heads
 
 
 class ScGPTExpressionDecoder(nn.Module):
     """Per-token expression (and optional zero probability) from the hidden state, as the original `ExprDecoder`."""
 
-    def __init__(self, config: ScGPTConfig, d_in: int | None = None):
+    def __init__(self, config: ScGPTConfig, d_in: int):
         super().__init__()
         d = config.hidden_size
-        if d_in is None:
-            d_in = 2 * d if config.use_batch_labels else d
         self.fc = _leaky_mlp(d_in, d)
         if config.explicit_zero_prob:
             self.zero_logit = _leaky_mlp(d_in, d)
@@ -749,11 +762,9 @@ class ScGPTMVCDecoder(nn.Module):
     vectors (hidden, or 2 * hidden in the multi-omic model, which concatenates them too).
     """
 
-    def __init__(self, config: ScGPTConfig, d_in: int | None = None, gene_dim: int | None = None):
+    def __init__(self, config: ScGPTConfig, d_in: int, gene_dim: int | None = None):
         super().__init__()
         d = gene_dim or config.hidden_size
-        if d_in is None:
-            d_in = 2 * config.hidden_size if config.use_batch_labels else config.hidden_size
         self.style = config.mvc_decoder_style
         self.explicit_zero_prob = config.explicit_zero_prob
         if self.style == "inner product":
@@ -791,6 +802,169 @@ class ScGPTMVCDecoder(nn.Module):
         return self.fc2(h).squeeze(2), None
 
 
+class ExpressionPrediction(NamedTuple):
+    """What the expression decoders predict; the fields of the same names in `ScGPTForPreTrainingOutput`."""
+
+    expression: torch.Tensor
+    zero_probs: torch.Tensor | None
+    mvc_expression: torch.Tensor | None
+    mvc_zero_probs: torch.Tensor | None
+
+
+def _decode_expression(
+    head: ScGPTPreTrainedModel,
+    out: ScGPTModelOutput,
+    token_context: torch.Tensor | None = None,
+    cell_context: torch.Tensor | None = None,
+    gene_context: torch.Tensor | None = None,
+) -> ExpressionPrediction:
+    """The expression decoder's and, with `config.do_mvc`, the MVC decoder's predictions from the backbone's
+    output; each decoder reads its input concatenated with its context (batch and/or modality embeddings)."""
+    expression, zero_probs = head.expression_decoder(_with_context(out.last_hidden_state, token_context))
+    mvc_expression = mvc_zero_probs = None
+    if head.config.do_mvc:
+        mvc_expression, mvc_zero_probs = head.mvc_decoder(
+            _with_context(out.cell_embedding, cell_context), _with_context(out.gene_embeddings, gene_context)
+        )
+    return ExpressionPrediction(expression, zero_probs, mvc_expression, mvc_zero_probs)
+
+
+def _with_context(x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    return x if context is None else torch.cat([x, context], dim=-1)
+
+
+def _batch_context(out: ScGPTModelOutput) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The batch embedding per token and per cell, the decoders' context in models with batch labels."""
+    batch = out.batch_embedding
+    if batch is None:
+        return None, None
+    return batch.unsqueeze(1).expand(-1, out.last_hidden_state.shape[1], -1), batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses shared by the heads (the original's definitions)
+
+
+def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over masked positions only (whatever the other positions hold, NaN included)."""
+    masked = masked.bool()
+    error = torch.where(masked, pred - target, 0.0)
+    return (error * error).sum() / masked.sum().clamp(min=1).to(pred.dtype)
+
+
+def masked_zero_nll(zero_probs: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Bernoulli negative log-likelihood that a masked gene is expressed (target > 0)."""
+    masked = masked.to(zero_probs.dtype)
+    expressed = (target > 0).to(zero_probs.dtype)
+    # zero_probs is the probability of a NON-zero value in the original's Bernoulli (sampled values
+    # are bernoulli * pred), so log p(expressed) uses it directly.
+    log_probs = torch.distributions.Bernoulli(probs=zero_probs).log_prob(expressed) * masked
+    return -log_probs.sum() / masked.sum().clamp(min=1)
+
+
+def elastic_cell_similarity_loss(cell_embedding: torch.Tensor, threshold: float) -> torch.Tensor:
+    """ECS: pushes cosine similarities of distinct cells away from `threshold` (positive pairs only)."""
+    normed = F.normalize(cell_embedding, p=2, dim=1)
+    cos = normed @ normed.t()
+    cos = F.relu(cos.masked_fill(torch.eye(cos.shape[0], dtype=torch.bool, device=cos.device), 0.0))
+    return torch.mean(1 - (cos - threshold) ** 2)
+
+
+def expression_losses(predicted: ExpressionPrediction, labels: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Masked expression MSE, plus MVC and zero-probability terms where the model predicts them."""
+    loss = masked_mse_loss(predicted.expression, labels, masked)
+    if predicted.zero_probs is not None:
+        loss = loss + masked_zero_nll(predicted.zero_probs, labels, masked)
+    if predicted.mvc_expression is not None:
+        loss = loss + masked_mse_loss(predicted.mvc_expression, labels, masked)
+    if predicted.mvc_zero_probs is not None:
+        loss = loss + masked_zero_nll(predicted.mvc_zero_probs, labels, masked)
+    return loss
+
+
+def _scored_positions(
+    config: ScGPTConfig, values: torch.Tensor, labels: torch.Tensor, generative_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Where the expression losses score: masked input values (`config.mask_value`) and genes to generate."""
+    if labels.shape != values.shape:
+        raise ValueError(f"labels must have the shape of values {tuple(values.shape)}, got {tuple(labels.shape)}.")
+    scored = values == config.mask_value
+    if generative_mask is not None:
+        scored = scored | generative_mask
+    if not scored.any():
+        raise ValueError(
+            f"No input value equals config.mask_value={config.mask_value}"
+            + (" and no gene is marked for generation" if generative_mask is not None else "")
+            + ", so there is nothing to score: mask values with ScGPTDataCollator(tokenizer, mask_ratio=...) "
+            "(or, in generative pretraining, mark genes with generative=...) before computing the loss."
+        )
+    return scored
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads: each holds the backbone (`scgpt`) and its own decoders
+
+
+def _encode(
+    head: ScGPTPreTrainedModel,
+    input_ids: torch.Tensor,
+    values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, ScGPTModelOutput]:
+    """A head's backbone pass: `values` with padding cleared (the heads' decoders and losses read them) and the
+    backbone's output, always a `ScGPTModelOutput` (the head's `return_dict` applies to its own output)."""
+    input_ids, values = _without_padding(head.config, input_ids, values, attention_mask)
+    return values, head.scgpt(input_ids, values, attention_mask=attention_mask, return_dict=True, **kwargs)
+
+
+def _backbone_outputs(out: ScGPTModelOutput) -> dict[str, Any]:
+    """The backbone fields every expression head passes on."""
+    return {
+        "cell_embedding": out.cell_embedding,
+        "last_hidden_state": out.last_hidden_state,
+        "hidden_states": out.hidden_states,
+        "attentions": out.attentions,
+    }
+
+
+def _add_pretraining_modules(head: ScGPTPreTrainedModel, config: ScGPTConfig) -> None:
+    """The backbone and the pretraining decoders (expression; MVC with `config.do_mvc`), whose inputs carry
+    the batch embedding where the model has one."""
+    if config.use_modality_embeddings:
+        raise ValueError(
+            f"{type(head).__name__} has no modality embeddings, but config.use_modality_embeddings is set: "
+            "use ScGPTForMultiOmicIntegration (converter: task='multiomic')."
+        )
+    head.scgpt = ScGPTModel(config)
+    width = 2 * config.hidden_size if config.use_batch_labels else config.hidden_size
+    head.expression_decoder = ScGPTExpressionDecoder(config, d_in=width)
+    if config.do_mvc:
+        head.mvc_decoder = ScGPTMVCDecoder(config, d_in=width)
+
+
+def _pretraining_fields(
+    head: ScGPTPreTrainedModel,
+    input_ids: torch.Tensor,
+    values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    batch_labels: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    generative_mask: torch.Tensor | None,
+    **kwargs,
+) -> dict[str, Any]:
+    """The pretraining forward, shared with batch integration: encode, decode with the batch embedding as
+    context and, with `labels`, the expression loss; returns the fields of `ScGPTForPreTrainingOutput`."""
+    values, out = _encode(
+        head, input_ids, values, attention_mask, batch_labels=batch_labels, generative_mask=generative_mask, **kwargs
+    )
+    predicted = _decode_expression(head, out, *_batch_context(out))
+    loss = None
+    if labels is not None:
+        loss = expression_losses(predicted, labels, _scored_positions(head.config, values, labels, generative_mask))
+    return {"loss": loss, **predicted._asdict(), **_backbone_outputs(out)}
+
+
 class ScGPTForPreTraining(ScGPTPreTrainedModel):
     """Backbone plus the expression, MVC and zero-probability decoders of scGPT pretraining.
 
@@ -802,37 +976,10 @@ class ScGPTForPreTraining(ScGPTPreTrainedModel):
 
     def __init__(self, config: ScGPTConfig):
         super().__init__(config)
-        if config.use_modality_embeddings:
-            raise ValueError(
-                f"{type(self).__name__} has no modality embeddings, but config.use_modality_embeddings is set: "
-                "use ScGPTForMultiOmicIntegration (converter: task='multiomic')."
-            )
-        self.scgpt = ScGPTModel(config)
-        self.expression_decoder = ScGPTExpressionDecoder(config)
-        if config.do_mvc:
-            self.mvc_decoder = ScGPTMVCDecoder(config)
+        _add_pretraining_modules(self, config)
         self.post_init()
 
-    def _decode(self, out: ScGPTModelOutput) -> ScGPTForPreTrainingOutput:
-        hidden, cell = out.last_hidden_state, out.cell_embedding
-        if out.batch_embedding is not None:
-            hidden = torch.cat([hidden, out.batch_embedding.unsqueeze(1).expand(-1, hidden.shape[1], -1)], dim=2)
-            cell = torch.cat([cell, out.batch_embedding], dim=1)
-        expression, zero_probs = self.expression_decoder(hidden)
-        mvc_expression = mvc_zero_probs = None
-        if self.config.do_mvc:
-            mvc_expression, mvc_zero_probs = self.mvc_decoder(cell, out.gene_embeddings)
-        return ScGPTForPreTrainingOutput(
-            expression=expression,
-            zero_probs=zero_probs,
-            mvc_expression=mvc_expression,
-            mvc_zero_probs=mvc_zero_probs,
-            cell_embedding=out.cell_embedding,
-            last_hidden_state=out.last_hidden_state,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-        )
-
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -840,47 +987,16 @@ class ScGPTForPreTraining(ScGPTPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         batch_labels: torch.LongTensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         generative_mask: torch.BoolTensor | None = None,
         **kwargs,
-    ) -> ScGPTForPreTrainingOutput | tuple:
+    ) -> ScGPTForPreTrainingOutput:
         """`labels`: (batch, seq_len) true expression values; the scored positions are those whose input
         value is `config.mask_value` and, in generative pretraining, the genes of `generative_mask`."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        input_ids, values = _without_padding(self.config, input_ids, values, attention_mask)
-        out = self.scgpt(
-            input_ids,
-            values,
-            attention_mask=attention_mask,
-            batch_labels=batch_labels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            generative_mask=generative_mask,
-            **kwargs,
-        )
-        output = self._decode(out)
-        if labels is not None:
-            output.loss = expression_losses(output, labels, self._scored_positions(values, labels, generative_mask))
-        return output if return_dict else output.to_tuple()
-
-    def _scored_positions(
-        self, values: torch.Tensor, labels: torch.Tensor, generative_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if labels.shape != values.shape:
-            raise ValueError(f"labels must have the shape of values {tuple(values.shape)}, got {tuple(labels.shape)}.")
-        scored = values == self.config.mask_value
-        if generative_mask is not None:
-            scored = scored | generative_mask
-        if not scored.any():
-            raise ValueError(
-                f"No input value equals config.mask_value={self.config.mask_value} and no gene is marked for "
-                "generation, so there is nothing to score: mask values or mark genes with "
-                "ScGPTDataCollator(tokenizer, mask_ratio=..., generative=...) before computing the loss."
+        return ScGPTForPreTrainingOutput(
+            **_pretraining_fields(
+                self, input_ids, values, attention_mask, batch_labels, labels, generative_mask, **kwargs
             )
-        return scored
+        )
 
     @torch.no_grad()
     def generate_expression(
@@ -936,49 +1052,6 @@ class ScGPTForPreTraining(ScGPTPreTrainedModel):
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses shared by the heads (the original's definitions)
-
-
-def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over masked positions only (whatever the other positions hold, NaN included)."""
-    masked = masked.bool()
-    error = torch.where(masked, pred - target, 0.0)
-    return (error * error).sum() / masked.sum().clamp(min=1).to(pred.dtype)
-
-
-def masked_zero_nll(zero_probs: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Bernoulli negative log-likelihood that a masked gene is expressed (target > 0)."""
-    masked = masked.to(zero_probs.dtype)
-    expressed = (target > 0).to(zero_probs.dtype)
-    # zero_probs is the probability of a NON-zero value in the original's Bernoulli (sampled values
-    # are bernoulli * pred), so log p(expressed) uses it directly.
-    log_probs = torch.distributions.Bernoulli(probs=zero_probs).log_prob(expressed) * masked
-    return -log_probs.sum() / masked.sum().clamp(min=1)
-
-
-def elastic_cell_similarity_loss(cell_embedding: torch.Tensor, threshold: float) -> torch.Tensor:
-    """ECS: pushes cosine similarities of distinct cells away from `threshold` (positive pairs only)."""
-    normed = F.normalize(cell_embedding, p=2, dim=1)
-    cos = normed @ normed.t()
-    cos = F.relu(cos.masked_fill(torch.eye(cos.shape[0], dtype=torch.bool, device=cos.device), 0.0))
-    return torch.mean(1 - (cos - threshold) ** 2)
-
-
-def expression_losses(
-    output: ScGPTForPreTrainingOutput, labels: torch.Tensor, masked: torch.Tensor
-) -> torch.Tensor:
-    """Masked expression MSE, plus MVC and zero-probability terms where the model predicts them."""
-    loss = masked_mse_loss(output.expression, labels, masked)
-    if output.zero_probs is not None:
-        loss = loss + masked_zero_nll(output.zero_probs, labels, masked)
-    if output.mvc_expression is not None:
-        loss = loss + masked_mse_loss(output.mvc_expression, labels, masked)
-    if output.mvc_zero_probs is not None:
-        loss = loss + masked_zero_nll(output.mvc_zero_probs, labels, masked)
-    return loss
-
-
-# ----------------------------------------------------------------------------------------------
 # Classification heads
 
 
@@ -1018,17 +1091,6 @@ class ScGPTClassifier(nn.Module):
         return self.out_layer(x)
 
 
-@dataclass
-class ScGPTForCellClassificationOutput(ModelOutput):
-    """Cell-type classification output: `loss` (cross-entropy, with labels), `logits` (batch, num_labels)."""
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cell_embedding: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-
-
 class ScGPTForCellClassification(ScGPTPreTrainedModel):
     """Cell-type annotation: the original classification decoder on the cell embedding.
 
@@ -1041,6 +1103,7 @@ class ScGPTForCellClassification(ScGPTPreTrainedModel):
         self.classifier = ScGPTClassifier(config.hidden_size, config.num_labels, config.nlayers_cls, nn.ReLU, False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -1048,23 +1111,10 @@ class ScGPTForCellClassification(ScGPTPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         batch_labels: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> ScGPTForCellClassificationOutput | tuple:
+    ) -> ScGPTForCellClassificationOutput:
         """`labels`: (batch,) class ids in [0, num_labels); gives the cross-entropy `loss`."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        out = self.scgpt(
-            input_ids,
-            values,
-            attention_mask=attention_mask,
-            batch_labels=batch_labels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
+        _, out = _encode(self, input_ids, values, attention_mask, batch_labels=batch_labels, **kwargs)
         logits = self.classifier(out.cell_embedding)
         loss = None
         if labels is not None:
@@ -1074,50 +1124,36 @@ class ScGPTForCellClassification(ScGPTPreTrainedModel):
                     f"{int(labels.max())}. Map cell types to ids with config.label2id."
                 )
             loss = F.cross_entropy(logits, labels)
-        output = ScGPTForCellClassificationOutput(
+        return ScGPTForCellClassificationOutput(
             loss=loss,
             logits=logits,
             cell_embedding=out.cell_embedding,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
-@dataclass
-class ScGPTForBatchIntegrationOutput(ModelOutput):
-    """Batch-integration output: the pretraining outputs plus `batch_logits` from the adversarial
-    discriminator (`config.do_dab`) and the elastic cell similarity loss `ecs_loss` (with `labels` only)."""
-
-    loss: torch.FloatTensor | None = None
-    expression: torch.FloatTensor | None = None
-    zero_probs: torch.FloatTensor | None = None
-    mvc_expression: torch.FloatTensor | None = None
-    mvc_zero_probs: torch.FloatTensor | None = None
-    batch_logits: torch.FloatTensor | None = None
-    ecs_loss: torch.FloatTensor | None = None
-    cell_embedding: torch.FloatTensor | None = None
-    last_hidden_state: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+# ----------------------------------------------------------------------------------------------
+# Batch integration
 
 
-class ScGPTForBatchIntegration(ScGPTForPreTraining):
+class ScGPTForBatchIntegration(ScGPTPreTrainedModel):
     """Batch integration (scGPT's fine-tuning recipe): masked expression + MVC, elastic cell similarity,
     and an adversarial batch discriminator behind gradient reversal, with batch embeddings and
     domain-specific batch norm from the config. The cell embeddings are the integrated representation.
 
     loss = expression terms + `ecs_weight` * ECS (when `ecs_threshold` > 0) + `dab_weight` * batch CE.
+    The backbone and decoders are those of `ScGPTForPreTraining`, under the same weight names.
     """
 
     def __init__(self, config: ScGPTConfig):
         super().__init__(config)
+        _add_pretraining_modules(self, config)
         if config.do_dab:
-            self.discriminator = ScGPTClassifier(
-                config.hidden_size, config.num_batch_labels, 3, nn.LeakyReLU, reverse_gradient=True
-            )
+            self.discriminator = _batch_discriminator(config)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -1125,30 +1161,30 @@ class ScGPTForBatchIntegration(ScGPTForPreTraining):
         attention_mask: torch.Tensor | None = None,
         batch_labels: torch.LongTensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        generative_mask: torch.BoolTensor | None = None,
         **kwargs,
-    ) -> ScGPTForBatchIntegrationOutput | tuple:
+    ) -> ScGPTForBatchIntegrationOutput:
         """`batch_labels`: (batch,) batch ids (see `encode_batch_labels`), read by the batch embedding / norm
         and, with `labels`, by the discriminator's loss; `labels`: true expression values, scored where the
-        input value is `config.mask_value`. The ECS and discriminator loss terms are computed with `labels`
-        only, so inference (e.g. `embed`) pays for neither."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        base = super().forward(
+        input value is `config.mask_value` (and at `generative_mask`, as in `ScGPTForPreTraining`). The ECS and
+        discriminator loss terms are computed with `labels` only, so inference (e.g. `embed`) pays for neither."""
+        fields = _pretraining_fields(
+            self,
             input_ids,
             values,
-            attention_mask=attention_mask,
-            batch_labels=_backbone_batch_labels(self.config, batch_labels),
-            labels=labels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
+            attention_mask,
+            _backbone_batch_labels(self.config, batch_labels),
+            labels,
+            generative_mask,
             **kwargs,
         )
-        output = ScGPTForBatchIntegrationOutput(**{k: v for k, v in base.items()})
-        _add_integration_terms(self, output, batch_labels, labels is not None)
-        return output if return_dict else output.to_tuple()
+        fields.update(_integration_terms(self, fields["cell_embedding"], batch_labels, fields["loss"]))
+        return ScGPTForBatchIntegrationOutput(**fields)
+
+
+def _batch_discriminator(config: ScGPTConfig) -> ScGPTClassifier:
+    """The adversarial batch classifier on the cell embedding (behind gradient reversal), `config.do_dab`."""
+    return ScGPTClassifier(config.hidden_size, config.num_batch_labels, 3, nn.LeakyReLU, reverse_gradient=True)
 
 
 def _backbone_batch_labels(config: ScGPTConfig, batch_labels: torch.Tensor | None) -> torch.Tensor | None:
@@ -1157,60 +1193,34 @@ def _backbone_batch_labels(config: ScGPTConfig, batch_labels: torch.Tensor | Non
     return None if config.do_dab and not config.needs_batch_labels else batch_labels
 
 
-def _add_integration_terms(
-    model: ScGPTPreTrainedModel,
-    output: ScGPTForBatchIntegrationOutput,
+def _integration_terms(
+    head: ScGPTPreTrainedModel,
+    cell_embedding: torch.Tensor,
     batch_labels: torch.Tensor | None,
-    with_loss: bool,
-) -> None:
-    """Discriminator logits, and with a loss the ECS and discriminator terms added to `output.loss`.
-
-    ECS (a cells x cells similarity) is a training term only, so inference does not pay for it.
-    """
-    config = model.config
-    if config.do_dab:
-        output.batch_logits = model.discriminator(output.cell_embedding)
-    if config.ecs_threshold > 0 and with_loss:
-        output.ecs_loss = elastic_cell_similarity_loss(output.cell_embedding, config.ecs_threshold)
-    if not with_loss:
-        return
-    loss = output.loss
-    if output.ecs_loss is not None:
-        loss = loss + config.ecs_weight * output.ecs_loss
-    if config.do_dab:
+    loss: torch.Tensor | None,
+) -> dict[str, torch.Tensor | None]:
+    """`batch_logits` from the discriminator; given the expression `loss` (training), `ecs_loss` and the
+    loss with the ECS and discriminator terms added. ECS compares every pair of cells, so inference does not
+    pay for it."""
+    config = head.config
+    batch_logits = head.discriminator(cell_embedding) if config.do_dab else None
+    ecs_loss = None
+    if loss is not None and config.ecs_threshold > 0:
+        ecs_loss = elastic_cell_similarity_loss(cell_embedding, config.ecs_threshold)
+        loss = loss + config.ecs_weight * ecs_loss
+    if loss is not None and config.do_dab:
         if batch_labels is None:
             raise ValueError(
                 "The adversarial batch discriminator needs batch_labels to compute the loss: pass "
                 "batch_labels=model.encode_batch_labels(each cell's batch)."
             )
         _check_batch_ids(batch_labels, config.num_batch_labels, config.batch2id)
-        loss = loss + config.dab_weight * F.cross_entropy(output.batch_logits, batch_labels)
-    output.loss = loss
+        loss = loss + config.dab_weight * F.cross_entropy(batch_logits, batch_labels)
+    return {"loss": loss, "batch_logits": batch_logits, "ecs_loss": ecs_loss}
 
 
 # ----------------------------------------------------------------------------------------------
 # Perturbation prediction
-
-
-@dataclass
-class ScGPTForPerturbationPredictionOutput(ModelOutput):
-    """Perturbation-prediction output.
-
-    Args:
-        loss: MSE between `expression` and `labels` over real (non-padded) positions, when labels are given.
-        expression: (batch, seq_len) predicted post-perturbation expression, coefficient * input value + bias.
-        zero_probs: (batch, seq_len) zero-expression probabilities from the coefficient decoder
-            (`explicit_zero_prob`).
-        cell_embedding, last_hidden_state, hidden_states, attentions: as in `ScGPTModelOutput`.
-    """
-
-    loss: torch.FloatTensor | None = None
-    expression: torch.FloatTensor | None = None
-    zero_probs: torch.FloatTensor | None = None
-    cell_embedding: torch.FloatTensor | None = None
-    last_hidden_state: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ScGPTAffineExpressionDecoder(nn.Module):
@@ -1278,6 +1288,7 @@ class ScGPTForPerturbationPrediction(ScGPTPreTrainedModel):
         self.expression_decoder = ScGPTAffineExpressionDecoder(config)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -1285,11 +1296,8 @@ class ScGPTForPerturbationPrediction(ScGPTPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         perturbation_flags: torch.LongTensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> ScGPTForPerturbationPredictionOutput | tuple:
+    ) -> ScGPTForPerturbationPredictionOutput:
         """Args:
         input_ids: (batch, seq_len) gene ids (all genes of the cell, no `<cls>`).
         values: (batch, seq_len) control expression (the original uses log-normalised values, not bins).
@@ -1297,18 +1305,7 @@ class ScGPTForPerturbationPrediction(ScGPTPreTrainedModel):
         perturbation_flags: (batch, seq_len) 1 at perturbed genes, 0 elsewhere, `config.pert_pad_id` at padding.
         labels: (batch, seq_len) post-perturbation expression, for the MSE loss.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        input_ids, values = _without_padding(self.config, input_ids, values, attention_mask)
-        out = self.scgpt(
-            input_ids,
-            values,
-            attention_mask=attention_mask,
-            perturbation_flags=perturbation_flags,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
+        values, out = _encode(self, input_ids, values, attention_mask, perturbation_flags=perturbation_flags, **kwargs)
         expression, zero_probs = self.expression_decoder(out.last_hidden_state, values, attention_mask)
         loss = None
         if labels is not None:
@@ -1319,16 +1316,9 @@ class ScGPTForPerturbationPrediction(ScGPTPreTrainedModel):
                 )
             real = torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             loss = masked_mse_loss(expression, labels.to(expression.dtype), real)
-        output = ScGPTForPerturbationPredictionOutput(
-            loss=loss,
-            expression=expression,
-            zero_probs=zero_probs,
-            cell_embedding=out.cell_embedding,
-            last_hidden_state=out.last_hidden_state,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
+        return ScGPTForPerturbationPredictionOutput(
+            loss=loss, expression=expression, zero_probs=zero_probs, **_backbone_outputs(out)
         )
-        return output if return_dict else output.to_tuple()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1359,7 +1349,7 @@ class ScGPTForMultiOmicIntegration(ScGPTPreTrainedModel):
         if config.do_mvc:
             self.mvc_decoder = ScGPTMVCDecoder(config, d_in=widened, gene_dim=widened)
         if config.do_dab:
-            self.discriminator = ScGPTClassifier(d, config.num_batch_labels, 3, nn.LeakyReLU, reverse_gradient=True)
+            self.discriminator = _batch_discriminator(config)
         self.post_init()
 
     def encode_modalities(self, names, modality_vocab: dict[str, int] | None = None) -> torch.LongTensor:
@@ -1405,6 +1395,31 @@ class ScGPTForMultiOmicIntegration(ScGPTPreTrainedModel):
                 "model.encode_modalities(...)."
             )
 
+    def _decoder_context(
+        self,
+        out: ScGPTModelOutput,
+        modality_ids: torch.Tensor | None,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Batch embedding + modality embedding (either alone when the other is off) per token, and per cell
+        with the modality embeddings pooled as the cell embedding is (read by the MVC decoder only)."""
+        per_token, per_cell = _batch_context(out)
+        if not self.config.use_modality_embeddings:
+            return per_token, per_cell
+        modality = self.modality_encoder(modality_ids)
+        per_token = modality if per_token is None else per_token + modality
+        if self.config.do_mvc:
+            if self.config.cell_emb_style == "w-pool":
+                raise ValueError(
+                    "The multi-omic MVC decoder pools modality embeddings into the cell vector, which the "
+                    "original defines for cell_emb_style 'cls' and 'avg-pool' only."
+                )
+            pooled = self.scgpt._cell_embedding(modality, values, attention_mask)
+            per_cell = pooled if per_cell is None else per_cell + pooled
+        return per_token, per_cell
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -1413,69 +1428,22 @@ class ScGPTForMultiOmicIntegration(ScGPTPreTrainedModel):
         batch_labels: torch.LongTensor | None = None,
         modality_ids: torch.LongTensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> ScGPTForBatchIntegrationOutput | tuple:
+    ) -> ScGPTForBatchIntegrationOutput:
         """`modality_ids`: (batch, seq_len) modality id per token; `labels`: true expression values, scored
         where the input value is `config.mask_value` (as in `ScGPTForPreTraining`)."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        input_ids, values = _without_padding(self.config, input_ids, values, attention_mask)
         self._check_modality_ids(modality_ids, input_ids)
-        out = self.scgpt(
-            input_ids,
-            values,
-            attention_mask=attention_mask,
-            batch_labels=_backbone_batch_labels(self.config, batch_labels),
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
+        values, out = _encode(
+            self, input_ids, values, attention_mask, batch_labels=_backbone_batch_labels(self.config, batch_labels),
             **kwargs,
         )
-        hidden, cell = out.last_hidden_state, out.cell_embedding
-        per_token = per_cell = None  # batch + modality embedding, per token and per cell
-        if out.batch_embedding is not None:
-            per_token = out.batch_embedding.unsqueeze(1).expand(-1, hidden.shape[1], -1)
-            per_cell = out.batch_embedding
-        if self.config.use_modality_embeddings:
-            modality = self.modality_encoder(modality_ids)
-            per_token = modality if per_token is None else per_token + modality
-            if self.config.do_mvc:
-                if self.config.cell_emb_style == "w-pool":
-                    raise ValueError(
-                        "The multi-omic MVC decoder pools modality embeddings into the cell vector, which the "
-                        "original defines for cell_emb_style 'cls' and 'avg-pool' only."
-                    )
-                pooled = self.scgpt._cell_embedding(modality, values, attention_mask)
-                per_cell = pooled if per_cell is None else per_cell + pooled
-        decoder_in = hidden if per_token is None else torch.cat([hidden, per_token], dim=2)
-        expression, zero_probs = self.expression_decoder(decoder_in)
-        output = ScGPTForBatchIntegrationOutput(
-            expression=expression,
-            zero_probs=zero_probs,
-            cell_embedding=cell,
-            last_hidden_state=hidden,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-        )
-        if self.config.do_mvc:
-            genes = out.gene_embeddings
-            output.mvc_expression, output.mvc_zero_probs = self.mvc_decoder(
-                cell if per_cell is None else torch.cat([cell, per_cell], dim=1),
-                genes if per_token is None else torch.cat([genes, per_token], dim=2),
-            )
+        per_token, per_cell = self._decoder_context(out, modality_ids, values, attention_mask)
+        predicted = _decode_expression(self, out, per_token, per_cell, gene_context=per_token)
+        loss = None
         if labels is not None:
-            if labels.shape != values.shape:
-                raise ValueError(
-                    f"labels must have the shape of values {tuple(values.shape)}, got {tuple(labels.shape)}."
-                )
-            masked = values == self.config.mask_value
-            if not masked.any():
-                raise ValueError(
-                    f"No input value equals config.mask_value={self.config.mask_value}, so there is nothing to "
-                    "score: mask some values before computing the loss."
-                )
-            output.loss = expression_losses(output, labels, masked)
-        _add_integration_terms(self, output, batch_labels, labels is not None)
-        return output if return_dict else output.to_tuple()
+            loss = expression_losses(predicted, labels, _scored_positions(self.config, values, labels))
+        return ScGPTForBatchIntegrationOutput(
+            **predicted._asdict(),
+            **_backbone_outputs(out),
+            **_integration_terms(self, out.cell_embedding, batch_labels, loss),
+        )
