@@ -223,7 +223,8 @@ class _Progress:
 def _plan(store: EmbeddingStore, run: _Run, settings: dict[str, Any], rank: int, world: int, overwrite: bool
           ) -> list[int] | None:
     """The chunks still to do ([] for none left, None for a store finished before this run), decided by the
-    first process, which takes the store (lock, settings check) first; its refusal is every process's."""
+    first process, which takes the store (lock, settings check) first; its refusal is every process's. Every
+    process then holds the store's lock shared."""
     plan: dict[str, Any] | None = None
     if rank == 0:
         try:
@@ -236,6 +237,7 @@ def _plan(store: EmbeddingStore, run: _Run, settings: dict[str, Any], rank: int,
                 store.release()
                 raise
             if fresh:
+                store.share()  # before the others take it shared too
                 finished = store.finished_chunks()
                 plan = {"todo": [k for k in range(run.n_chunks) if k not in finished]}
             else:
@@ -247,6 +249,8 @@ def _plan(store: EmbeddingStore, run: _Run, settings: dict[str, Any], rank: int,
     plan = _share(plan, rank, world)
     if "error" in plan:
         raise _ERRORS.get(plan["error"][0], RuntimeError)(plan["error"][1])
+    if rank != 0 and plan["todo"] is not None:
+        store.share()
     return plan["todo"]
 
 
@@ -334,7 +338,6 @@ def _embed_all(inputs: Any, store: EmbeddingStore, model: Any, tokenizer: Any, t
         todo = _plan(store, run, settings, rank, world, overwrite)
         if todo is None:
             return _share(store.params() if rank == 0 else None, rank, world)
-        store.share()
         try:
             _embed_chunks(run, store, todo[rank::world], rank, world, progress)
             _barrier(world)

@@ -163,6 +163,15 @@ class _StoredAnnData:
         self.raw = None if stored("raw") is None else _StoredAnnData(group["raw"])
 
 
+def _file_state(path: Path) -> tuple[int, ...] | None:
+    """What changes when a file is replaced, truncated or rewritten, or a folder removed (None: gone)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino,) if path.is_dir() else (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class AnnDataSource(CellSource):
     """An .h5ad file or AnnData zarr store, read backed."""
 
@@ -170,7 +179,7 @@ class AnnDataSource(CellSource):
         import h5py
         import zarr
 
-        self.name, self.kind, self._path = str(path), kind, path
+        self.name, self.kind, self._path, self._state = str(path), kind, path, _file_state(path)
         self._file = h5py.File(path, "r") if kind == "h5ad" else zarr.open_group(str(path), mode="r")
         try:
             if "obs" not in self._file or "var" not in self._file:
@@ -200,9 +209,10 @@ class AnnDataSource(CellSource):
 
     def _blocks(self, start: int, stop: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         for first, block in row_blocks(self.matrix, start, stop):
-            # zarr reads a chunk file that is gone as zeros, and an open .h5ad outlives its deletion: check.
-            if not self._path.exists():
-                raise FileNotFoundError(f"{self._path} is gone")
+            # zarr reads a chunk file that is gone as zeros, and HDF5 reads a truncated file's missing bytes as
+            # zeros: a block counts only if the source is still the one opened.
+            if _file_state(self._path) != self._state:
+                raise FileNotFoundError(f"{self._path} was removed or changed since the run opened it")
             yield first, block
 
     def close(self) -> None:

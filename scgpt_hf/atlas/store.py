@@ -244,10 +244,7 @@ class EmbeddingStore:
         """Record `params` in ``uns`` (marking the store finished) and remove the progress record."""
         from anndata.io import write_elem
 
-        uns = self._open()["uns"]
-        if self.params_name in uns:  # from a run killed while it finished
-            del uns[self.params_name]
-        write_elem(uns, self.params_name, dict(params))
+        write_elem(self._open()["uns"], self.params_name, dict(params))  # replaces one a killed run left
         self.tidy()
 
     def tidy(self) -> None:

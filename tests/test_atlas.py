@@ -1,0 +1,391 @@
+"""Atlas scale (`scgpt_hf.atlas`): .h5ad, zarr and TileDB-SOMA sources into a resumable zarr embedding store,
+in one process or two (torchrun over gloo), on real wu2020 T cells and a small random model.
+
+Bounded memory and throughput are measured in bench/atlas_embed.py, not here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pytest
+import torch
+
+import reference
+from scgpt_hf.atlas import (
+    EmbeddingStore,
+    SettingsMismatchError,
+    SourceError,
+    SourceOptions,
+    StoreBusyError,
+    embed_to_store,
+    open_source,
+    weights_sha256,
+)
+from scgpt_hf.configuration_scgpt import ScGPTConfig
+from scgpt_hf.embedding import embed
+from scgpt_hf.modeling_scgpt import ScGPTModel
+from scgpt_hf.pretraining import make_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+N_CELLS = 64
+SETTINGS = dict(max_length=64, chunk_size=16, progress=False)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("atlas")
+
+
+def _model(folder: Path, genes: list[str], seed: int) -> Path:
+    tokenizer = make_tokenizer(reference.make_vocab(len(genes), genes))
+    torch.manual_seed(seed)
+    config = ScGPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, pad_token_id=tokenizer.pad_token_id,
+                         cls_token_id=tokenizer.cls_token_id, eoc_token_id=None)
+    ScGPTModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(wu2020_adata, work) -> Path:
+    """A small random model over wu2020's genes (its first 200 left out of the vocabulary)."""
+    return _model(work / "model", list(wu2020_adata.var_names[200:]), seed=0)
+
+
+@pytest.fixture(scope="module")
+def cells(wu2020_adata) -> anndata.AnnData:
+    return wu2020_adata[:N_CELLS].copy()
+
+
+@pytest.fixture(scope="module")
+def inputs(cells, work) -> dict[str, Path]:
+    """The cells as one .h5ad file (the first 40) and one zarr store (the rest), and all of them as a SOMA
+    experiment with a Census-like var column of symbols."""
+    paths = {"h5ad": work / "part1.h5ad", "zarr": work / "part2.zarr", "all": work / "all.h5ad"}
+    cells[:40].write_h5ad(paths["h5ad"])
+    cells[40:].write_zarr(paths["zarr"])
+    cells.write_h5ad(paths["all"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def soma(cells, work) -> Path:
+    tiledbsoma_io = pytest.importorskip("tiledbsoma.io", reason="tiledbsoma is not installed (extra 'soma')")
+    census_like = cells.copy()
+    census_like.var["feature_name"] = census_like.var_names
+    uri = str(work / "soma")
+    tiledbsoma_io.from_anndata(uri, census_like, measurement_name="RNA", X_layer_name="raw")
+    return Path(uri)
+
+
+@pytest.fixture(scope="module")
+def reference_store(inputs, model, work) -> Path:
+    """One uninterrupted single-process run over the .h5ad file and the zarr store."""
+    path = work / "reference.zarr"
+    embed_to_store([inputs["h5ad"], inputs["zarr"]], path, model, **SETTINGS)
+    return path
+
+
+def _read(path: Path) -> anndata.AnnData:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return anndata.read_zarr(path)
+
+
+def _assert_same_store(path: Path, expected: Path) -> None:
+    a, b = _read(path), _read(expected)
+    assert a.obs_names.tolist() == b.obs_names.tolist()
+    assert a.obs.equals(b.obs)
+    assert np.array_equal(a.obsm["X_scGPT"], b.obsm["X_scGPT"], equal_nan=True)
+    assert a.uns["X_scGPT_params"].keys() == b.uns["X_scGPT_params"].keys()
+    assert not path.with_name(path.name + ".progress").exists()
+
+
+def test_store_is_read_by_anndata_and_holds_what_embed_computes(reference_store, inputs, cells, model):
+    store = _read(reference_store)
+    assert store.n_obs == N_CELLS and store.n_vars == 0 and store.X is None
+    assert store.obs_names.tolist() == cells.obs_names.tolist()
+    assert store.obs["source"].tolist() == [str(inputs["h5ad"])] * 40 + [str(inputs["zarr"])] * (N_CELLS - 40)
+    expected = embed(cells.copy(), model, max_length=64, progress=False)
+    assert np.array_equal(store.obs["X_scGPT_n_genes"].to_numpy(), expected.obs["X_scGPT_n_genes"].to_numpy())
+    # Other batch compositions than embed's: equal up to float rounding.
+    np.testing.assert_allclose(store.obsm["X_scGPT"], expected.obsm["X_scGPT"], atol=1e-5)
+    params = store.uns["X_scGPT_params"]
+    assert params["weights_sha256"] == weights_sha256(ScGPTModel.from_pretrained(model))
+    assert (params["seed"], params["max_length"], params["n_bins"], params["chunk_size"]) == (0, 64, 51, 16)
+    assert params["sources"]["1"]["kind"] == "zarr" and params["sources"]["0"]["n_cells"] == 40
+    # Chunked by the run's chunks, so each process writes whole zarr chunks of its own.
+    import zarr
+
+    assert zarr.open_group(str(reference_store), mode="r")["obsm/X_scGPT"].chunks == (16, 32)
+
+
+def test_soma_experiment_gives_the_same_store_and_filters_cells(soma, reference_store, cells, model, work):
+    path = work / "soma.zarr"
+    embed_to_store([soma], path, model, **SETTINGS)
+    got, expected = _read(path), _read(reference_store)
+    assert got.obs_names.tolist() == cells.obs_names.tolist()  # obs_id, as tiledbsoma.io writes it
+    assert np.array_equal(got.obsm["X_scGPT"], expected.obsm["X_scGPT"])
+
+    lung = (cells.obs["patient"] == "Lung2").to_numpy()
+    filtered = work / "lung.zarr"
+    embed_to_store([soma], filtered, model, options=SourceOptions(obs_filter="patient == 'Lung2'"), **SETTINGS)
+    subset = _read(filtered)
+    assert subset.obs_names.tolist() == cells.obs_names[lung].tolist()
+    np.testing.assert_allclose(subset.obsm["X_scGPT"], expected.obsm["X_scGPT"][lung], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (SourceOptions(obs_filter="patient == 'nobody'"), "selects no cell"),
+        (SourceOptions(obs_filter="no_such_column == 1"), "obs columns: ['soma_joinid', 'obs_id'"),
+        (SourceOptions(measurement="ATAC"), "has no measurement 'ATAC'; it has ['RNA']"),
+        (SourceOptions(x_layer="normalized"), "has no X layer 'normalized'; it has ['raw']"),
+        (SourceOptions(var_column="symbol"), "has no column 'symbol'; it has ['var_id'"),
+    ],
+)
+def test_soma_names_that_do_not_exist_list_what_does(soma, model, work, options, message):
+    with pytest.raises(ValueError) as err:
+        embed_to_store([soma], work / "never.zarr", model, options=options, **SETTINGS)
+    assert message in str(err.value)
+    assert not (work / "never.zarr").exists()
+
+
+def test_obs_filter_needs_a_soma_input(inputs, model, work):
+    with pytest.raises(ValueError, match="TileDB-SOMA inputs only"):
+        embed_to_store([inputs["h5ad"]], work / "never.zarr", model,
+                       options=SourceOptions(obs_filter="patient == 'Lung2'"), **SETTINGS)
+
+
+def test_anndata_sources_choose_the_matrix_like_embed(inputs, cells, work):
+    source = open_source(inputs["zarr"])
+    assert source.n_cells == N_CELLS - 40 and source.gene_names == cells.var_names.tolist()
+    first = next(source.blocks(0, 5))[1]
+    assert (first != cells.X[40:45]).nnz == 0
+    with pytest.raises(ValueError, match=r"Layer 'counts' not found; available layers: \[\]"):
+        open_source(inputs["h5ad"], SourceOptions(layer="counts"))
+    with pytest.raises(ValueError, match="gene_column 'symbol' not in var; available columns"):
+        open_source(inputs["h5ad"], SourceOptions(gene_column="symbol"))
+
+
+def test_finished_store_rerun_is_a_no_op(reference_store, inputs, model, monkeypatch):
+    before = {p: p.read_bytes() for p in reference_store.rglob("*") if p.is_file()}
+    monkeypatch.setattr("scgpt_hf.atlas.run.run_cells", _no_compute)
+    started = time.perf_counter()
+    params = embed_to_store([inputs["h5ad"], inputs["zarr"]], reference_store, model, **SETTINGS)
+    assert time.perf_counter() - started < 30
+    assert params["n_cells"] == N_CELLS
+    assert {p: p.read_bytes() for p in reference_store.rglob("*") if p.is_file()} == before
+    assert not reference_store.with_name(reference_store.name + ".progress").exists()
+
+
+def _no_compute(*args, **kwargs):
+    raise AssertionError("a finished or refused store computed cells")
+
+
+def test_rerun_with_other_settings_refuses_and_says_why(reference_store, inputs, model, wu2020_adata, work,
+                                                         monkeypatch):
+    monkeypatch.setattr("scgpt_hf.atlas.run.run_cells", _no_compute)
+    files = [inputs["h5ad"], inputs["zarr"]]
+    with pytest.raises(SettingsMismatchError, match="seed: 0 in the store, 1 now"):
+        embed_to_store(files, reference_store, model, seed=1, **SETTINGS)
+    other = _model(work / "other_model", list(wu2020_adata.var_names[200:]), seed=1)
+    with pytest.raises(SettingsMismatchError, match="weights_sha256: "):
+        embed_to_store(files, reference_store, other, **SETTINGS)
+    with pytest.raises(SettingsMismatchError, match="sources: "):
+        embed_to_store(files[:1], reference_store, model, **SETTINGS)
+    assert not reference_store.with_name(reference_store.name + ".progress").exists()
+
+
+def test_a_second_writer_refuses(inputs, model, work, monkeypatch):
+    path = work / "busy.zarr"
+    first = EmbeddingStore(path, "X_scGPT")
+    first.claim()  # another run holds the store
+    try:
+        monkeypatch.setattr("scgpt_hf.atlas.run.run_cells", _no_compute)
+        with pytest.raises(StoreBusyError, match="being written by another run"):
+            embed_to_store([inputs["h5ad"]], path, model, **SETTINGS)
+    finally:
+        first.release()
+
+
+def _damage_after_first_read(monkeypatch, damage) -> None:
+    """Call `damage` once the first chunk is read (it is still written: its cells are in memory)."""
+    from scgpt_hf.atlas import run as run_module
+
+    calls = []
+    real = run_module.run_cells
+
+    def run_then_damage(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            damage()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "run_cells", run_then_damage)
+
+
+@pytest.mark.parametrize("fault", ["zarr source removed", "h5ad source truncated"])
+def test_source_gone_or_corrupt_mid_run_stops_and_keeps_finished_chunks(fault, inputs, cells, model, reference_store,
+                                                                         work, monkeypatch):
+    kind = fault.split()[0]
+    folder = work / fault.replace(" ", "_")
+    folder.mkdir()
+    h5ad, zarr_path = folder / "part1.h5ad", folder / "part2.zarr"
+    shutil.copy(inputs["h5ad"], h5ad)
+    shutil.copytree(inputs["zarr"], zarr_path)
+    victim = zarr_path if kind == "zarr" else h5ad
+    damage = (lambda: shutil.rmtree(zarr_path)) if kind == "zarr" else (lambda: os.truncate(h5ad, 4096))
+    path = folder / "out.zarr"
+    _damage_after_first_read(monkeypatch, damage)
+    with pytest.raises(SourceError, match=f"{victim}: cannot read"):
+        embed_to_store([h5ad, zarr_path], path, model, **SETTINGS)
+    # Chunks 0-1 hold cells 0-31 of the .h5ad file, chunk 2 the first cells of the zarr store.
+    assert set(EmbeddingStore(path, "X_scGPT").finished_chunks()) == ({0, 1} if kind == "zarr" else {0})
+
+    monkeypatch.undo()
+    shutil.copy(inputs["h5ad"], h5ad)
+    if kind == "zarr":
+        shutil.copytree(inputs["zarr"], zarr_path)
+    embed_to_store([h5ad, zarr_path], path, model, **SETTINGS)
+    got, expected = _read(path), _read(reference_store)
+    assert np.array_equal(got.obsm["X_scGPT"], expected.obsm["X_scGPT"])
+    assert got.obs_names.tolist() == cells.obs_names.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGKILL at each moment of a run (forked: no interpreter start), then a rerun
+
+
+def _kill_moment(moment: str) -> None:
+    """Patch this (forked) process to SIGKILL itself at `moment` of its second chunk or of its end."""
+    import zarr
+
+    from scgpt_hf.atlas import store
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if moment == "creating the store":  # the staging folder half made, nothing in place
+        zarr.Array.resize = lambda self, *a, **k: die()
+    elif moment == "writing a chunk":  # its other arrays written, its embeddings garbage, no marker
+        real = zarr.Array.__setitem__
+
+        def write_garbage(self, selection, value):
+            if self.ndim == 2 and selection == slice(16, 32):
+                real(self, selection, np.full_like(value, 7.0))
+                die()
+            real(self, selection, value)
+
+        zarr.Array.__setitem__ = write_garbage
+    elif moment == "writing a marker":  # the chunk's data written, its marker not
+        real_json = store._write_json
+        store._write_json = lambda path, value: die() if path.name == "chunk-00000001.json" else real_json(path, value)
+    elif moment == "finishing":  # the parameters in uns, the progress record still there
+        store.EmbeddingStore.tidy = lambda self: die()
+    elif moment == "tidying":  # the progress record renamed away, not yet deleted
+        store.shutil.rmtree = lambda *a, **k: die()
+
+
+@pytest.mark.parametrize("moment", ["creating the store", "writing a chunk", "writing a marker", "finishing",
+                                    "tidying"])
+def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_store(moment, inputs, model, reference_store,
+                                                                         work):
+    path = work / f"killed_{moment.replace(' ', '_')}.zarr"
+    files = [inputs["h5ad"], inputs["zarr"]]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            torch.set_num_threads(1)  # the parent's OpenMP threads do not exist here
+            _kill_moment(moment)
+            embed_to_store(files, path, model, **SETTINGS)
+        finally:
+            os._exit(3)  # not killed: the moment never came
+    assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+    embed_to_store(files, path, model, **SETTINGS)
+    _assert_same_store(path, reference_store)
+    assert not list(work.glob(f".{path.name}.progress.removed-*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes: torchrun over gloo
+
+
+WORKER = textwrap.dedent(
+    """
+    import os, signal, sys, warnings
+    import numpy as np
+    from scgpt_hf.atlas import embed_to_store, store
+
+    warnings.simplefilter("ignore")
+    if os.environ.get("KILL_RANK") == os.environ["RANK"]:  # its second chunk: garbage rows, then SIGKILL
+        real_write = store.EmbeddingStore.write_chunk
+        written = []
+
+        def write_then_die(self, chunk, start, ids, sources, embedding, n_genes, counts):
+            if written:
+                self._open()[f"obsm/{self.key}"][start : start + len(ids)] = np.full_like(embedding, 7.0)
+                os.kill(os.getpid(), signal.SIGKILL)
+            written.append(chunk)
+            real_write(self, chunk, start, ids, sources, embedding, n_genes, counts)
+
+        store.EmbeddingStore.write_chunk = write_then_die
+    inputs, output, model = sys.argv[1:-2], sys.argv[-2], sys.argv[-1]
+    embed_to_store(inputs, output, model, max_length=64, chunk_size=16, progress=False)
+    """
+)
+
+
+def _torchrun(work: Path, inputs: dict[str, Path], path: Path, model: Path, **env: str) -> subprocess.Popen:
+    script = work / "worker.py"
+    script.write_text(WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(inputs["h5ad"]), str(inputs["zarr"]), str(path), str(model)]
+    return subprocess.Popen(command, cwd=ROOT, start_new_session=True, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_write_the_store_one_process_writes(inputs, model, reference_store, work):
+    path = work / "two.zarr"
+    run = _torchrun(work, inputs, path, model)
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out
+    _assert_same_store(path, reference_store)
+
+
+def test_sigkill_of_one_process_then_rerun_gives_the_same_store(inputs, model, reference_store, work):
+    path = work / "killed_one.zarr"
+    run = _torchrun(work, inputs, path, model, KILL_RANK="1")
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode != 0, out
+    finished = EmbeddingStore(path, "X_scGPT").finished_chunks()
+    assert 1 in finished and 3 not in finished  # process 1 got chunks 1 and 3, and died writing 3
+    embed_to_store([inputs["h5ad"], inputs["zarr"]], path, model, **SETTINGS)  # rerun with another world size
+    _assert_same_store(path, reference_store)
+
+
+def test_sigkill_of_every_process_then_rerun_gives_the_same_store(inputs, model, reference_store, work):
+    path = work / "killed_all.zarr"
+    run = _torchrun(work, inputs, path, model)
+    progress = path.with_name(path.name + ".progress")
+    deadline = time.monotonic() + 300
+    while not list(progress.glob("chunk-*.json")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGKILL)  # the launcher and both workers, in the middle of the run
+    run.communicate()
+    assert len(EmbeddingStore(path, "X_scGPT").finished_chunks()) < 4
+    embed_to_store([inputs["h5ad"], inputs["zarr"]], path, model, **SETTINGS)
+    _assert_same_store(path, reference_store)
