@@ -6,7 +6,7 @@
 # 1. a Python 3.11 venv;
 # 2. torch==2.13.0 first, pinned: pip takes the CPU wheel from the local
 #    find-links here, instead of resolving "torch>=2.4" to a multi-GB CUDA build;
-# 3. the project itself, editable, with its test, demo, export and serve (tritonclient) extras;
+# 3. the project itself, editable, with its test, demo, export, serve (tritonclient) and soma (tiledbsoma) extras;
 # 4. the ORIGINAL scGPT 0.2.4 (reference for parity tests) and scirpy 0.22.5
 #    (only for its bundled real data file), both --no-deps: their dependency
 #    pins (torchtext, old numpy, mudata, ...) do not install on torch 2.13;
@@ -46,8 +46,8 @@ PIP=("$VPY" -m pip --disable-pip-version-check --no-input -q)
 log "installing $TORCH_SPEC"
 "${PIP[@]}" install "$TORCH_SPEC"
 
-log "installing the project (editable) with extras test,demo,export,serve"
-"${PIP[@]}" install -e "$REPO_ROOT[test,demo,export,serve]" "$TORCH_SPEC"
+log "installing the project (editable) with extras test,demo,export,serve,soma"
+"${PIP[@]}" install -e "$REPO_ROOT[test,demo,export,serve,soma]" "$TORCH_SPEC"
 
 log "installing reference code and data: ${REFERENCE_SPECS[*]} (--no-deps)"
 "${PIP[@]}" install "${REFERENCE_IMPORT_DEPS[@]}" "$TORCH_SPEC"
@@ -61,7 +61,7 @@ import torch
 
 if not torch.__version__.startswith("2.13.0"):
     sys.exit(f"[setup_env] ERROR: expected torch 2.13.0, got {torch.__version__}")
-for name in ("scgpt", "scirpy"):
+for name in ("scgpt", "scirpy", "tiledbsoma"):
     if importlib.util.find_spec(name) is None:
         sys.exit(f"[setup_env] ERROR: {name} is not importable after install")
 print(f"[setup_env] ready: python {sys.version.split()[0]}, torch {torch.__version__}")
