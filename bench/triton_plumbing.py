@@ -67,16 +67,15 @@ with Triton(config=TritonConfig(http_port=http, grpc_port=grpc, metrics_port=met
 
 
 def _python_backend_repository(root: Path) -> Path:
-    from scgpt_hf.export.triton import _dynamic_batching, _header, _instances, _io, _tensor
+    """The echo model in the PyTorch encoder's config (scgpt_hf.export.triton's builder), named "echo"."""
+    from scgpt_hf.export.triton import Batching, render_model_config, torch_encoder_config
 
+    config = torch_encoder_config({"cell_embedding": [HIDDEN]}, Batching(64, (8, 16, 64), 1000), {},
+                                  batch_labels=False)
+    config.name = "echo"
     (root / "echo" / "1").mkdir(parents=True)
     (root / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
-    (root / "echo" / "config.pbtxt").write_text(
-        _header("echo", "zeros", backend="python", max_batch_size=64)
-        + _io("input", [_tensor(n, t, [-1]) for n, t in (("input_ids", "TYPE_INT64"), ("values", "TYPE_FP32"),
-                                                          ("attention_mask", "TYPE_INT64"))])
-        + _io("output", [_tensor("cell_embedding", "TYPE_FP32", [HIDDEN])])
-        + _dynamic_batching([8, 16, 64], 1000) + _instances(1, "KIND_CPU"))
+    (root / "echo" / "config.pbtxt").write_text(render_model_config(config, "zeros"))
     return root
 
 

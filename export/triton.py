@@ -12,15 +12,14 @@ Layout written by :func:`export_triton` (``R`` = the repository folder)::
     R/scgpt_labels/ (head)      python backend: logits -> label, probability, probabilities
     R/scgpt_annotate/ (head)    ensemble: tokenizer -> encoder -> labels
 
-Wire format of ``scgpt_embed`` / ``scgpt_annotate`` / ``scgpt_tokenizer`` (cells are the batch
-dimension; a request pads its cells to its own widest cell):
+Names, tensors and parameter keys are the serving contract (`scgpt_hf.serving.contract`), which the client
+reads too. Each ``config.pbtxt`` is a Triton ``ModelConfig`` message (tritonclient's ``model_config_pb2``)
+built by one small function per model and rendered with protobuf's text format.
 
-* ``gene_ids`` INT64 [batch, n]: vocabulary ids of a cell's measured genes in column order, -1 for
-  an unused slot (padding, unknown gene); ``scgpt_vocab`` maps a dataset's gene names to ids once.
-* ``counts``   FP32  [batch, n]: expression values (raw counts or normalised/log1p).
-
-The tokenizer model loads ``cell_encoding.py``, the same file `ScGPTTokenizer` imports, copied
-beside its ``model.py``: one implementation, numpy only (runs in a stock Triton container's Python).
+Python-backend models run files copied beside their ``model.py``: the library's own ``cell_encoding.py``
+and ``padding.py`` (numpy only, so the tokenizer runs in a stock Triton container's Python),
+``selfcheck.py``, and ``triton_backend_common.py`` (request errors, parameters and the encoder's request
+checks, shared by every backend).
 
 :func:`write_torch_repository` (behind ``scgpt-hf serve MODEL``) writes the same models and wire format
 with a PyTorch ``scgpt_encoder`` instead: a python-backend model that runs the model folder on a GPU
@@ -36,48 +35,56 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import scgpt_hf
+from scgpt_hf.serving import contract as wire
+from scgpt_hf.serving.contract import (
+    ANNOTATE_MODEL,
+    EMBED_MODEL,
+    ENCODER_MODEL,
+    LABELS_MODEL,
+    TOKENIZER_MODEL,
+    VOCAB_MODEL,
+    ServedBatches,
+)
+
 __all__ = [
-    "ANNOTATE_MODEL",
-    "EMBED_MODEL",
-    "ENCODER_MODEL",
-    "LABELS_MODEL",
-    "TOKENIZER_MODEL",
-    "VOCAB_MODEL",
+    "Batching",
     "TritonExportReport",
     "add_parser",
-    "export_triton",
-    "parse_model_config",
+    "annotate_config",
     "check_torch_settings",
+    "embed_config",
+    "export_triton",
+    "labels_config",
+    "onnx_encoder_config",
+    "parse_model_config",
+    "render_model_config",
+    "tokenizer_config",
+    "torch_encoder_config",
     "validate_repository",
+    "vocab_config",
     "write_torch_repository",
 ]
 
-VOCAB_MODEL = "scgpt_vocab"
-TOKENIZER_MODEL = "scgpt_tokenizer"
-ENCODER_MODEL = "scgpt_encoder"
-EMBED_MODEL = "scgpt_embed"
-LABELS_MODEL = "scgpt_labels"
-ANNOTATE_MODEL = "scgpt_annotate"
 DEVICES = ("cpu", "gpu")
 REPORT_FILE = "triton_report.json"
+ANNOTATION_TASK = "annotation"
+_WHAT = "Triton model repository"
 _HERE = Path(__file__).resolve().parent
-_TEMPLATES = {
-    "tokenizer": _HERE / "triton_backend_tokenizer.py",
-    "vocab": _HERE / "triton_backend_vocab.py",
-    "encoder": _HERE / "triton_backend_encoder.py",
-    "labels": _HERE / "triton_backend_labels.py",
-    "torch": _HERE / "triton_backend_torch.py",
-}
+_LIBRARY = Path(scgpt_hf.__file__).resolve().parent  # the modules python backends run copies of
+_BACKENDS = {name: _HERE / f"triton_backend_{name}.py" for name in ("vocab", "tokenizer", "encoder", "labels", "torch")}
+_COMMON = _HERE / "triton_backend_common.py"  # copied beside every backend's model.py
 _DEFAULTS = {  # device -> (max batch size, precision, pad_to_multiple_of, queue delay in microseconds)
     "cpu": (16, "fp32", 8, 2000),
     "gpu": (64, "fp16", 64, 1000),
 }
-ANNOTATION_TASK = "annotation"
+_TENSORRT = {"precision_mode": "FP16", "max_workspace_size_bytes": "4294967296", "trt_engine_cache_enable": "1",
+             "trt_engine_cache_path": "/tmp/scgpt_trt_cache"}
 
 
 @dataclass
@@ -117,71 +124,212 @@ class TritonExportReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# config.pbtxt writing
+# Configs as data: ModelConfig messages, one builder per model
 
 
-def _dims(dims: Sequence[int]) -> str:
-    return "[ " + ", ".join(str(int(d)) for d in dims) + " ]"
+def _pb2() -> Any:
+    """Triton's ModelConfig protobuf module (tritonclient's), or an error naming the package to install."""
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as err:
+        raise ImportError(
+            f"Building Triton configs needs tritonclient's ModelConfig protobuf ({err}): pip install "
+            "'tritonclient[grpc]' (the scgpt-hf[serve] extra)."
+        ) from err
+    return model_config_pb2
 
 
-def _tensor(name: str, dtype: str, dims: Sequence[int], *, ragged: bool = False, optional: bool = False,
-            reshape: Sequence[int] | None = None) -> str:
-    extra = "\n    allow_ragged_batch: true" if ragged else ""
-    extra += "\n    optional: true" if optional else ""
-    extra += f"\n    reshape: {{ shape: {_dims(reshape)} }}" if reshape is not None else ""
-    return f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: {_dims(dims)}{extra}\n  }}'
+@dataclass(frozen=True)
+class Batching:
+    """How a repository's batched models batch and replicate: cells per request and per batch, the dynamic
+    batcher's preferred sizes and queue delay, and instances of the encoder and of the CPU models."""
+
+    max_batch_size: int
+    preferred: tuple[int, ...]
+    delay_us: int
+    instances: int = 1
+    tokenizer_instances: int = 1
 
 
-def _io(kind: str, tensors: Sequence[str]) -> str:
-    return f"{kind} [\n" + ",\n".join(tensors) + "\n]\n"
+def _batching(device: str, max_batch_size: int | None, instances: int, tokenizer_instances: int,
+              preferred_batch_sizes: Sequence[int] | None, max_queue_delay_microseconds: int | None) -> Batching:
+    """The batching settings, the device's defaults filled in; raises ValueError for impossible ones."""
+    default_batch, _, _, default_delay = _DEFAULTS[device]
+    max_batch_size = int(max_batch_size or default_batch)
+    if max_batch_size < 1 or int(instances) < 1 or int(tokenizer_instances) < 1:
+        raise ValueError("max_batch_size, instances and tokenizer_instances must be at least 1.")
+    if preferred_batch_sizes:
+        preferred = sorted({int(s) for s in preferred_batch_sizes})
+    else:  # the three largest of 4, 8, 16, ... up to max_batch_size
+        preferred = [s for s in (4, 8, 16, 32, 64, 128, 256) if s < max_batch_size][-2:] + [max_batch_size]
+    if any(s < 1 or s > max_batch_size for s in preferred):
+        raise ValueError(f"preferred batch sizes {preferred} must lie in 1..max_batch_size={max_batch_size}.")
+    delay = int(default_delay if max_queue_delay_microseconds is None else max_queue_delay_microseconds)
+    return Batching(max_batch_size, tuple(preferred), delay, int(instances), int(tokenizer_instances))
 
 
-def _parameters(params: dict[str, Any]) -> str:
-    return "".join(
-        f'parameters {{\n  key: "{k}"\n  value: {{ string_value: {json.dumps(str(v))} }}\n}}\n' for k, v in params.items()
-    )
+def _model(name: str, max_batch_size: int, *, backend: str = "", platform: str = "") -> Any:
+    return _pb2().ModelConfig(name=name, backend=backend, platform=platform, max_batch_size=int(max_batch_size))
 
 
-def _dynamic_batching(preferred: Sequence[int], delay_us: int) -> str:
-    return (
-        "dynamic_batching {\n"
-        f"  preferred_batch_size: {_dims(preferred)}\n"
-        f"  max_queue_delay_microseconds: {int(delay_us)}\n"
-        "}\n"
-    )
+def _add_inputs(config: Any, tensors: Sequence[wire.Tensor], *, ragged: bool = False) -> None:
+    pb2 = _pb2()
+    for t in tensors:
+        config.input.add(name=t.name, data_type=pb2.DataType.Value(f"TYPE_{t.data_type}"), dims=list(t.dims),
+                         allow_ragged_batch=ragged)
 
 
-def _instances(count: int, kind: str) -> str:
-    return f"instance_group [\n  {{\n    count: {int(count)}\n    kind: {kind}\n  }}\n]\n"
+def _add_outputs(config: Any, tensors: Sequence[wire.Tensor]) -> None:
+    pb2 = _pb2()
+    for t in tensors:
+        config.output.add(name=t.name, data_type=pb2.DataType.Value(f"TYPE_{t.data_type}"), dims=list(t.dims))
 
 
-def _header(name: str, comment: str, *, backend: str | None = None, platform: str | None = None,
-            max_batch_size: int) -> str:
-    lines = [f"# {line}" if line else "#" for line in comment.strip().splitlines()]
-    out = "\n".join(lines) + f'\nname: "{name}"\n'
-    if platform:
-        out += f'platform: "{platform}"\n'
-    if backend:
-        out += f'backend: "{backend}"\n'
-    return out + f"max_batch_size: {int(max_batch_size)}\n"
+def _add_batch_labels(config: Any, reshape: bool) -> None:
+    """One batch id per cell: [cells, 1] on the wire; reshaped to the graph's [cells] for an encoder."""
+    _add_inputs(config, [wire.BATCH_LABELS])
+    if reshape:
+        config.input[-1].reshape.SetInParent()  # an empty shape: [1] -> []
 
 
-def _ensemble_step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
-    maps = "".join(f'      input_map {{\n        key: "{k}"\n        value: "{v}"\n      }}\n' for k, v in inputs.items())
-    maps += "".join(f'      output_map {{\n        key: "{k}"\n        value: "{v}"\n      }}\n' for k, v in outputs.items())
-    return f'    {{\n      model_name: "{model}"\n      model_version: -1\n{maps}    }}'
+def _batched(config: Any, batching: Batching, instances: int, kind: str = "KIND_CPU") -> None:
+    """Dynamic batching with the preferred sizes and queue delay, and `instances` instances of `kind`."""
+    config.dynamic_batching.preferred_batch_size[:] = list(batching.preferred)
+    config.dynamic_batching.max_queue_delay_microseconds = int(batching.delay_us)
+    config.instance_group.add(count=int(instances), kind=_pb2().ModelInstanceGroup.Kind.Value(kind))
 
 
-def _ensemble(steps: Sequence[str]) -> str:
-    return "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+def _set_parameters(config: Any, params: Mapping[str, Any]) -> None:
+    for key, value in params.items():
+        config.parameters[key].string_value = str(value)
+
+
+def _step(config: Any, model: str, inputs: Mapping[str, str], outputs: Mapping[str, str]) -> None:
+    """An ensemble step: `model`'s inputs from the ensemble's tensors, its outputs into ensemble tensors."""
+    step = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+    step.input_map.update(inputs)
+    step.output_map.update(outputs)
+
+
+def render_model_config(config: Any, comment: str = "") -> str:
+    """A ModelConfig as config.pbtxt text: `comment` as ``#`` lines, then the message in protobuf's text format."""
+    from google.protobuf import text_format
+
+    lines = [f"# {line}".rstrip() for line in comment.strip().splitlines()]
+    return "".join(f"{line}\n" for line in lines) + text_format.MessageToString(config, use_short_repeated_primitives=True)
 
 
 def parse_model_config(text: str) -> Any:
     """Parse config.pbtxt text with Triton's own ``ModelConfig`` protobuf (tritonclient's model_config_pb2)."""
     from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
 
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
+    return text_format.Parse(text, _pb2().ModelConfig())
+
+
+def vocab_config(specials: Mapping[str, str]) -> Any:
+    """scgpt_vocab: gene names -> vocabulary ids (no batching: one call per dataset)."""
+    config = _model(VOCAB_MODEL, 0, backend="python")
+    _add_inputs(config, [wire.GENE_NAMES])
+    _add_outputs(config, [wire.GENE_IDS])
+    config.instance_group.add(count=1, kind=_pb2().ModelInstanceGroup.KIND_CPU)
+    _set_parameters(config, specials)
+    return config
+
+
+def tokenizer_config(settings: Mapping[str, Any], batching: Batching) -> Any:
+    """scgpt_tokenizer: counts of cells -> model inputs, with its settings as parameters."""
+    config = _model(TOKENIZER_MODEL, batching.max_batch_size, backend="python")
+    _add_inputs(config, wire.WIRE_INPUTS, ragged=True)
+    _add_outputs(config, [*wire.MODEL_INPUTS, wire.N_GENES])
+    _batched(config, batching, batching.tokenizer_instances)
+    _set_parameters(config, settings)
+    return config
+
+
+def onnx_encoder_config(outputs: Mapping[str, Sequence[int]], batching: Batching, params: Mapping[str, Any], *,
+                        device: str, batch_labels: bool, tensorrt: bool = False) -> Any:
+    """scgpt_encoder on an ONNX graph: Triton's native onnxruntime backend on the GPU (equal shapes batch
+    together, so inputs are not ragged), or the python backend running ONNX Runtime on the CPU."""
+    if device == "gpu":
+        config = _model(ENCODER_MODEL, batching.max_batch_size, backend="onnxruntime", platform="onnxruntime_onnx")
+        config.default_model_filename = "model.onnx"
+    else:
+        config = _model(ENCODER_MODEL, batching.max_batch_size, backend="python")
+    _encoder_io(config, outputs, ragged=device == "cpu", batch_labels=batch_labels)
+    _batched(config, batching, batching.instances, "KIND_GPU" if device == "gpu" else "KIND_CPU")
+    if tensorrt:
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator.parameters.update(_TENSORRT)
+    _set_parameters(config, params)
+    return config
+
+
+def torch_encoder_config(outputs: Mapping[str, Sequence[int]], batching: Batching, params: Mapping[str, Any], *,
+                         batch_labels: bool) -> Any:
+    """scgpt_encoder running the PyTorch model in a python-backend model (it picks its device itself)."""
+    config = _model(ENCODER_MODEL, batching.max_batch_size, backend="python")
+    _encoder_io(config, outputs, ragged=True, batch_labels=batch_labels)
+    _batched(config, batching, batching.instances)
+    _set_parameters(config, params)
+    return config
+
+
+def _encoder_io(config: Any, outputs: Mapping[str, Sequence[int]], *, ragged: bool, batch_labels: bool) -> None:
+    _add_inputs(config, wire.MODEL_INPUTS, ragged=ragged)
+    if batch_labels:
+        _add_batch_labels(config, reshape=True)
+    _add_outputs(config, [wire.Tensor(name, "FP32", tuple(dims)) for name, dims in outputs.items()])
+
+
+def labels_config(n_classes: int, batching: Batching) -> Any:
+    """scgpt_labels: classifier logits -> label, its probability and all probabilities."""
+    config = _model(LABELS_MODEL, batching.max_batch_size, backend="python")
+    _add_inputs(config, [wire.LOGITS.sized(n_classes)])
+    _add_outputs(config, [wire.LABEL, wire.PROBABILITY, wire.PROBABILITIES.sized(n_classes)])
+    _batched(config, batching, batching.tokenizer_instances)
+    return config
+
+
+def _ensemble(name: str, max_batch_size: int, batches: ServedBatches, outputs: Sequence[wire.Tensor]) -> Any:
+    """An ensemble taking the wire inputs (batch_labels too for a batch-label model), starting with the tokenizer
+    step; returns it with the encoder step's input map, for the caller to add the encoder's step."""
+    config = _model(name, max_batch_size, platform="ensemble")
+    _add_inputs(config, wire.WIRE_INPUTS)
+    if batches.needs_batch_labels:
+        _add_batch_labels(config, reshape=False)
+    _add_outputs(config, outputs)
+    tokenized = {t.name: f"_{t.name}" for t in wire.MODEL_INPUTS}
+    _step(config, TOKENIZER_MODEL, {t.name: t.name for t in wire.WIRE_INPUTS},
+          {**tokenized, wire.N_GENES.name: wire.N_GENES.name})
+    _set_parameters(config, batches.parameters())
+    return config
+
+
+def _encoder_inputs(batches: ServedBatches) -> dict[str, str]:
+    """The encoder step's inputs: the tokenizer's outputs, and batch_labels straight from the request."""
+    inputs = {t.name: f"_{t.name}" for t in wire.MODEL_INPUTS}
+    if batches.needs_batch_labels:  # the tokenizer does not need it
+        inputs[wire.BATCH_LABELS.name] = wire.BATCH_LABELS.name
+    return inputs
+
+
+def embed_config(hidden: int, batches: ServedBatches, max_batch_size: int) -> Any:
+    """scgpt_embed: scgpt_tokenizer -> scgpt_encoder; counts in, cell_embedding and n_genes out."""
+    config = _ensemble(EMBED_MODEL, max_batch_size, batches, [wire.CELL_EMBEDDING.sized(hidden), wire.N_GENES])
+    embedding = wire.CELL_EMBEDDING.name
+    _step(config, ENCODER_MODEL, _encoder_inputs(batches), {embedding: embedding})
+    return config
+
+
+def annotate_config(hidden: int, n_classes: int, batches: ServedBatches, max_batch_size: int) -> Any:
+    """scgpt_annotate: scgpt_tokenizer -> scgpt_encoder -> scgpt_labels; counts in, labels out."""
+    outputs = [wire.LABEL, wire.PROBABILITY, wire.PROBABILITIES.sized(n_classes), wire.CELL_EMBEDDING.sized(hidden),
+               wire.N_GENES]
+    config = _ensemble(ANNOTATE_MODEL, max_batch_size, batches, outputs)
+    embedding, logits = wire.CELL_EMBEDDING.name, wire.LOGITS.name
+    _step(config, ENCODER_MODEL, _encoder_inputs(batches), {logits: f"_{logits}", embedding: embedding})
+    _step(config, LABELS_MODEL, {logits: f"_{logits}"}, {t.name: t.name for t in wire.LABEL_OUTPUTS})
+    return config
 
 
 def validate_repository(repository: str | os.PathLike) -> dict[str, Any]:
@@ -194,6 +342,8 @@ def validate_repository(repository: str | os.PathLike) -> dict[str, Any]:
     for path in sorted(repository.glob("*/config.pbtxt")):
         try:
             cfg = parse_model_config(path.read_text())
+        except ImportError:
+            raise
         except Exception as err:  # noqa: BLE001 - text_format.ParseError and friends
             raise ValueError(f"{path} does not parse as a Triton ModelConfig: {err}") from err
         if cfg.name != path.parent.name:
@@ -202,49 +352,59 @@ def validate_repository(repository: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"{path.parent} has no version folder (e.g. 1/)")
         configs[cfg.name] = cfg
     for name, cfg in configs.items():
-        if cfg.platform != "ensemble":
-            continue
-        produced = {i.name for i in cfg.input}
-        for step in cfg.ensemble_scheduling.step:
-            target = configs.get(step.model_name)
-            if target is None:
-                raise ValueError(f"ensemble {name} calls {step.model_name}, which the repository lacks")
-            inputs = {i.name for i in target.input}
-            outputs = {o.name for o in target.output}
-            for key, value in step.input_map.items():
-                if key not in inputs or value not in produced:
-                    raise ValueError(f"ensemble {name}: step {step.model_name} input {key} <- {value} is not wired")
-            for key, value in step.output_map.items():
-                if key not in outputs:
-                    raise ValueError(f"ensemble {name}: {step.model_name} has no output {key}")
-                produced.add(value)
-        missing = [o.name for o in cfg.output if o.name not in produced]
-        if missing:
-            raise ValueError(f"ensemble {name}: outputs {missing} are produced by no step")
+        if cfg.platform == "ensemble":
+            _check_ensemble(name, cfg, configs)
     return configs
 
 
+def _check_ensemble(name: str, cfg: Any, configs: Mapping[str, Any]) -> None:
+    """Every step's model exists, its inputs come from the ensemble or an earlier step, every output is made."""
+    produced = {i.name for i in cfg.input}
+    for step in cfg.ensemble_scheduling.step:
+        target = configs.get(step.model_name)
+        if target is None:
+            raise ValueError(f"ensemble {name} calls {step.model_name}, which the repository lacks")
+        inputs = {i.name for i in target.input}
+        outputs = {o.name for o in target.output}
+        for key, value in step.input_map.items():
+            if key not in inputs or value not in produced:
+                raise ValueError(f"ensemble {name}: step {step.model_name} input {key} <- {value} is not wired")
+        for key, value in step.output_map.items():
+            if key not in outputs:
+                raise ValueError(f"ensemble {name}: {step.model_name} has no output {key}")
+            produced.add(value)
+    missing = [o.name for o in cfg.output if o.name not in produced]
+    if missing:
+        raise ValueError(f"ensemble {name}: outputs {missing} are produced by no step")
+
+
 # ----------------------------------------------------------------------------------------------
-# Building
+# What a repository serves, whichever engine runs the encoder
 
 
-def _source_config(model_or_path: Any) -> Any:
-    """The model's config: the object's, or a folder's / Hub id's config.json (no weights are loaded)."""
-    if isinstance(model_or_path, (str, os.PathLike)):
-        from transformers import AutoConfig
+@dataclass
+class _Served:
+    """The model a repository serves: its task and sizes, vocabulary, tokenizer settings, classes and batches."""
 
-        import scgpt_hf  # noqa: F401 - registers the config class
+    task: str
+    hidden: int
+    vocab: dict[str, int]
+    tokenizer: dict[str, Any]  # the tokenizer model's parameters
+    labels: list[str] | None
+    batches: ServedBatches
+    outputs: dict[str, list[int]]  # the encoder's outputs and their dims per cell
+    pad_token_id: int
+    pad_value: float
+    vocab_size: int
+    model_config: dict[str, Any]
 
-        return AutoConfig.from_pretrained(os.fspath(model_or_path))
-    return getattr(model_or_path, "config", None)
-
-
-def _is_classifier(model_or_path: Any, config: Any) -> bool:
-    from scgpt_hf.modeling_scgpt import ScGPTForCellClassification
-
-    if isinstance(model_or_path, (str, os.PathLike)):
-        return "ScGPTForCellClassification" in (getattr(config, "architectures", None) or [])
-    return isinstance(model_or_path, ScGPTForCellClassification)
+    def encoder_parameters(self) -> dict[str, Any]:
+        """The parameters every encoder reads (padding, vocabulary size, number of batches)."""
+        params: dict[str, Any] = {"pad_token_id": self.pad_token_id, "pad_value": self.pad_value,
+                                  "vocab_size": self.vocab_size}
+        if self.batches.needs_batch_labels:
+            params[wire.NUM_BATCH_LABELS] = self.batches.num_batch_labels
+        return params
 
 
 def _check_servable(config: Any) -> None:
@@ -259,29 +419,23 @@ def _check_servable(config: Any) -> None:
         )
 
 
-def _batch_parameters(config: dict[str, Any]) -> dict[str, Any]:
-    """Config parameters naming a batch-label model's batches, for clients mapping batch names to ids."""
-    batch2id = config.get("batch2id") or {}
-    params: dict[str, Any] = {"num_batch_labels": int(config["num_batch_labels"])}
-    if batch2id:
-        params["batch2id"] = json.dumps(dict(sorted(batch2id.items(), key=lambda kv: kv[1])), ensure_ascii=False)
-    return params
+def _check_sparse_tokenizer(tokenizer: Any) -> None:
+    if tokenizer.include_zero_genes:
+        raise NotImplementedError("The server tokenizer takes sparse counts: include_zero_genes is not supported.")
 
 
-def _preferred(max_batch_size: int) -> list[int]:
-    sizes = [s for s in (4, 8, 16, 32, 64, 128, 256) if s <= max_batch_size]
-    if max_batch_size not in sizes:
-        sizes.append(max_batch_size)
-    return sizes[-3:]
+def _served_batches(config: Mapping[str, Any]) -> ServedBatches:
+    """A batch-label model's batches, from its config, as the repository publishes them."""
+    return ServedBatches(True, int(config["num_batch_labels"]), dict(config.get("batch2id") or {}) or None)
 
 
-def _labels_from_config(config: dict[str, Any]) -> list[str]:
+def _labels_from_config(config: Mapping[str, Any]) -> list[str]:
     id2label = config.get("id2label") or {}
     n = int(config.get("num_labels") or len(id2label))
     return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
 
 
-def _tokenizer_settings(tokenizer: Any, contract: dict[str, Any], *, max_length: int | None,
+def _tokenizer_settings(tokenizer: Any, contract: Mapping[str, Any], *, max_length: int | None,
                         truncation: str | None, seed: int, pad_to_multiple_of: int) -> dict[str, Any]:
     """The server tokenizer's parameters: the model's preprocessing contract, then the tokenizer's own."""
     tok = {
@@ -303,114 +457,92 @@ def _tokenizer_settings(tokenizer: Any, contract: dict[str, Any], *, max_length:
     return tok
 
 
-def _write_tokenizer_models(repo: Path, tok: dict[str, Any], vocab: dict[str, int], *, max_batch_size: int,
-                            preferred: list[int], delay: int, tokenizer_instances: int) -> None:
-    """scgpt_vocab and scgpt_tokenizer: python backend, numpy only, the library's own cell_encoding.py."""
-    from scgpt_hf import cell_encoding
-
-    vocab_json = json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), indent=0, ensure_ascii=False) + "\n"
-    for model_name, template in ((VOCAB_MODEL, "vocab"), (TOKENIZER_MODEL, "tokenizer")):
-        version = repo / model_name / "1"
-        version.mkdir(parents=True)
-        shutil.copy2(_TEMPLATES[template], version / "model.py")
-        shutil.copy2(Path(cell_encoding.__file__), version / "cell_encoding.py")
-        (version / "vocab.json").write_text(vocab_json, encoding="utf-8")
-    specials = {k: tok[k] for k in ("pad_token", "cls_token", "eoc_token")}
-    (repo / VOCAB_MODEL / "config.pbtxt").write_text(
-        _header(VOCAB_MODEL, (
-            "Gene names -> vocabulary ids (-1: not in the vocabulary, repeated, or a special token).\n"
-            "Clients call it once per dataset and then send ids with each batch of cells.\n"
-            "Python backend, numpy only: 1/model.py with 1/cell_encoding.py and 1/vocab.json."
-        ), backend="python", max_batch_size=0)
-        + _io("input", [_tensor("gene_names", "TYPE_STRING", [-1])])
-        + _io("output", [_tensor("gene_ids", "TYPE_INT64", [-1])])
-        + _instances(1, "KIND_CPU") + _parameters(specials)
-    )
-    (repo / TOKENIZER_MODEL / "config.pbtxt").write_text(
-        _header(TOKENIZER_MODEL, (
-            "Counts of cells -> scGPT model inputs, exactly as ScGPTTokenizer.encode_with_ids.\n"
-            "gene_ids [batch, n]: vocabulary ids in column order, -1 = unused slot; counts [batch, n]: values.\n"
-            "Each cell: <cls> (cls_value), then its expressed genes with per-cell quantile bins (tie-breaking\n"
-            "seeded by `seed` and the cell's content), cut to max_length tokens; padded to the request's\n"
-            "longest cell, rounded up to pad_to_multiple_of. Python backend, numpy only (1/cell_encoding.py)."
-        ), backend="python", max_batch_size=max_batch_size)
-        + _io("input", [_tensor("gene_ids", "TYPE_INT64", [-1], ragged=True),
-                        _tensor("counts", "TYPE_FP32", [-1], ragged=True)])
-        + _io("output", [_tensor("input_ids", "TYPE_INT64", [-1]), _tensor("values", "TYPE_FP32", [-1]),
-                         _tensor("attention_mask", "TYPE_INT64", [-1]), _tensor("n_genes", "TYPE_INT64", [1])])
-        + _dynamic_batching(preferred, delay) + _instances(tokenizer_instances, "KIND_CPU") + _parameters(tok)
-    )
+# ----------------------------------------------------------------------------------------------
+# Writing the models every repository has
 
 
-def _write_ensembles(repo: Path, *, hidden: int, labels: list[str] | None, batch_params: dict[str, Any],
-                     max_batch_size: int, preferred: list[int], delay: int, tokenizer_instances: int
-                     ) -> tuple[list[str], dict[str, str]]:
+def _write_model(repo: Path, config: Any, comment: str, files: Mapping[str, Path | str] | None = None) -> None:
+    """A model folder: config.pbtxt and version folder 1/ with `files` (name -> a file to copy, or text)."""
+    version = repo / config.name / "1"
+    version.mkdir(parents=True, exist_ok=True)  # the ONNX encoder's holds its graph already
+    (repo / config.name / "config.pbtxt").write_text(render_model_config(config, comment), encoding="utf-8")
+    for name, source in (files or {}).items():
+        if isinstance(source, Path):
+            shutil.copy2(source, version / name)
+        else:
+            (version / name).write_text(source, encoding="utf-8")
+
+
+def _backend_files(backend: str, *library: str) -> dict[str, Path]:
+    """A python-backend model's files: its model.py, the shared helper, and the named library modules."""
+    return {"model.py": _BACKENDS[backend], _COMMON.name: _COMMON, **{name: _LIBRARY / name for name in library}}
+
+
+def _write_tokenizer_models(repo: Path, served: _Served, batching: Batching) -> None:
+    """scgpt_vocab and scgpt_tokenizer: python backend, numpy only, the library's own cell encoding and padding."""
+    vocab_json = json.dumps(dict(sorted(served.vocab.items(), key=lambda kv: kv[1])), indent=0, ensure_ascii=False)
+    specials = {k: served.tokenizer[k] for k in ("pad_token", "cls_token", "eoc_token")}
+    _write_model(repo, vocab_config(specials), (
+        "Gene names -> vocabulary ids (-1: not in the vocabulary, repeated, or a special token).\n"
+        "Clients call it once per dataset and then send ids with each batch of cells.\n"
+        "Python backend, numpy only: 1/model.py with 1/cell_encoding.py and 1/vocab.json."
+    ), {**_backend_files("vocab", "cell_encoding.py"), "vocab.json": vocab_json + "\n"})
+    _write_model(repo, tokenizer_config(served.tokenizer, batching), (
+        "Counts of cells -> scGPT model inputs, exactly as ScGPTTokenizer.encode_with_ids.\n"
+        "gene_ids [batch, n]: vocabulary ids in column order, -1 = unused slot; counts [batch, n]: values.\n"
+        "Each cell: <cls> (cls_value), then its expressed genes with per-cell quantile bins (tie-breaking\n"
+        "seeded by `seed` and the cell's content), cut to max_length tokens; padded to the request's\n"
+        "longest cell, rounded up to pad_to_multiple_of. Python backend, numpy only (1/cell_encoding.py,\n"
+        "1/padding.py)."
+    ), {**_backend_files("tokenizer", "cell_encoding.py", "padding.py"), "vocab.json": vocab_json + "\n"})
+
+
+def _write_ensembles(repo: Path, served: _Served, batching: Batching) -> tuple[list[str], dict[str, str]]:
     """scgpt_embed (and, for a classification head, scgpt_labels and scgpt_annotate) around scgpt_encoder;
     returns (every model of the repository, {ensemble: what it chains})."""
-    batch_in = [_tensor("batch_labels", "TYPE_INT64", [1])] if batch_params else []
-    wire_in = [_tensor("gene_ids", "TYPE_INT64", [-1]), _tensor("counts", "TYPE_FP32", [-1]), *batch_in]
-    tok_step = _ensemble_step(TOKENIZER_MODEL, {"gene_ids": "gene_ids", "counts": "counts"},
-                              {"input_ids": "_input_ids", "values": "_values", "attention_mask": "_attention_mask",
-                               "n_genes": "n_genes"})
-    enc_in = {"input_ids": "_input_ids", "values": "_values", "attention_mask": "_attention_mask"}
-    wire_names = "gene_ids, counts"
+    wire_names = ", ".join(t.name for t in wire.WIRE_INPUTS)
     batch_note = ""
-    if batch_params:  # straight to the encoder: the tokenizer does not need it
-        enc_in["batch_labels"] = "batch_labels"
-        wire_names += ", batch_labels"
+    if served.batches.needs_batch_labels:
+        wire_names += f", {wire.BATCH_LABELS.name}"
         batch_note = ("\nbatch_labels [cells, 1]: each cell's batch id; the batch2id parameter names the model's "
-                      f"{batch_params['num_batch_labels']} batches.")
-    ensembles = {EMBED_MODEL: f"{TOKENIZER_MODEL} -> {ENCODER_MODEL}: {wire_names} -> cell_embedding, n_genes"}
-    (repo / EMBED_MODEL / "1").mkdir(parents=True)
-    (repo / EMBED_MODEL / "1" / ".gitkeep").write_text("")
-    (repo / EMBED_MODEL / "config.pbtxt").write_text(
-        _header(EMBED_MODEL, (
-            "Counts in, cell embeddings out: scgpt_tokenizer then scgpt_encoder.\n"
-            "cell_embedding is the model's raw cell embedding (clients L2-normalise it, as scgpt_hf.embed does);\n"
-            "n_genes: each cell's expressed vocabulary genes before truncation." + batch_note
-        ), platform="ensemble", max_batch_size=max_batch_size)
-        + _io("input", wire_in)
-        + _io("output", [_tensor("cell_embedding", "TYPE_FP32", [hidden]), _tensor("n_genes", "TYPE_INT64", [1])])
-        + _ensemble([tok_step, _ensemble_step(ENCODER_MODEL, enc_in, {"cell_embedding": "cell_embedding"})])
-        + _parameters(batch_params)
-    )
+                      f"{served.batches.num_batch_labels} batches.")
+    _write_model(repo, embed_config(served.hidden, served.batches, batching.max_batch_size), (
+        "Counts in, cell embeddings out: scgpt_tokenizer then scgpt_encoder.\n"
+        "cell_embedding is the model's raw cell embedding (clients L2-normalise it, as scgpt_hf.embed does);\n"
+        "n_genes: each cell's expressed vocabulary genes before truncation." + batch_note
+    ), {".gitkeep": ""})
     models = [VOCAB_MODEL, TOKENIZER_MODEL, ENCODER_MODEL, EMBED_MODEL]
-    if labels is not None:
-        n = len(labels)
-        version = repo / LABELS_MODEL / "1"
-        version.mkdir(parents=True)
-        shutil.copy2(_TEMPLATES["labels"], version / "model.py")
-        (version / "labels.json").write_text(json.dumps(labels, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        (repo / LABELS_MODEL / "config.pbtxt").write_text(
-            _header(LABELS_MODEL, "Classifier logits -> label (argmax), its probability and all probabilities "
-                    "(softmax).\nPython backend, numpy only; class names in 1/labels.json.",
-                    backend="python", max_batch_size=max_batch_size)
-            + _io("input", [_tensor("logits", "TYPE_FP32", [n])])
-            + _io("output", [_tensor("label", "TYPE_STRING", [1]), _tensor("probability", "TYPE_FP32", [1]),
-                             _tensor("probabilities", "TYPE_FP32", [n])])
-            + _dynamic_batching(preferred, delay) + _instances(tokenizer_instances, "KIND_CPU")
-        )
-        (repo / ANNOTATE_MODEL / "1").mkdir(parents=True)
-        (repo / ANNOTATE_MODEL / "1" / ".gitkeep").write_text("")
-        (repo / ANNOTATE_MODEL / "config.pbtxt").write_text(
-            _header(ANNOTATE_MODEL, "Counts in, cell types out: scgpt_tokenizer, scgpt_encoder, scgpt_labels."
-                    + batch_note, platform="ensemble", max_batch_size=max_batch_size)
-            + _io("input", wire_in)
-            + _io("output", [_tensor("label", "TYPE_STRING", [1]), _tensor("probability", "TYPE_FP32", [1]),
-                             _tensor("probabilities", "TYPE_FP32", [n]), _tensor("cell_embedding", "TYPE_FP32", [hidden]),
-                             _tensor("n_genes", "TYPE_INT64", [1])])
-            + _ensemble([
-                tok_step,
-                _ensemble_step(ENCODER_MODEL, enc_in, {"logits": "_logits", "cell_embedding": "cell_embedding"}),
-                _ensemble_step(LABELS_MODEL, {"logits": "_logits"},
-                               {"label": "label", "probability": "probability", "probabilities": "probabilities"}),
-            ])
-            + _parameters(batch_params)
-        )
-        models += [LABELS_MODEL, ANNOTATE_MODEL]
-        ensembles[ANNOTATE_MODEL] = (f"{TOKENIZER_MODEL} -> {ENCODER_MODEL} -> {LABELS_MODEL}: {wire_names} -> "
-                                     "label, probability, probabilities, cell_embedding, n_genes")
-    return models, ensembles
+    ensembles = {EMBED_MODEL: f"{TOKENIZER_MODEL} -> {ENCODER_MODEL}: {wire_names} -> cell_embedding, n_genes"}
+    if served.labels is None:
+        return models, ensembles
+    n = len(served.labels)
+    labels_json = json.dumps(served.labels, indent=1, ensure_ascii=False) + "\n"
+    _write_model(repo, labels_config(n, batching), (
+        "Classifier logits -> label (argmax), its probability and all probabilities (softmax).\n"
+        "Python backend, numpy only; class names in 1/labels.json."
+    ), {**_backend_files("labels"), "labels.json": labels_json})
+    _write_model(repo, annotate_config(served.hidden, n, served.batches, batching.max_batch_size),
+                 "Counts in, cell types out: scgpt_tokenizer, scgpt_encoder, scgpt_labels." + batch_note,
+                 {".gitkeep": ""})
+    ensembles[ANNOTATE_MODEL] = (f"{TOKENIZER_MODEL} -> {ENCODER_MODEL} -> {LABELS_MODEL}: {wire_names} -> "
+                                 "label, probability, probabilities, cell_embedding, n_genes")
+    return models + [LABELS_MODEL, ANNOTATE_MODEL], ensembles
+
+
+def _write_served_models(repo: Path, served: _Served, batching: Batching) -> tuple[list[str], dict[str, str]]:
+    """Every model but the encoder, which is the engine's own; returns the models and ensembles."""
+    _write_tokenizer_models(repo, served, batching)
+    return _write_ensembles(repo, served, batching)
+
+
+def _finish(repo: Path, report_json: str) -> None:
+    """Write the report and check the whole repository (inside the atomic build: a failure writes nothing)."""
+    (repo / REPORT_FILE).write_text(report_json + "\n")
+    validate_repository(repo)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ONNX repository: `scgpt-hf export triton`
 
 
 def export_triton(
@@ -463,174 +595,197 @@ def export_triton(
         verbose: print the ONNX export summary.
     """
     from scgpt_hf.atomic import atomic_output, check_writable
-    from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
 
-    from . import selfcheck
-    from .onnx_export import PRECISIONS, export_onnx, read_onnx_metadata
+    precision = _onnx_settings(device, precision, tensorrt)
+    batching = _batching(device, max_batch_size, instances, tokenizer_instances, preferred_batch_sizes,
+                         max_queue_delay_microseconds)
+    pad_multiple = int(pad_to_multiple_of or _DEFAULTS[device][2])
+    target = check_writable(repository_dir, overwrite=overwrite, what=_WHAT)
+    task = "embedding" if onnx_dir is not None else _servable_task(model_or_path)  # refuse before any work
+
+    with atomic_output(target, overwrite=overwrite, directory=True, what=_WHAT) as repo:
+        meta, tokenizer, export_report = _onnx_graph(
+            model_or_path, onnx_dir, repo, task=task, precision=precision, validate=validate, tokenizer=tokenizer,
+            seed=seed, verbose=verbose)
+        served = _served_from_onnx(meta, tokenizer, task, max_length=max_length, truncation=truncation, seed=seed,
+                                   pad_to_multiple_of=pad_multiple)
+        models, ensembles = _write_served_models(repo, served, batching)
+        _write_onnx_encoder(repo, served, batching, device=device, precision=precision, tensorrt=tensorrt,
+                            intra_op_num_threads=intra_op_num_threads)
+        report = TritonExportReport(
+            repository=target.name, device=device, precision=precision, task=served.task,
+            max_batch_size=batching.max_batch_size, instances=batching.instances,
+            preferred_batch_sizes=list(batching.preferred), max_queue_delay_microseconds=batching.delay_us,
+            pad_to_multiple_of=pad_multiple, tensorrt=bool(tensorrt), models=models, ensembles=ensembles,
+            tokenizer=dict(served.tokenizer), encoder_outputs=served.outputs, labels=served.labels,
+            onnx_sha256="", onnx_validation_passed=export_report.get("passed") if export_report else None,
+        )
+        _finish_onnx(repo, report, served, export_report)
+    return report
+
+
+def _onnx_settings(device: str, precision: str | None, tensorrt: bool) -> str:
+    """The ONNX precision for `device` (its default when None); raises ValueError for impossible settings."""
+    from .onnx_export import PRECISIONS
 
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}.")
-    default_batch, default_precision, default_multiple, default_delay = _DEFAULTS[device]
-    max_batch_size = int(max_batch_size or default_batch)
-    precision = precision or default_precision
+    precision = precision or _DEFAULTS[device][1]
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if device == "gpu" and precision == "int8":
         raise ValueError("int8 (dynamic quantisation) is for CPU hosts; use fp16 on gpu.")
-    if max_batch_size < 1 or int(instances) < 1 or int(tokenizer_instances) < 1:
-        raise ValueError("max_batch_size, instances and tokenizer_instances must be at least 1.")
     if tensorrt and device != "gpu":
         raise ValueError("tensorrt applies to --device gpu only.")
-    pad_multiple = int(pad_to_multiple_of or default_multiple)
-    delay = int(default_delay if max_queue_delay_microseconds is None else max_queue_delay_microseconds)
-    preferred = sorted({int(s) for s in (preferred_batch_sizes or _preferred(max_batch_size))})
-    if any(s < 1 or s > max_batch_size for s in preferred):
-        raise ValueError(f"preferred batch sizes {preferred} must lie in 1..max_batch_size={max_batch_size}.")
+    return precision
 
-    target = check_writable(repository_dir, overwrite=overwrite, what="Triton model repository")
-    classifier = False
-    if onnx_dir is None:  # refuse before any work
-        source_config = _source_config(model_or_path)
-        _check_servable(source_config)
-        classifier = _is_classifier(model_or_path, source_config)
 
-    with atomic_output(target, overwrite=overwrite, directory=True, what="Triton model repository") as repo:
-        # 1. ONNX graph (export, or reuse one).
-        task = ANNOTATION_TASK if classifier else "embedding"
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(onnx_dir) if onnx_dir is not None else Path(tmp) / "onnx"  # export_onnx makes it
-            if onnx_dir is None:
-                export_onnx(model_or_path, src, task=task, precision=precision, validate=validate,
-                            tokenizer=tokenizer, seed=seed, verbose=verbose)
-            meta = read_onnx_metadata(src / "model.onnx")
-            task = meta.get("task", task)
-            if tokenizer is None:
-                for candidate in (src, model_or_path if isinstance(model_or_path, (str, os.PathLike)) else None):
-                    if candidate is not None and Path(candidate, "vocab.json").is_file():
-                        tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(candidate))
-                        break
-                else:
-                    if isinstance(model_or_path, (str, os.PathLike)):
-                        tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(model_or_path))
-                    else:
-                        raise ValueError("No tokenizer found beside the model; pass tokenizer=ScGPTTokenizer(...).")
-            if tokenizer.include_zero_genes:
-                raise NotImplementedError("The server tokenizer takes sparse counts: include_zero_genes is not supported.")
-            encoder_dir = repo / ENCODER_MODEL / "1"
-            encoder_dir.mkdir(parents=True)
-            shutil.copy2(src / "model.onnx", encoder_dir / "model.onnx")
-            for companion in ("model.onnx.data", selfcheck.FILE):  # the graph's external weights, its self-check
-                if (src / companion).exists():
-                    shutil.copy2(src / companion, encoder_dir / companion)
-            export_report: dict[str, Any] = {}
-            if (src / "export_report.json").is_file():
-                export_report = json.loads((src / "export_report.json").read_text())
-                export_report.pop("model_path", None)  # a temporary path
-                export_report.pop("timings_s", None)
-                (repo / "export_report.json").write_text(json.dumps(export_report, indent=2) + "\n")
+def _servable_task(model_or_path: Any) -> str:
+    """The task to export the model for, from its config alone; refuses a model the repository cannot serve."""
+    config = _source_config(model_or_path)
+    _check_servable(config)
+    return ANNOTATION_TASK if _is_classifier(model_or_path, config) else "embedding"
 
-        config = meta.get("config", {})
-        contract = meta.get("preprocessing", {})
-        outputs_meta = {o["name"]: o for o in meta.get("outputs", [])}
-        hidden = int(config.get("hidden_size") or config.get("d_model"))
-        vocab = tokenizer.get_vocab()
-        if len(vocab) != int(contract.get("vocab_size", len(vocab))):
-            raise ValueError("The tokenizer's vocabulary does not belong to the exported model.")
-        extra_inputs = [i["name"] for i in meta.get("inputs", []) if i["name"] not in ("input_ids", "values", "attention_mask")]
-        unsupported = [name for name in extra_inputs if name != "batch_labels"]
-        if unsupported:
-            raise NotImplementedError(
-                f"Models that take {unsupported} (per-token inputs the server tokenizer does not produce) are not "
-                "served; run their ONNX graph with scgpt_hf.export.onnx_export.OnnxScGPT instead."
-            )
-        batch_params = _batch_parameters(config) if "batch_labels" in extra_inputs else {}
-        tok = _tokenizer_settings(tokenizer, contract, max_length=max_length, truncation=truncation, seed=seed,
-                                  pad_to_multiple_of=pad_multiple)
-        labels = _labels_from_config(config) if "logits" in outputs_meta else None
 
-        _write_tokenizer_models(repo, tok, vocab, max_batch_size=max_batch_size, preferred=preferred, delay=delay,
-                                tokenizer_instances=tokenizer_instances)
+def _source_config(model_or_path: Any) -> Any:
+    """The model's config: the object's, or a folder's / Hub id's config.json (no weights are loaded)."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from transformers import AutoConfig
 
-        # 3. encoder: the same ONNX file, native onnxruntime backend (gpu) or python backend + ONNX Runtime (cpu).
-        enc_outputs: dict[str, list[int]] = {}
-        for name, info in outputs_meta.items():
-            shape = list(info.get("shape", []))[1:]
-            enc_outputs[name] = [-1 if not isinstance(d, int) else int(d) for d in shape]
-        if not enc_outputs:
-            enc_outputs = {"cell_embedding": [hidden]}
-        enc_out = [_tensor(n, "TYPE_FP32", dims) for n, dims in enc_outputs.items()]
-        enc_params = {"pad_token_id": int(contract.get("pad_token_id", tokenizer.pad_token_id)),
-                      "pad_value": tok["pad_value"], "vocab_size": int(contract.get("vocab_size", len(vocab)))}
-        ragged = device == "cpu"  # the python backend pads ragged batches itself; the native backend cannot
-        enc_in_tensors = [_tensor("input_ids", "TYPE_INT64", [-1], ragged=ragged),
-                          _tensor("values", "TYPE_FP32", [-1], ragged=ragged),
-                          _tensor("attention_mask", "TYPE_INT64", [-1], ragged=ragged)]
-        if batch_params:  # one id per cell: [cells, 1] on the wire, [cells] as the ONNX graph takes it
-            enc_in_tensors.append(_tensor("batch_labels", "TYPE_INT64", [1], reshape=[]))
-            enc_params["num_batch_labels"] = batch_params["num_batch_labels"]
-        if device == "gpu":
-            accel = ""
-            if tensorrt:
-                accel = (
-                    "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"
-                    '      name : "tensorrt"\n'
-                    '      parameters { key: "precision_mode" value: "FP16" }\n'
-                    '      parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
-                    '      parameters { key: "trt_engine_cache_enable" value: "1" }\n'
-                    '      parameters { key: "trt_engine_cache_path" value: "/tmp/scgpt_trt_cache" }\n'
-                    "    } ]\n  }\n}\n"
-                )
-            encoder_cfg = (
-                _header(ENCODER_MODEL, (
-                    f"scGPT {task} graph ({precision}) on Triton's native onnxruntime backend, on the GPU.\n"
-                    "The native backend batches requests of equal shape only: the tokenizer rounds lengths up to\n"
-                    f"multiples of {pad_multiple} so requests in one length bucket share a batch."
-                ), platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=max_batch_size)
-                + 'default_model_filename: "model.onnx"\n'
-                + _io("input", enc_in_tensors)
-                + _io("output", enc_out)
-                + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_GPU") + accel
-            )
+        import scgpt_hf  # noqa: F401 - registers the config class
+
+        return AutoConfig.from_pretrained(os.fspath(model_or_path))
+    return getattr(model_or_path, "config", None)
+
+
+def _is_classifier(model_or_path: Any, config: Any) -> bool:
+    from scgpt_hf.modeling_scgpt import ScGPTForCellClassification
+
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return "ScGPTForCellClassification" in (getattr(config, "architectures", None) or [])
+    return isinstance(model_or_path, ScGPTForCellClassification)
+
+
+def _onnx_graph(model_or_path: Any, onnx_dir: str | os.PathLike | None, repo: Path, *, task: str, precision: str,
+                validate: bool, tokenizer: Any, seed: int, verbose: bool) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """Export the graph (or take `onnx_dir`'s) into scgpt_encoder/1/; returns (its metadata, the tokenizer the
+    server reproduces, the export report)."""
+    from .onnx_export import export_onnx, read_onnx_metadata
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(onnx_dir) if onnx_dir is not None else Path(tmp) / "onnx"  # export_onnx makes it
+        if onnx_dir is None:
+            export_onnx(model_or_path, src, task=task, precision=precision, validate=validate, tokenizer=tokenizer,
+                        seed=seed, verbose=verbose)
+        meta = read_onnx_metadata(src / "model.onnx")
+        tokenizer = _server_tokenizer(tokenizer, src, model_or_path)
+        return meta, tokenizer, _copy_graph(src, repo)
+
+
+def _server_tokenizer(tokenizer: Any, src: Path, model_or_path: Any) -> Any:
+    """The tokenizer the server's tokenizer model reproduces: the one given, else the one saved beside the
+    graph or the model."""
+    from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
+
+    if tokenizer is None:
+        local = isinstance(model_or_path, (str, os.PathLike))
+        beside = [c for c in (src, model_or_path if local else None) if c is not None and Path(c, "vocab.json").is_file()]
+        if beside or local:
+            tokenizer = ScGPTTokenizer.from_pretrained(os.fspath(beside[0] if beside else model_or_path))
         else:
-            shutil.copy2(_TEMPLATES["encoder"], encoder_dir / "model.py")
-            shutil.copy2(Path(selfcheck.__file__), encoder_dir / "selfcheck.py")
-            enc_params["self_check"] = "raise"  # "warn": load even where this host computes outside the bound
-            enc_params["intra_op_num_threads"] = int(intra_op_num_threads)
-            enc_params["onnx_file"] = "model.onnx"
-            encoder_cfg = (
-                _header(ENCODER_MODEL, (
-                    f"scGPT {task} graph ({precision}) run by ONNX Runtime in a python-backend model (CPU servers;\n"
-                    "GPU repositories use the native onnxruntime backend on the same file). Inputs allow ragged\n"
-                    "batches: 1/model.py pads the requests of a dynamic batch to a common length and splits the\n"
-                    "results. Needs numpy and onnxruntime in the server's Python."
-                ), backend="python", max_batch_size=max_batch_size)
-                + _io("input", enc_in_tensors)
-                + _io("output", enc_out)
-                + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_CPU")
-            )
-        (repo / ENCODER_MODEL / "config.pbtxt").write_text(encoder_cfg + _parameters(enc_params))
+            raise ValueError("No tokenizer found beside the model; pass tokenizer=ScGPTTokenizer(...).")
+    _check_sparse_tokenizer(tokenizer)
+    return tokenizer
 
-        models, ensembles = _write_ensembles(repo, hidden=hidden, labels=labels, batch_params=batch_params,
-                                             max_batch_size=max_batch_size, preferred=preferred, delay=delay,
-                                             tokenizer_instances=tokenizer_instances)
 
-        report = TritonExportReport(
-            repository=target.name, device=device, precision=precision, task=task, max_batch_size=max_batch_size,
-            instances=int(instances), preferred_batch_sizes=preferred, max_queue_delay_microseconds=delay,
-            pad_to_multiple_of=pad_multiple, tensorrt=bool(tensorrt), models=models, ensembles=ensembles,
-            tokenizer={k: v for k, v in tok.items()}, encoder_outputs=enc_outputs, labels=labels,
-            onnx_sha256=selfcheck.sha256(encoder_dir / "model.onnx"),
-            onnx_validation_passed=export_report.get("passed") if export_report else None,
+def _copy_graph(src: Path, repo: Path) -> dict[str, Any]:
+    """The graph, its external weights and its self-check into scgpt_encoder/1/, the export report into the
+    repository; returns the export report (empty when there is none)."""
+    from . import selfcheck
+
+    encoder_dir = repo / ENCODER_MODEL / "1"
+    encoder_dir.mkdir(parents=True)
+    for name in ("model.onnx", "model.onnx.data", selfcheck.FILE):
+        if (src / name).exists():
+            shutil.copy2(src / name, encoder_dir / name)
+    if not (src / "export_report.json").is_file():
+        return {}
+    export_report = json.loads((src / "export_report.json").read_text())
+    export_report.pop("model_path", None)  # a temporary path
+    export_report.pop("timings_s", None)
+    (repo / "export_report.json").write_text(json.dumps(export_report, indent=2) + "\n")
+    return export_report
+
+
+def _served_from_onnx(meta: Mapping[str, Any], tokenizer: Any, task: str, *, max_length: int | None,
+                      truncation: str | None, seed: int, pad_to_multiple_of: int) -> _Served:
+    """What the exported graph serves, from its metadata (config, preprocessing contract, inputs, outputs)."""
+    config = meta.get("config", {})
+    contract = meta.get("preprocessing", {})
+    hidden = int(config.get("hidden_size") or config.get("d_model"))
+    vocab = tokenizer.get_vocab()
+    if len(vocab) != int(contract.get("vocab_size", len(vocab))):
+        raise ValueError("The tokenizer's vocabulary does not belong to the exported model.")
+    model_inputs = {t.name for t in wire.MODEL_INPUTS}
+    extra_inputs = [i["name"] for i in meta.get("inputs", []) if i["name"] not in model_inputs]
+    unsupported = [name for name in extra_inputs if name != wire.BATCH_LABELS.name]
+    if unsupported:
+        raise NotImplementedError(
+            f"Models that take {unsupported} (per-token inputs the server tokenizer does not produce) are not "
+            "served; run their ONNX graph with scgpt_hf.export.onnx_export.OnnxScGPT instead."
         )
-        (repo / "README.md").write_text(_model_card(report, config, export_report, batch_params), encoding="utf-8")
-        report.files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()) + [REPORT_FILE]
-        report.files.sort()
-        (repo / REPORT_FILE).write_text(report.to_json() + "\n")
-        try:
-            validate_repository(repo)
-        except ImportError:  # tritonclient not installed: the configs are checked by the tests instead
-            pass
-    return report
+    outputs = {o["name"]: [d if isinstance(d, int) else -1 for d in list(o.get("shape", []))[1:]]
+               for o in meta.get("outputs", [])}
+    tok = _tokenizer_settings(tokenizer, contract, max_length=max_length, truncation=truncation, seed=seed,
+                              pad_to_multiple_of=pad_to_multiple_of)
+    return _Served(
+        task=meta.get("task", task), hidden=hidden, vocab=vocab, tokenizer=tok,
+        labels=_labels_from_config(config) if wire.LOGITS.name in outputs else None,
+        batches=_served_batches(config) if wire.BATCH_LABELS.name in extra_inputs else ServedBatches(),
+        outputs=outputs or {wire.CELL_EMBEDDING.name: [hidden]},
+        pad_token_id=int(contract.get("pad_token_id", tokenizer.pad_token_id)), pad_value=tok["pad_value"],
+        vocab_size=int(contract.get("vocab_size", len(vocab))), model_config=config,
+    )
+
+
+def _write_onnx_encoder(repo: Path, served: _Served, batching: Batching, *, device: str, precision: str,
+                        tensorrt: bool, intra_op_num_threads: int) -> None:
+    """scgpt_encoder on the graph already in scgpt_encoder/1/: the native onnxruntime backend (gpu), or the
+    python backend with ONNX Runtime, the load-time self-check and the request checks (cpu)."""
+    from . import selfcheck
+
+    params = served.encoder_parameters()
+    if device == "gpu":
+        comment = (f"scGPT {served.task} graph ({precision}) on Triton's native onnxruntime backend, on the GPU.\n"
+                   "The native backend batches requests of equal shape only: the tokenizer rounds lengths up to\n"
+                   f"multiples of {served.tokenizer['pad_to_multiple_of']} so requests in one length bucket share "
+                   "a batch.")
+        files: dict[str, Path] = {}
+    else:
+        # self_check "warn": load even where this host computes outside the bound
+        params.update(self_check="raise", intra_op_num_threads=int(intra_op_num_threads), onnx_file="model.onnx")
+        comment = (f"scGPT {served.task} graph ({precision}) run by ONNX Runtime in a python-backend model (CPU "
+                   "servers;\nGPU repositories use the native onnxruntime backend on the same file). Inputs allow "
+                   "ragged\nbatches: 1/model.py pads the requests of a dynamic batch to a common length and splits "
+                   "the\nresults. Needs numpy and onnxruntime in the server's Python.")
+        files = {**_backend_files("encoder", "padding.py"), "selfcheck.py": Path(selfcheck.__file__)}
+    config = onnx_encoder_config(served.outputs, batching, params, device=device, tensorrt=tensorrt,
+                                 batch_labels=served.batches.needs_batch_labels)
+    _write_model(repo, config, comment, files)
+
+
+def _finish_onnx(repo: Path, report: TritonExportReport, served: _Served, export_report: Mapping[str, Any]) -> None:
+    """The graph's hash, the model card and the file list into the report, then the report and the final check."""
+    from . import selfcheck
+
+    report.onnx_sha256 = selfcheck.sha256(repo / ENCODER_MODEL / "1" / "model.onnx")
+    (repo / "README.md").write_text(_model_card(report, served, export_report), encoding="utf-8")
+    report.files = sorted([str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()] + [REPORT_FILE])
+    _finish(repo, report.to_json())
+
+
+# ----------------------------------------------------------------------------------------------
+# The PyTorch repository: `scgpt-hf serve MODEL`
 
 
 TORCH_DEVICES = ("cpu", "cuda")
@@ -638,22 +793,7 @@ TORCH_DEVICES = ("cpu", "cuda")
 TORCH_ATTENTION = {"sdpa": ("cpu", "cuda"), "eager": ("cpu", "cuda"), "flex_attention": ("cpu", "cuda"),
                    "flash_attention_2": ("cuda",)}
 # The library files the PyTorch encoder imports, copied beside its model.py.
-_TORCH_FILES = ("configuration_scgpt.py", "modeling_scgpt.py", "inference.py")
-
-
-def check_torch_settings(device: str, precision: str, attn_implementation: str) -> str:
-    """Raise ValueError for settings a PyTorch encoder cannot run with; returns the device kind ("cpu"/"cuda")."""
-    from scgpt_hf.inference import PRECISIONS
-
-    kind = device.split(":")[0]
-    if kind not in TORCH_DEVICES or (":" in device and not device.split(":")[1].isdigit()):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
-    if kind not in TORCH_ATTENTION.get(attn_implementation, ()):
-        runs = [a for a, where in TORCH_ATTENTION.items() if kind in where]
-        raise ValueError(f"attn_implementation={attn_implementation!r} cannot run on {kind}; choose one of {runs}.")
-    return kind
+_TORCH_FILES = ("configuration_scgpt.py", "modeling_scgpt.py", "inference.py", "padding.py")
 
 
 def write_torch_repository(
@@ -686,14 +826,8 @@ def write_torch_repository(
     built beside `repository_dir` and moved into place whole; an existing one is refused.  Returns the
     report written as ``triton_report.json``.
     """
-    from transformers import AutoConfig
-
-    import scgpt_hf
     from scgpt_hf.atomic import atomic_output
     from scgpt_hf.inference import DEFAULT_MAX_TOKENS
-    from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
-
-    from .onnx_export import _preprocessing_contract
 
     model_dir = Path(model_dir).resolve()
     if not (model_dir / "config.json").is_file():
@@ -701,133 +835,157 @@ def write_torch_repository(
     kind = check_torch_settings(device, precision, attn_implementation)
     if gpu_memory_fraction is not None and not 0 < gpu_memory_fraction <= 1:
         raise ValueError(f"gpu_memory_fraction must lie in (0, 1], got {gpu_memory_fraction}.")
-    default_batch, _, pad_multiple, default_delay = _DEFAULTS["gpu" if kind == "cuda" else "cpu"]
-    max_batch_size = int(max_batch_size or default_batch)
-    if max_batch_size < 1 or int(instances) < 1 or int(tokenizer_instances) < 1:
-        raise ValueError("max_batch_size, instances and tokenizer_instances must be at least 1.")
-    delay = int(default_delay if max_queue_delay_microseconds is None else max_queue_delay_microseconds)
-    preferred = sorted({int(s) for s in (preferred_batch_sizes or _preferred(max_batch_size))})
-    if any(s < 1 or s > max_batch_size for s in preferred):
-        raise ValueError(f"preferred batch sizes {preferred} must lie in 1..max_batch_size={max_batch_size}.")
+    defaults = "gpu" if kind == "cuda" else "cpu"
+    batching = _batching(defaults, max_batch_size, instances, tokenizer_instances, preferred_batch_sizes,
+                         max_queue_delay_microseconds)
     max_tokens = DEFAULT_MAX_TOKENS[kind] if max_tokens is None else int(max_tokens)
+    served = _served_from_model(model_dir, max_length=max_length, seed=seed,
+                                pad_to_multiple_of=_DEFAULTS[defaults][2])
+    params: dict[str, Any] = {"model_dir": str(model_dir), "task": served.task, "device": device,
+                              "precision": precision, "attn_implementation": attn_implementation,
+                              "max_tokens": max_tokens}
+    if gpu_memory_fraction is not None:
+        params["gpu_memory_fraction"] = float(gpu_memory_fraction)
+
+    # built beside the target and moved into place whole: a kill never leaves a half repository
+    with atomic_output(repository_dir, directory=True, what=_WHAT) as repo:
+        models, ensembles = _write_served_models(repo, served, batching)
+        _write_torch_encoder(repo, served, batching, params)
+        report = {"engine": "torch", "model_dir": str(model_dir), "device": device, "precision": precision,
+                  "attn_implementation": attn_implementation, "task": served.task,
+                  "max_batch_size": batching.max_batch_size, "instances": batching.instances,
+                  "tokenizer_instances": batching.tokenizer_instances, "preferred_batch_sizes": list(batching.preferred),
+                  "max_queue_delay_microseconds": batching.delay_us, "max_tokens": max_tokens,
+                  "gpu_memory_fraction": gpu_memory_fraction, "models": models, "ensembles": ensembles,
+                  "tokenizer": served.tokenizer, "labels": served.labels}
+        _finish(repo, json.dumps(report, indent=2, sort_keys=True))
+    return report
+
+
+def check_torch_settings(device: str, precision: str, attn_implementation: str) -> str:
+    """Raise ValueError for settings a PyTorch encoder cannot run with; returns the device kind ("cpu"/"cuda")."""
+    from scgpt_hf.inference import PRECISIONS
+
+    kind = device.split(":")[0]
+    if kind not in TORCH_DEVICES or (":" in device and not device.split(":")[1].isdigit()):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if kind not in TORCH_ATTENTION.get(attn_implementation, ()):
+        runs = [a for a, where in TORCH_ATTENTION.items() if kind in where]
+        raise ValueError(f"attn_implementation={attn_implementation!r} cannot run on {kind}; choose one of {runs}.")
+    return kind
+
+
+def _served_from_model(model_dir: Path, *, max_length: int | None, seed: int, pad_to_multiple_of: int) -> _Served:
+    """What a saved model folder serves, from its config.json and tokenizer (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
+
+    from .onnx_export import preprocessing_contract
 
     config = AutoConfig.from_pretrained(model_dir)
     _check_servable(config)
     task = ANNOTATION_TASK if "ScGPTForCellClassification" in (config.architectures or []) else "embedding"
     tokenizer = ScGPTTokenizer.from_pretrained(model_dir)
-    if tokenizer.include_zero_genes:
-        raise NotImplementedError("The server tokenizer takes sparse counts: include_zero_genes is not supported.")
+    _check_sparse_tokenizer(tokenizer)
     vocab = tokenizer.get_vocab()
     if len(vocab) != config.vocab_size:
         raise ValueError("The tokenizer's vocabulary does not belong to the model.")
-    contract = _preprocessing_contract(config, tokenizer, task)
-    tok = _tokenizer_settings(tokenizer, contract, max_length=max_length, truncation=None, seed=seed,
-                              pad_to_multiple_of=pad_multiple)
+    tok = _tokenizer_settings(tokenizer, preprocessing_contract(config, tokenizer, task), max_length=max_length,
+                              truncation=None, seed=seed, pad_to_multiple_of=pad_to_multiple_of)
     hidden = int(config.hidden_size)
     labels = _labels_from_config(config.to_dict()) if task == ANNOTATION_TASK else None
-    batch_params = _batch_parameters(config.to_dict()) if config.needs_batch_labels else {}
-
-    # built beside the target and moved into place whole: a kill never leaves a half repository
-    with atomic_output(repository_dir, directory=True, what="Triton model repository") as repo:
-        _write_tokenizer_models(repo, tok, vocab, max_batch_size=max_batch_size, preferred=preferred, delay=delay,
-                                tokenizer_instances=tokenizer_instances)
-        version = repo / ENCODER_MODEL / "1"
-        version.mkdir(parents=True)
-        shutil.copy2(_TEMPLATES["torch"], version / "model.py")
-        for name in _TORCH_FILES:
-            shutil.copy2(Path(scgpt_hf.__file__).parent / name, version / name)
-        enc_in = [_tensor("input_ids", "TYPE_INT64", [-1], ragged=True), _tensor("values", "TYPE_FP32", [-1], ragged=True),
-                  _tensor("attention_mask", "TYPE_INT64", [-1], ragged=True)]
-        enc_params: dict[str, Any] = {
-            "model_dir": str(model_dir), "task": task, "device": device, "precision": precision,
-            "attn_implementation": attn_implementation, "max_tokens": max_tokens,
-            "pad_token_id": int(config.pad_token_id), "pad_value": float(config.pad_value),
-            "vocab_size": int(config.vocab_size),
-        }
-        if batch_params:
-            enc_in.append(_tensor("batch_labels", "TYPE_INT64", [1], reshape=[]))
-            enc_params["num_batch_labels"] = batch_params["num_batch_labels"]
-        if gpu_memory_fraction is not None:
-            enc_params["gpu_memory_fraction"] = float(gpu_memory_fraction)
-        outputs = ([_tensor("logits", "TYPE_FP32", [len(labels)])] if labels is not None else []) + \
-            [_tensor("cell_embedding", "TYPE_FP32", [hidden])]
-        (repo / ENCODER_MODEL / "config.pbtxt").write_text(
-            _header(ENCODER_MODEL, (
-                f"scGPT {task} model run by PyTorch on {device} ({precision} precision, {attn_implementation} attention)\n"
-                "in a python-backend model: 1/model.py with the library's own modeling and inference files. Inputs\n"
-                "allow ragged batches: the cells of a dynamic batch are regrouped by length, at most max_tokens\n"
-                "tokens per forward. Needs torch and transformers in the server's Python."
-            ), backend="python", max_batch_size=max_batch_size)
-            + _io("input", enc_in) + _io("output", outputs)
-            + _dynamic_batching(preferred, delay) + _instances(instances, "KIND_CPU") + _parameters(enc_params)
-        )
-        models, ensembles = _write_ensembles(repo, hidden=hidden, labels=labels, batch_params=batch_params,
-                                             max_batch_size=max_batch_size, preferred=preferred, delay=delay,
-                                             tokenizer_instances=tokenizer_instances)
-        report = {"engine": "torch", "model_dir": str(model_dir), "device": device, "precision": precision,
-                  "attn_implementation": attn_implementation, "task": task, "max_batch_size": max_batch_size,
-                  "instances": int(instances), "tokenizer_instances": int(tokenizer_instances),
-                  "preferred_batch_sizes": preferred, "max_queue_delay_microseconds": delay, "max_tokens": max_tokens,
-                  "gpu_memory_fraction": gpu_memory_fraction, "models": models, "ensembles": ensembles,
-                  "tokenizer": tok, "labels": labels}
-        (repo / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        try:
-            validate_repository(repo)
-        except ImportError:  # tritonclient not installed
-            pass
-    return report
+    outputs = {wire.LOGITS.name: [len(labels)]} if labels is not None else {}
+    return _Served(
+        task=task, hidden=hidden, vocab=vocab, tokenizer=tok, labels=labels,
+        batches=_served_batches(config.to_dict()) if config.needs_batch_labels else ServedBatches(),
+        outputs={**outputs, wire.CELL_EMBEDDING.name: [hidden]}, pad_token_id=int(config.pad_token_id),
+        pad_value=float(config.pad_value), vocab_size=int(config.vocab_size), model_config=config.to_dict(),
+    )
 
 
-def _model_card(report: TritonExportReport, config: dict[str, Any], export_report: dict[str, Any],
-                batch_params: dict[str, Any]) -> str:
-    tok = report.tokenizer
+def _write_torch_encoder(repo: Path, served: _Served, batching: Batching, params: Mapping[str, Any]) -> None:
+    """scgpt_encoder: the torch backend beside the library's own modeling and inference files."""
+    comment = (f"scGPT {served.task} model run by PyTorch on {params['device']} ({params['precision']} precision, "
+               f"{params['attn_implementation']} attention)\nin a python-backend model: 1/model.py with the "
+               "library's own modeling and inference files. Inputs\nallow ragged batches: the cells of a dynamic "
+               "batch are regrouped by length, at most max_tokens\ntokens per forward. Needs torch and "
+               "transformers in the server's Python.")
+    config = torch_encoder_config(served.outputs, batching, {**served.encoder_parameters(), **params},
+                                  batch_labels=served.batches.needs_batch_labels)
+    _write_model(repo, config, comment, _backend_files("torch", *_TORCH_FILES))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model card (README.md of an exported repository)
+
+
+def _model_card(report: TritonExportReport, served: _Served, export_report: Mapping[str, Any]) -> str:
+    """README.md of an exported repository: what it is, its models, the wire format, how to serve and query it."""
+    return "\n".join([
+        _card_header(report, served.model_config, export_report),
+        _card_models(report),
+        _card_wire_format(report, served),
+        _card_serve(served.batches),
+    ])
+
+
+def _card_header(report: TritonExportReport, config: Mapping[str, Any], export_report: Mapping[str, Any]) -> str:
     size = (f"{config.get('hidden_size')} hidden, {config.get('num_hidden_layers')} layers, "
             f"{config.get('num_attention_heads')} heads, vocabulary {config.get('vocab_size')}")
     validation = export_report.get("validation", {}) if export_report else {}
-    val_line = (f"ONNX validated against PyTorch on {validation.get('data')} ({validation.get('criterion')}): "
-                f"{'passed' if export_report.get('passed') else 'FAILED'}." if validation and not validation.get("skipped")
-                else "ONNX validation: skipped or not recorded.")
+    if validation and not validation.get("skipped"):
+        checked = (f"ONNX validated against PyTorch on {validation.get('data')} ({validation.get('criterion')}): "
+                   f"{'passed' if export_report.get('passed') else 'FAILED'}.")
+    else:
+        checked = "ONNX validation: skipped or not recorded."
     if report.device == "cpu":
-        val_line += (" At load the encoder runs the graph on the export's cells (`scgpt_encoder/1/selfcheck.npz`) and "
-                     "does not load on a host that computes them outside that bound (parameter `self_check`: `raise`, "
-                     "or `warn` to load with a warning).")
-    ensembles = "\n".join(f"| `{k}` | {v} |" for k, v in report.ensembles.items())
-    serve_cpu = "scgpt-hf serve REPOSITORY_DIR        # local CPU server (bash scripts/setup_triton_server.sh once)"
-    annotate = ""
-    if report.labels is not None:
-        annotate = (
-            f"\n`scgpt_annotate` answers `label` (BYTES), `probability` and `probabilities` over "
-            f"{len(report.labels)} classes ({', '.join(report.labels[:8])}{', ...' if len(report.labels) > 8 else ''}), "
-            "plus `cell_embedding` and `n_genes`.\n"
-        )
-    batch_row = batch_error = ""
-    embed_call = "client.embed(adata, batch_size=32, concurrency=4)"
-    if batch_params:
-        n_batches = batch_params["num_batch_labels"]
-        names = list(json.loads(batch_params.get("batch2id", "{}")))
+        checked += (" At load the encoder runs the graph on the export's cells (`scgpt_encoder/1/selfcheck.npz`) "
+                    "and does not load on a host that computes them outside that bound (parameter `self_check`: "
+                    "`raise`, or `warn` to load with a warning).")
+    return (f"# scGPT Triton model repository\n\nscGPT ({report.task}, {size}) for Triton Inference Server, built "
+            f"by `scgpt-hf export triton`\nfor **{report.device}** ({report.precision}). {checked}\n")
+
+
+def _card_models(report: TritonExportReport) -> str:
+    engine = ("native onnxruntime backend, KIND_GPU" if report.device == "gpu"
+              else "python backend running ONNX Runtime, KIND_CPU")
+    rows = [
+        "| model | what |",
+        "|---|---|",
+        "| `scgpt_vocab` | python, numpy only: gene names (BYTES) -> vocabulary ids, -1 where unknown; once per "
+        "dataset |",
+        "| `scgpt_tokenizer` | python, numpy only: counts -> `input_ids`, `values`, `attention_mask` (exactly "
+        "`ScGPTTokenizer`) |",
+        f"| `scgpt_encoder` | the ONNX graph ({engine}); dynamic batching, preferred sizes "
+        f"{report.preferred_batch_sizes}, queue delay {report.max_queue_delay_microseconds} us, {report.instances} "
+        "instance(s) |",
+        *(f"| `{k}` | {v} |" for k, v in report.ensembles.items()),
+    ]
+    return "\n".join(rows) + "\n"
+
+
+def _card_wire_format(report: TritonExportReport, served: _Served) -> str:
+    tok, batches = report.tokenizer, served.batches
+    batch_row = batch_error = annotate = ""
+    if batches.needs_batch_labels:
+        names = sorted(batches.batch2id or {}, key=(batches.batch2id or {}).get)
         named = (f"the ensembles' `batch2id` parameter maps the model's batch names ({', '.join(names[:6])}"
                  f"{', ...' if len(names) > 6 else ''}) to ids" if names else "the model has no batch names")
-        batch_row = (f"| `batch_labels` | INT64 | [cells, 1] | each cell's batch id in 0..{n_batches - 1}, the batches "
-                     f"the model was fine-tuned on; {named} |\n")
+        batch_row = (f"| `batch_labels` | INT64 | [cells, 1] | each cell's batch id in 0..{batches.num_batch_labels - 1}, "
+                     f"the batches the model was fine-tuned on; {named} |\n")
         if report.device == "cpu":
-            batch_error = f", batch ids outside [0, {n_batches})"
+            batch_error = f", batch ids outside [0, {batches.num_batch_labels})"
         else:
             batch_row += ("\nThe native onnxruntime backend does not range-check `batch_labels`: send them through "
                           "`TritonClient`, which maps and checks them.\n")
-        embed_call = 'client.embed(adata, batch_key="batch", batch_size=32)  # obs["batch"]: names or ids'
-    return f"""# scGPT Triton model repository
-
-scGPT ({report.task}, {size}) for Triton Inference Server, built by `scgpt-hf export triton`
-for **{report.device}** ({report.precision}). {val_line}
-
-| model | what |
-|---|---|
-| `scgpt_vocab` | python, numpy only: gene names (BYTES) -> vocabulary ids, -1 where unknown; once per dataset |
-| `scgpt_tokenizer` | python, numpy only: counts -> `input_ids`, `values`, `attention_mask` (exactly `ScGPTTokenizer`) |
-| `scgpt_encoder` | the ONNX graph ({'native onnxruntime backend, KIND_GPU' if report.device == 'gpu' else 'python backend running ONNX Runtime, KIND_CPU'}); dynamic batching, preferred sizes {report.preferred_batch_sizes}, queue delay {report.max_queue_delay_microseconds} us, {report.instances} instance(s) |
-{ensembles}
-
-## Wire format
+    if report.labels is not None:
+        shown = ", ".join(report.labels[:8]) + (", ..." if len(report.labels) > 8 else "")
+        annotate = (f"\n`scgpt_annotate` answers `label` (BYTES), `probability` and `probabilities` over "
+                    f"{len(report.labels)} classes ({shown}), plus `cell_embedding` and `n_genes`.\n")
+    return f"""## Wire format
 
 Cells are the batch dimension (at most {report.max_batch_size} per request); a request pads its cells to its widest cell.
 
@@ -836,7 +994,7 @@ Cells are the batch dimension (at most {report.max_batch_size} per request); a r
 | `gene_ids` | INT64 | [cells, n] | vocabulary ids of the cell's measured genes, in the dataset's column order; -1 = unused slot (padding, unknown gene) |
 | `counts` | FP32 | [cells, n] | expression values: raw counts or normalised/log1p (binning is rank-based per cell); 0 = not expressed |
 {batch_row}
-`scgpt_embed` answers `cell_embedding` FP32 [cells, {config.get('hidden_size')}] (raw; L2-normalise it as
+`scgpt_embed` answers `cell_embedding` FP32 [cells, {served.hidden}] (raw; L2-normalise it as
 `scgpt_hf.embed` does) and `n_genes` INT64 [cells, 1] (expressed vocabulary genes before truncation).
 {annotate}
 Tokenizer settings: {tok['n_bins']} bins, `<cls>` value {tok['cls_value']}, pad value {tok['pad_value']},
@@ -847,11 +1005,17 @@ of {tok['pad_to_multiple_of']}.
 Errors come back per request and the server keeps serving: wrong dtype or rank (rejected by Triton), `gene_ids` and
 `counts` of different shapes, ids outside the vocabulary, a gene twice in a cell, negative or non-finite
 counts, a cell with no expressed vocabulary gene{batch_error}, more than {report.max_batch_size} cells.
+"""
 
-## Serve and query
+
+def _card_serve(batches: ServedBatches) -> str:
+    embed_call = "client.embed(adata, batch_size=32, concurrency=4)"
+    if batches.needs_batch_labels:
+        embed_call = 'client.embed(adata, batch_key="batch", batch_size=32)  # obs["batch"]: names or ids'
+    return f"""## Serve and query
 
 ```bash
-{serve_cpu}
+scgpt-hf serve REPOSITORY_DIR        # local CPU server (bash scripts/setup_triton_server.sh once)
 # GPU: docker run --gpus=1 --rm -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD/REPOSITORY_DIR:/models \\
 #      nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models
 ```

@@ -1,20 +1,23 @@
 """Triton python-backend model `scgpt_labels`: classifier logits -> cell-type label and probabilities.
 
 Copied into ``<repository>/scgpt_labels/1/model.py`` beside ``labels.json`` (class names in logit
-order); numpy only.  Input ``logits`` FP32 [batch, n_classes]; outputs ``label`` BYTES [batch, 1],
-``probability`` FP32 [batch, 1] (of that label) and ``probabilities`` FP32 [batch, n_classes]
-(softmax).  Used by the ``scgpt_annotate`` ensemble.
+order) and ``triton_backend_common.py``; numpy only.  Input ``logits`` FP32 [batch, n_classes]; outputs
+``label`` BYTES [batch, 1], ``probability`` FP32 [batch, 1] (of that label) and ``probabilities`` FP32
+[batch, n_classes] (softmax).  Used by the ``scgpt_annotate`` ensemble.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_SPEC = importlib.util.spec_from_file_location("scgpt_backend_common", os.path.join(_HERE, "triton_backend_common.py"))
+common = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(common)
 
 
 class TritonPythonModel:
@@ -24,23 +27,16 @@ class TritonPythonModel:
         with open(os.path.join(_HERE, "labels.json"), encoding="utf-8") as f:
             self.labels = np.array([str(x).encode("utf-8") for x in json.load(f)], dtype=np.object_)
 
+    def _label(self, request) -> dict:
+        logits = common.input_array(request, "logits").astype(np.float64)
+        if logits.ndim != 2 or logits.shape[1] != self.labels.size:
+            raise common.RequestError(f"logits must be [batch, {self.labels.size}], got {list(logits.shape)}")
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+        best = probs.argmax(axis=1)
+        return {"label": self.labels[best].reshape(-1, 1),
+                "probability": probs[np.arange(len(best)), best].reshape(-1, 1),
+                "probabilities": probs}
+
     def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
-            try:
-                logits = pb_utils.get_input_tensor_by_name(request, "logits").as_numpy().astype(np.float64)
-                if logits.ndim != 2 or logits.shape[1] != self.labels.size:
-                    raise ValueError(f"logits must be [batch, {self.labels.size}], got {list(logits.shape)}")
-                z = np.exp(logits - logits.max(axis=1, keepdims=True))
-                probs = (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
-                best = probs.argmax(axis=1)
-                tensors = [
-                    pb_utils.Tensor("label", self.labels[best].reshape(-1, 1)),
-                    pb_utils.Tensor("probability", probs[np.arange(len(best)), best].reshape(-1, 1)),
-                    pb_utils.Tensor("probabilities", probs),
-                ]
-                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            except Exception as err:  # noqa: BLE001
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"scgpt_labels: {err}")))
-        return responses
+        return common.answer_each("scgpt_labels", requests, self._label)

@@ -1,8 +1,8 @@
 """Triton python-backend model `scgpt_tokenizer`: raw counts of cells -> scGPT model inputs.
 
 Copied by `scgpt_hf.export.triton` into ``<repository>/scgpt_tokenizer/1/model.py`` beside
-``cell_encoding.py`` (the very module `ScGPTTokenizer` uses) and ``vocab.json``.  Needs numpy only,
-so it runs in a stock Triton container's Python.
+``cell_encoding.py`` and ``padding.py`` (the very modules `ScGPTTokenizer` uses), ``triton_backend_common.py``
+and ``vocab.json``.  Needs numpy only, so it runs in a stock Triton container's Python.
 
 Wire format (cells are the batch dimension; each request is padded to its own longest cell):
 
@@ -28,35 +28,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _load_cell_encoding():
-    """Import the cell_encoding.py that lies beside this file (one implementation with the library)."""
-    path = os.path.join(_HERE, "cell_encoding.py")
-    spec = importlib.util.spec_from_file_location("scgpt_cell_encoding", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-class RequestError(ValueError):
-    """A request the model cannot answer; its message goes back to the client."""
+_SPEC = importlib.util.spec_from_file_location("scgpt_backend_common", os.path.join(_HERE, "triton_backend_common.py"))
+common = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(common)
+RequestError = common.RequestError
 
 
 class TritonPythonModel:
     """scGPT tokenizer: per-cell binning, content-seeded tie-breaking, truncation and padding."""
 
     def initialize(self, args: dict) -> None:
-        self.enc = _load_cell_encoding()
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.enc = common.load_beside(_HERE, "cell_encoding")
+        self.padding = common.load_beside(_HERE, "padding")
+        params = common.parameters(json.loads(args["model_config"]))
         self.n_bins = int(params["n_bins"])
         self.pad_value = float(params["pad_value"])
         self.cls_value = float(params["cls_value"])
@@ -115,29 +103,15 @@ class TritonPythonModel:
                 raise RequestError(f"cell {row} expresses no gene of the model's vocabulary (all ids -1 or all "
                                    "counts 0); leave such cells out of the request")
             cells.append((tok_ids, tok_vals, n_genes))
-        input_ids, values, mask = self.enc.pad_cells(
+        input_ids, values, mask = self.padding.pad_cells(
             [(i, v) for i, v, _ in cells], self.pad_id, self.pad_value, self.pad_multiple)
         n_genes = np.array([[n] for _, _, n in cells], dtype=np.int64)
         return [input_ids, values, mask, n_genes]
 
-    def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
-            try:
-                gene_ids = pb_utils.get_input_tensor_by_name(request, "gene_ids").as_numpy()
-                counts = pb_utils.get_input_tensor_by_name(request, "counts").as_numpy()
-                arrays = self._encode(gene_ids.astype(np.int64, copy=False), counts.astype(np.float32, copy=False))
-                names = ("input_ids", "values", "attention_mask", "n_genes")
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(n, a) for n, a in zip(names, arrays)]))
-            except RequestError as err:
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"scgpt_tokenizer: {err}")))
-            except Exception as err:  # noqa: BLE001 - never take the server down with one request
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(
-                        f"scgpt_tokenizer: internal error {type(err).__name__}: {err}")))
-        return responses
+    def _tokenize(self, request) -> dict:
+        gene_ids = common.input_array(request, "gene_ids").astype(np.int64, copy=False)
+        counts = common.input_array(request, "counts").astype(np.float32, copy=False)
+        return dict(zip(("input_ids", "values", "attention_mask", "n_genes"), self._encode(gene_ids, counts)))
 
-    def finalize(self) -> None:
-        pass
+    def execute(self, requests: list) -> list:
+        return common.answer_each("scgpt_tokenizer", requests, self._tokenize)

@@ -1,4 +1,4 @@
-"""Per-cell encoding core of scGPT tokenization: binning, content hash, truncation, padding.
+"""Per-cell encoding core of scGPT tokenization: binning, content hash, truncation.
 
 Depends on numpy and hashlib only, so one implementation serves both :class:`ScGPTTokenizer`
 (``from .cell_encoding import ...``) and the Triton tokenizer model, which loads this very file
@@ -29,7 +29,6 @@ __all__ = [
     "encode_cell",
     "encode_sparse_cell",
     "match_gene_names",
-    "pad_cells",
 ]
 
 TRUNCATION_STRATEGIES = ("random", "highest")
@@ -163,31 +162,3 @@ def encode_sparse_cell(
     out_vals = np.concatenate(([cls_value], tok_vals)).astype(np.float32)
     return out_ids, out_vals, int(ids.size)
 
-
-def pad_cells(
-    cells: Sequence[tuple[np.ndarray, np.ndarray]],
-    pad_id: int,
-    pad_value: float,
-    pad_to_multiple_of: int | None = None,
-    length: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-pad (input_ids, values) cells to a common length: (input_ids, values, attention_mask).
-
-    The length is ``length`` when given, else the longest cell rounded up to a multiple of
-    ``pad_to_multiple_of`` (as ``ScGPTTokenizer.pad(padding=True, pad_to_multiple_of=...)``).
-    """
-    longest = max((len(i) for i, _ in cells), default=0)
-    target = longest if length is None else int(length)
-    if length is None and pad_to_multiple_of:
-        target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-    if longest > target:
-        raise ValueError(f"A cell has {longest} tokens, more than the padding length {target}.")
-    n = len(cells)
-    ids = np.full((n, target), pad_id, dtype=np.int64)
-    vals = np.full((n, target), pad_value, dtype=np.float32)
-    mask = np.zeros((n, target), dtype=np.int64)
-    for row, (i, v) in enumerate(cells):
-        ids[row, : len(i)] = i
-        vals[row, : len(i)] = v
-        mask[row, : len(i)] = 1
-    return ids, vals, mask

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -35,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: Environment variable listing the folders a PyTorch encoder's stub appends to sys.path (TritonServer python_path).
 PYTHON_PATH_VAR = "SCGPT_HF_PYTHON_PATH"
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Environment variable naming the server's virtual environment (see find_server_env).
+SERVER_ENV_VAR = "SCGPT_HF_TRITON_ENV"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,20 +82,32 @@ def python_paths() -> list[str]:
 def find_server_env(server_env: str | os.PathLike | None = None) -> Path:
     """The virtual environment holding nvidia-pytriton (and numpy<2) for the server.
 
-    Order: `server_env`, ``$SCGPT_HF_TRITON_ENV``, ``.venv-triton`` in the source tree, the current
-    interpreter's environment.  Raises FileNotFoundError saying how to make one.
+    Looked for in this order: `server_env` (``--server-env``), ``$SCGPT_HF_TRITON_ENV``, ``.venv-triton`` in the
+    current working directory (where ``bash scripts/setup_triton_server.sh`` makes it when run from a checkout's
+    root), then the running interpreter's own environment; where scgpt_hf itself is installed does not matter.
+    A folder named by the argument or the variable that holds no Triton server is an error, never skipped.
+    Raises FileNotFoundError saying how to make one.
     """
-    candidates = [server_env, os.environ.get("SCGPT_HF_TRITON_ENV"), _REPO_ROOT / ".venv-triton", sys.prefix]
-    for cand in candidates:
-        if not cand:
-            continue
-        env = Path(cand)
-        if list(env.glob("lib/python3*/site-packages/pytriton/tritonserver/bin/tritonserver")):
-            return env
+    for given, what in ((server_env, "--server-env"), (os.environ.get(SERVER_ENV_VAR), f"${SERVER_ENV_VAR}")):
+        if given:
+            if not _has_server(Path(given)):
+                raise FileNotFoundError(
+                    f"{what} {given} holds no Triton server (no lib/python3*/site-packages/pytriton/tritonserver): "
+                    "make it with `bash scripts/setup_triton_server.sh DIR` (nvidia-pytriton==0.7.0, numpy<2)."
+                )
+            return Path(given)
+    for found in (Path.cwd() / ".venv-triton", Path(sys.prefix)):
+        if _has_server(found):
+            return found
     raise FileNotFoundError(
         "No Triton server environment found: run `bash scripts/setup_triton_server.sh` (makes .venv-triton with "
-        "nvidia-pytriton==0.7.0 and numpy<2) or point SCGPT_HF_TRITON_ENV / --server-env at such a virtualenv."
+        f"nvidia-pytriton==0.7.0 and numpy<2) in this folder, or point ${SERVER_ENV_VAR} / --server-env at such a "
+        "virtualenv."
     )
+
+
+def _has_server(env: Path) -> bool:
+    return any(env.glob("lib/python3*/site-packages/pytriton/tritonserver/bin/tritonserver"))
 
 
 def _descendants(pid: int) -> list[int]:
@@ -347,13 +361,7 @@ class TritonServer:
         device: str | None = None,
         precision: str = "auto",
         attn_implementation: str = "sdpa",
-        max_batch_size: int | None = None,
-        instances: int = 1,
-        tokenizer_instances: int = 1,
-        max_tokens: int | None = None,
-        max_queue_delay_microseconds: int | None = None,
-        gpu_memory_fraction: float | None = None,
-        **server_args: Any,
+        **options: Any,
     ) -> TritonServer:
         """A server (not started) whose encoder runs `model` (a folder or Hub id) in PyTorch on `device`.
 
@@ -362,8 +370,10 @@ class TritonServer:
         (:func:`python_paths`) after the server environment's numpy<2.  Before anything is written, checks
         that the ports are free and that the server's Python can run the model there: torch imports, CUDA is
         visible for ``device="cuda"``, the attention implementation runs on that device.  `device` defaults
-        to "cuda" when this process sees a GPU, else "cpu".  Other arguments: as `write_torch_repository`
-        and :class:`TritonServer`.
+        to "cuda" when this process sees a GPU, else "cpu".  Other `options` go to :class:`TritonServer` where
+        it takes them (server_env, host, ports, log settings, python_path) and to `write_torch_repository`
+        otherwise (max_batch_size, instances, tokenizer_instances, max_tokens, max_queue_delay_microseconds,
+        gpu_memory_fraction, ...).
         """
         from scgpt_hf.export.triton import check_torch_settings, write_torch_repository
 
@@ -372,6 +382,8 @@ class TritonServer:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         check_torch_settings(device, precision, attn_implementation)
+        takes = set(inspect.signature(cls.__init__).parameters) - {"self", "repository"}
+        server_args = {name: options.pop(name) for name in list(options) if name in takes}
         server_args.setdefault("python_path", python_paths())
         owned = tempfile.TemporaryDirectory(prefix="scgpt_torch_repo_")
         try:
@@ -379,12 +391,8 @@ class TritonServer:
             server._owned = owned
             server.check_ports()
             server._check_runtime(device, attn_implementation)
-            write_torch_repository(
-                _model_folder(model), Path(owned.name) / "repository", device=device, precision=precision,
-                attn_implementation=attn_implementation, max_batch_size=max_batch_size, instances=instances,
-                tokenizer_instances=tokenizer_instances, max_tokens=max_tokens,
-                max_queue_delay_microseconds=max_queue_delay_microseconds, gpu_memory_fraction=gpu_memory_fraction,
-            )
+            write_torch_repository(_model_folder(model), server.repository, device=device, precision=precision,
+                                   attn_implementation=attn_implementation, **options)
         except BaseException:
             owned.cleanup()
             raise
@@ -501,7 +509,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--server-env", default=None, help="virtualenv with nvidia-pytriton (default: .venv-triton)")
+    p.add_argument("--server-env", default=None, help="virtualenv with nvidia-pytriton (default: $SCGPT_HF_TRITON_ENV, "
+                   "else .venv-triton in the current folder, else this Python's environment)")
     p.add_argument("--log-verbose", type=int, default=0)
     p.set_defaults(func=run_serve)
     return p
@@ -530,14 +539,10 @@ def run_serve(args: argparse.Namespace) -> int:
                 )
             server = TritonServer(args.model, **server_args)
         else:
-            server = TritonServer.for_model(
-                args.model, device=args.device, precision=args.precision or "auto",
-                attn_implementation=args.attn_implementation or "sdpa", max_batch_size=args.max_batch_size,
-                instances=args.instances or 1, tokenizer_instances=args.tokenizer_instances or 1,
-                max_tokens=args.max_tokens,
-                max_queue_delay_microseconds=args.queue_delay_us, gpu_memory_fraction=args.gpu_memory_fraction,
-                **server_args,
-            )
+            options = {name: getattr(args, name) for name in _MODEL_ONLY if getattr(args, name) is not None}
+            if "queue_delay_us" in options:
+                options["max_queue_delay_microseconds"] = options.pop("queue_delay_us")
+            server = TritonServer.for_model(args.model, **options, **server_args)
         server.start()
     except (NotImplementedError, RuntimeError) as err:
         # A server that failed to start puts its log's tail in the message: the one line names the log instead.
