@@ -8,25 +8,50 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
+
+from ..anndata_input import ExpressionInput, batch_codes, check_numeric, check_values, row_blocks, select_matrix
+from ..anndata_output import (
+    DEFAULT_KEY,
+    DEFAULT_LABEL_KEY,
+    check_annotation_key,
+    check_embedding_key,
+    write_annotation,
+    write_embedding,
+)
+from ..padding import pad_rows
+from .contract import (
+    ANNOTATE_MODEL,
+    BATCH_LABELS,
+    CELL_EMBEDDING,
+    COUNTS,
+    EMBED_MODEL,
+    GENE_IDS,
+    GENE_NAMES,
+    LABEL,
+    LABELS_MODEL,
+    LOGITS,
+    N_GENES,
+    PROBABILITIES,
+    PROBABILITY,
+    VOCAB_MODEL,
+    ServedBatches,
+)
 
 logger = logging.getLogger(__name__)
 
 
-DEFAULT_KEY = "X_scGPT"
 _TRANSIENT_GRPC = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
                    "StatusCode.ABORTED"}
 _TRANSIENT_HTTP = {"408", "429", "502", "503", "504"}
+_ANNOTATE_OUTPUTS = [LABEL.name, PROBABILITY.name, PROBABILITIES.name, CELL_EMBEDDING.name]
 
 
 class TritonServerError(RuntimeError):
@@ -39,20 +64,11 @@ class TritonUnavailableError(TritonServerError):
 
 @dataclass
 class _Chunk:
-    rows: np.ndarray  # positions in adata
-    gene_ids: np.ndarray  # [cells, n] int64, -1 padded
+    """One request's cells: their rows in the AnnData, and their matched genes' ids and counts, -1 / 0 padded."""
+
+    rows: np.ndarray
+    gene_ids: np.ndarray  # [cells, n] int64
     counts: np.ndarray  # [cells, n] float32
-
-
-def _served_batches(model_config: dict[str, Any]) -> SimpleNamespace:
-    """A served model's batch settings, in the form `scgpt_hf.embed`'s batch mapping reads, so obs batch names
-    and ids map, and fail, exactly as in ``embed(..., batch_key=)``."""
-    params = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
-    return SimpleNamespace(
-        needs_batch_labels=any(i["name"] == "batch_labels" for i in model_config.get("input", [])),
-        num_batch_labels=int(params.get("num_batch_labels") or 0) or None,
-        batch2id=json.loads(params["batch2id"]) if params.get("batch2id") else None,
-    )
 
 
 def _status(err: Exception) -> str:
@@ -94,10 +110,10 @@ class TritonClient:
         timeout: float = 60.0,
         retries: int = 3,
         backoff: float = 0.5,
-        embed_model: str = "scgpt_embed",
-        annotate_model: str = "scgpt_annotate",
-        vocab_model: str = "scgpt_vocab",
-        labels_model: str = "scgpt_labels",
+        embed_model: str = EMBED_MODEL,
+        annotate_model: str = ANNOTATE_MODEL,
+        vocab_model: str = VOCAB_MODEL,
+        labels_model: str = LABELS_MODEL,
     ) -> None:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}.")
@@ -161,12 +177,14 @@ class TritonClient:
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """One inference request: numpy inputs by name -> numpy outputs by name (with retries)."""
+        from tritonclient.utils import np_to_triton_dtype
+
         m = self._module
         tensors = []
         for name, array in inputs.items():
-            dtype = "BYTES" if array.dtype.kind in "OSU" else {
-                np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32",
-                np.dtype(np.float64): "FP64", np.dtype(np.float16): "FP16"}[array.dtype]
+            dtype = "BYTES" if array.dtype.kind == "U" else np_to_triton_dtype(array.dtype)
+            if dtype is None:
+                raise ValueError(f"{name}: numpy dtype {array.dtype} has no Triton data type.")
             t = m.InferInput(name, list(array.shape), dtype)
             t.set_data_from_numpy(array)
             tensors.append(t)
@@ -214,78 +232,48 @@ class TritonClient:
         key = hashlib.sha256("\x00".join(names).encode("utf-8")).hexdigest()
         if key not in self._gene_cache:
             array = np.array([n.encode("utf-8") for n in names], dtype=np.object_)
-            ids = self.infer(self.vocab_model, {"gene_names": array}, ["gene_ids"])["gene_ids"]
+            ids = self.infer(self.vocab_model, {GENE_NAMES.name: array}, [GENE_IDS.name])[GENE_IDS.name]
             self._gene_cache[key] = np.asarray(ids, dtype=np.int64).reshape(-1)
         return self._gene_cache[key]
 
     # -------------------------------------------------------------- AnnData
-    @staticmethod
-    def _matrix(adata: Any, layer: str | None, use_raw: bool, gene_column: str | None) -> tuple[Any, list[str]]:
-        if layer is not None and use_raw:
-            raise ValueError("Give either layer= or use_raw=True, not both.")
-        if use_raw:
-            if adata.raw is None:
-                raise ValueError("use_raw=True but this AnnData has no .raw.")
-            matrix, var = adata.raw.X, adata.raw.var
-        elif layer is not None:
-            matrix, var = adata.layers[layer], adata.var
-        else:
-            matrix, var = adata.X, adata.var
-        names = var.index.astype(str).tolist() if gene_column is None else var[gene_column].astype(str).tolist()
-        return matrix, names
-
-    def _chunks(self, matrix: Any, ids: np.ndarray, batch_size: int) -> tuple[list[_Chunk], np.ndarray]:
-        """Requests of up to batch_size cells (sparse rows, matched genes only, column order) and n_genes."""
-        n_obs = matrix.shape[0]
+    def _requests(self, source: ExpressionInput, ids: np.ndarray, batch_size: int) -> tuple[list[_Chunk], np.ndarray]:
+        """The cells as requests of up to batch_size cells (their non-zero vocabulary genes, in column order),
+        and each cell's n_genes; a cell without any is not sent (NaN row, like scgpt_hf.embed)."""
         used_cols = np.flatnonzero(ids >= 0)
         if used_cols.size == 0:
             raise ValueError("None of the dataset's genes is in the model's vocabulary (scgpt_vocab matched none).")
-        col_ids = ids[used_cols]
-        chunks: list[_Chunk] = []
-        n_genes = np.zeros(n_obs, dtype=np.int64)
-        step = 4096
-        pending_rows: list[int] = []
-        pending: list[tuple[np.ndarray, np.ndarray]] = []
-
-        def flush() -> None:
-            width = max(1, max(len(g) for g, _ in pending))
-            g = np.full((len(pending), width), -1, dtype=np.int64)
-            c = np.zeros((len(pending), width), dtype=np.float32)
-            for i, (gi, ci) in enumerate(pending):
-                g[i, : len(gi)], c[i, : len(ci)] = gi, ci
-            chunks.append(_Chunk(np.array(pending_rows, dtype=np.int64), g, c))
-            pending_rows.clear()
-            pending.clear()
-
-        for start in range(0, n_obs, step):
-            block = matrix[start : start + step]
-            block = block.tocsr() if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+        check_numeric(source.matrix)
+        n_genes = np.zeros(source.n_cells, dtype=np.int64)
+        rows: list[int] = []
+        cells: list[tuple[np.ndarray, np.ndarray]] = []
+        for start, block in row_blocks(source.matrix):
+            check_values(block, start, source.gene_names)
             block = block[:, used_cols]
             block.sort_indices()
-            if block.data.size and (block.data < 0).any():
-                raise ValueError("Expression values must be non-negative (raw counts or normalised/log1p values).")
             for r in range(block.shape[0]):
-                lo, hi = block.indptr[r], block.indptr[r + 1]
-                vals = block.data[lo:hi]
-                keep = vals != 0
-                cols = block.indices[lo:hi][keep]
-                if cols.size == 0:
-                    continue  # no expressed vocabulary gene: NaN row, like scgpt_hf.embed
-                n_genes[start + r] = cols.size
-                pending_rows.append(start + r)
-                pending.append((col_ids[cols], vals[keep].astype(np.float32)))
-                if len(pending) == batch_size:
-                    flush()
-        if pending:
-            flush()
+                values = block.data[block.indptr[r] : block.indptr[r + 1]]
+                expressed = values != 0
+                cols = block.indices[block.indptr[r] : block.indptr[r + 1]][expressed]
+                if cols.size:
+                    n_genes[start + r] = cols.size
+                    rows.append(start + r)
+                    cells.append((ids[used_cols[cols]], values[expressed].astype(np.float32)))
+        chunks = [
+            _Chunk(np.asarray(rows[i : i + batch_size], dtype=np.int64),
+                   pad_rows([g for g, _ in cells[i : i + batch_size]], -1, dtype=np.int64),
+                   pad_rows([c for _, c in cells[i : i + batch_size]], 0.0, dtype=np.float32))
+            for i in range(0, len(cells), batch_size)
+        ]
         return chunks, n_genes
 
     def _run(self, model: str, chunks: list[_Chunk], batch_ids: np.ndarray | None, outputs: Sequence[str],
              concurrency: int, progress: bool) -> Iterator[tuple[_Chunk, dict[str, np.ndarray]]]:
+        """Send the requests, `concurrency` at a time; yields (request, answer) as they come back."""
         def one(chunk: _Chunk) -> tuple[_Chunk, dict[str, np.ndarray]]:
-            inputs = {"gene_ids": chunk.gene_ids, "counts": chunk.counts}
+            inputs = {GENE_IDS.name: chunk.gene_ids, COUNTS.name: chunk.counts}
             if batch_ids is not None:
-                inputs["batch_labels"] = batch_ids[chunk.rows].astype(np.int64).reshape(-1, 1)
+                inputs[BATCH_LABELS.name] = batch_ids[chunk.rows].astype(np.int64).reshape(-1, 1)
             return chunk, self.infer(model, inputs, outputs)
 
         bar = None
@@ -314,24 +302,28 @@ class TritonClient:
         """Each cell's batch id for `model` from ``obs[batch_key]`` (names through the served model's batch2id;
         integer ids where it has none, or with `as_ids`), or None for a model without batch labels; raises
         ValueError, naming unknown batches, as :func:`scgpt_hf.embed` does, before anything is sent."""
-        from ..embedding import _batch_ids
-
-        return _batch_ids(adata, _served_batches(self.model_config(model)), batch_key, as_ids)
+        served = ServedBatches.from_model_config(self.model_config(model))
+        return batch_codes(adata, batch_key, needs_batch_labels=served.needs_batch_labels,
+                           num_batch_labels=served.num_batch_labels, batch2id=served.batch2id, as_ids=as_ids)
 
     def _prepare(self, adata: Any, model: str, batch_size: int | None, layer: str | None, use_raw: bool,
                  gene_column: str | None, batch_key: str | None, batch_as_ids: bool
-                 ) -> tuple[list[_Chunk], np.ndarray, np.ndarray, np.ndarray | None]:
+                 ) -> tuple[list[_Chunk], np.ndarray, dict[str, Any], np.ndarray | None]:
+        """Everything checked before the first request: (requests, n_genes, the run's parameters, batch ids)."""
         batch_ids = self.batch_ids(adata, model, batch_key, batch_as_ids)
-        matrix, names = self._matrix(adata, layer, use_raw, gene_column)
+        source = select_matrix(adata, layer, use_raw, gene_column)
         limit = self.max_batch_size(model)
         batch_size = int(batch_size or limit or 16)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
         if limit and batch_size > limit:
             raise ValueError(f"batch_size={batch_size} exceeds {model}'s max_batch_size={limit}.")
-        ids = self.gene_ids(names)
-        chunks, n_genes = self._chunks(matrix, ids, batch_size)
-        return chunks, n_genes, ids, batch_ids
+        ids = self.gene_ids(source.gene_names)
+        chunks, n_genes = self._requests(source, ids, batch_size)
+        params = {"server": self.url, "protocol": self.protocol, "model": model, "batch_key": batch_key,
+                  "batch_as_ids": bool(batch_as_ids), "n_genes_matched": int((ids >= 0).sum()),
+                  "n_genes_total": int(ids.size), "n_cells_empty": int((n_genes == 0).sum())}
+        return chunks, n_genes, params, batch_ids
 
     def embed(
         self,
@@ -358,31 +350,19 @@ class TritonClient:
         names of the model's batch2id (integer ids only where it has none, or with ``batch_as_ids=True``), as in
         :func:`scgpt_hf.embed`.
         """
-        from ..embedding import _check_storable
-
-        _check_storable(key_added, DEFAULT_KEY, obsm=[key_added], obs=[f"{key_added}_n_genes"])
-        chunks, n_genes, ids, batches = self._prepare(adata, self.embed_model, batch_size, layer, use_raw,
-                                                      gene_column, batch_key, batch_as_ids)
+        check_embedding_key(key_added)
+        chunks, n_genes, params, batches = self._prepare(adata, self.embed_model, batch_size, layer, use_raw,
+                                                         gene_column, batch_key, batch_as_ids)
         out: np.ndarray | None = None
-        for chunk, res in self._run(self.embed_model, chunks, batches, ["cell_embedding", "n_genes"], concurrency,
-                                    progress):
-            emb = res["cell_embedding"].astype(np.float32)
+        for chunk, res in self._run(self.embed_model, chunks, batches, [CELL_EMBEDDING.name, N_GENES.name],
+                                    concurrency, progress):
+            emb = res[CELL_EMBEDDING.name].astype(np.float32)
             if out is None:
                 out = np.full((adata.n_obs, emb.shape[1]), np.nan, dtype=np.float32)
             out[chunk.rows] = emb
         if out is None:
             raise ValueError("No cell expresses a gene of the model's vocabulary.")
-        if normalize:
-            done = n_genes > 0
-            out[done] /= np.linalg.norm(out[done], axis=1, keepdims=True)
-        adata.obsm[key_added] = out
-        adata.obs[f"{key_added}_n_genes"] = n_genes
-        adata.uns[f"{key_added}_params"] = {
-            "server": self.url, "protocol": self.protocol, "model": self.embed_model, "normalized": bool(normalize),
-            "batch_key": batch_key, "batch_as_ids": bool(batch_as_ids),
-            "n_genes_matched": int((ids >= 0).sum()), "n_genes_total": int(ids.size),
-            "n_cells_empty": int((n_genes == 0).sum()),
-        }
+        write_embedding(adata, key_added, out, n_genes, {**params, "normalized": bool(normalize)}, normalize=normalize)
         return adata
 
     def labels(self) -> list[str]:
@@ -392,13 +372,13 @@ class TritonClient:
         of the identity is labelled with class i."""
         if self._labels is None:
             outputs = self.model_config(self.annotate_model).get("output", [])
-            n = int(next(o for o in outputs if o["name"] == "probabilities")["dims"][0])
+            n = int(next(o for o in outputs if o["name"] == PROBABILITIES.name)["dims"][0])
             step = self.max_batch_size(self.labels_model) or n
             names: list[str] = []
             for start in range(0, n, step):
                 one_hot = np.eye(n, dtype=np.float32)[start:start + step]
-                names += [_text(x) for x in self.infer(self.labels_model, {"logits": one_hot}, ["label"])["label"]
-                          .reshape(-1)]
+                answer = self.infer(self.labels_model, {LOGITS.name: one_hot}, [LABEL.name])[LABEL.name]
+                names += [_text(x) for x in answer.reshape(-1)]
             self._labels = names
         return self._labels
 
@@ -408,7 +388,7 @@ class TritonClient:
         *,
         batch_size: int | None = None,
         concurrency: int = 4,
-        key_added: str = "scGPT_label",
+        key_added: str = DEFAULT_LABEL_KEY,
         embedding_key: str | None = None,
         layer: str | None = None,
         use_raw: bool = False,
@@ -426,49 +406,44 @@ class TritonClient:
         ``embedding_key``, also ``obsm[embedding_key]`` (L2-normalised cell embeddings, which the ensemble
         returns too) and ``obs[embedding_key + "_n_genes"]``.
         """
-        import pandas as pd
-
         from .. import __version__
-        from ..embedding import _check_storable
 
-        _check_storable(key_added, "scGPT_label", obsm=[f"{key_added}_probabilities"],
-                        obs=[key_added, f"{key_added}_probability", f"{key_added}_n_genes"])
+        check_annotation_key(key_added)
         if embedding_key is not None:
-            _check_storable(embedding_key, DEFAULT_KEY, obsm=[embedding_key], obs=[f"{embedding_key}_n_genes"])
-        chunks, n_genes, ids, batches = self._prepare(adata, self.annotate_model, batch_size, layer, use_raw,
-                                                      gene_column, batch_key, batch_as_ids)
+            check_embedding_key(embedding_key)
+        chunks, n_genes, params, batches = self._prepare(adata, self.annotate_model, batch_size, layer, use_raw,
+                                                         gene_column, batch_key, batch_as_ids)
         labels = self.labels()
-        code_of = {name: i for i, name in enumerate(labels)}
-        codes = np.full(adata.n_obs, -1, dtype=np.int64)
-        prob = np.full(adata.n_obs, np.nan, dtype=np.float32)
-        probs = np.full((adata.n_obs, len(labels)), np.nan, dtype=np.float32)
-        emb: np.ndarray | None = None
-        wanted = ["label", "probability", "probabilities", "cell_embedding"]
-        for chunk, res in self._run(self.annotate_model, chunks, batches, wanted, concurrency, progress):
-            if emb is None:
-                emb = np.full((adata.n_obs, res["cell_embedding"].shape[1]), np.nan, dtype=np.float32)
-            codes[chunk.rows] = [code_of[_text(x)] for x in res["label"].reshape(-1)]
-            prob[chunk.rows] = res["probability"].reshape(-1)
-            probs[chunk.rows] = res["probabilities"]
-            emb[chunk.rows] = res["cell_embedding"]
-        if emb is None:
-            raise ValueError("No cell expresses a gene of the model's vocabulary.")
-        adata.obs[key_added] = pd.Categorical.from_codes(codes, categories=labels)
-        adata.obs[f"{key_added}_probability"] = prob
-        adata.obs[f"{key_added}_n_genes"] = n_genes
-        adata.obsm[f"{key_added}_probabilities"] = probs
-        adata.uns[f"{key_added}_params"] = {
-            "server": self.url, "protocol": self.protocol, "model": self.annotate_model, "labels": labels,
-            "batch_key": batch_key, "batch_as_ids": bool(batch_as_ids),
-            "n_genes_matched": int((ids >= 0).sum()), "n_genes_total": int(ids.size),
-            "n_cells_empty": int((n_genes == 0).sum()), "scgpt_hf_version": str(__version__),
-        }
+        answers = self._annotations(adata.n_obs, labels, self._run(self.annotate_model, chunks, batches,
+                                                                  _ANNOTATE_OUTPUTS, concurrency, progress))
+        params = {**params, "labels": labels, "scgpt_hf_version": str(__version__)}
+        write_annotation(adata, key_added, labels=labels, codes=answers["codes"],
+                         probability=answers[PROBABILITY.name], probabilities=answers[PROBABILITIES.name],
+                         n_genes=n_genes, params=params)
         if embedding_key is not None:
-            done = n_genes > 0
-            emb[done] /= np.linalg.norm(emb[done], axis=1, keepdims=True)
-            adata.obsm[embedding_key] = emb
-            adata.obs[f"{embedding_key}_n_genes"] = n_genes
+            write_embedding(adata, embedding_key, answers[CELL_EMBEDDING.name], n_genes)
         return adata
+
+    @staticmethod
+    def _annotations(n_obs: int, labels: list[str], answers: Iterator[tuple[_Chunk, dict[str, np.ndarray]]]
+                     ) -> dict[str, np.ndarray]:
+        """The annotate ensemble's answers gathered per cell (label codes, probabilities, embeddings); cells
+        never sent keep code -1 and NaN."""
+        code_of = {name: i for i, name in enumerate(labels)}
+        out = {"codes": np.full(n_obs, -1, dtype=np.int64),
+               PROBABILITY.name: np.full(n_obs, np.nan, dtype=np.float32),
+               PROBABILITIES.name: np.full((n_obs, len(labels)), np.nan, dtype=np.float32)}
+        for chunk, res in answers:
+            if CELL_EMBEDDING.name not in out:
+                width = res[CELL_EMBEDDING.name].shape[1]
+                out[CELL_EMBEDDING.name] = np.full((n_obs, width), np.nan, dtype=np.float32)
+            out["codes"][chunk.rows] = [code_of[_text(x)] for x in res[LABEL.name].reshape(-1)]
+            out[PROBABILITY.name][chunk.rows] = res[PROBABILITY.name].reshape(-1)
+            out[PROBABILITIES.name][chunk.rows] = res[PROBABILITIES.name]
+            out[CELL_EMBEDDING.name][chunk.rows] = res[CELL_EMBEDDING.name]
+        if CELL_EMBEDDING.name not in out:
+            raise ValueError("No cell expresses a gene of the model's vocabulary.")
+        return out
 
     def close(self) -> None:
         """Close this thread's connection."""
@@ -476,3 +451,4 @@ class TritonClient:
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()
+
