@@ -2,6 +2,7 @@
 client concurrency and cells per request, on real cells (scirpy's wu2020, 200 T cells).
 
     .venv/bin/python bench/triton_throughput.py                          # triton_repo/ on a local CPU server
+                                                                         # (after tests/test_triton.py regenerate)
     .venv/bin/python bench/triton_throughput.py --repository R           # another repository (started locally)
     .venv/bin/python bench/triton_throughput.py --url 127.0.0.1:8001     # a running server (e.g. a GPU container)
 
@@ -24,6 +25,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+from scgpt_hf.serving.contract import EMBED_MODEL, ENCODER_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -54,21 +57,20 @@ def _cells(url: str, protocol: str, max_genes: int | None):
 
 
 def _request(cells, rows):
-    width = max(len(cells[r][0]) for r in rows)
-    g = np.full((len(rows), width), -1, dtype=np.int64)
-    c = np.zeros((len(rows), width), dtype=np.float32)
-    for i, r in enumerate(rows):
-        g[i, : len(cells[r][0])], c[i, : len(cells[r][1])] = cells[r]
-    return g, c
+    """The cells `rows` as one request's gene_ids and counts, -1 / 0 padded."""
+    from scgpt_hf.padding import pad_rows
+
+    return (pad_rows([cells[r][0] for r in rows], -1, dtype=np.int64),
+            pad_rows([cells[r][1] for r in rows], 0.0, dtype=np.float32))
 
 
-def _encoder_counts(client, model: str = "scgpt_encoder") -> tuple[int, int]:
+def _encoder_counts(client, model: str = ENCODER_MODEL) -> tuple[int, int]:
     stats = client.statistics(model)["model_stats"][0]
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
 def run_case(url: str, protocol: str, model: str, make_inputs, batch: int, concurrency: int, requests: int,
-             output: str = "cell_embedding", warmup: int = 2, batched_model: str | None = "scgpt_encoder") -> dict:
+             output: str = "cell_embedding", warmup: int = 2, batched_model: str | None = ENCODER_MODEL) -> dict:
     """`concurrency` client threads each send `requests` requests of `batch` cells (``make_inputs(rng)``: one
     request's inputs) to `model`, after `warmup` each; cells/s, latency percentiles and how `batched_model`
     (if given) batched them (dynamic batching)."""
@@ -155,7 +157,7 @@ def main() -> None:
     parser.add_argument("--repository", type=Path, default=ROOT / "triton_repo")
     parser.add_argument("--url", default=None, help="host:port of a running server (skips starting one)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--model", default="scgpt_embed")
+    parser.add_argument("--model", default=EMBED_MODEL)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=40, help="requests per client thread per case")
@@ -167,6 +169,9 @@ def main() -> None:
     server = None
     url = args.url
     if url is None:
+        if not (args.repository / ENCODER_MODEL / "1").is_dir():
+            sys.exit(f"{args.repository} has no {ENCODER_MODEL}/1/ (triton_repo/ commits its configs only): run "
+                     "`.venv/bin/python tests/test_triton.py regenerate` first, which writes the rest beside them.")
         server = TritonServer(args.repository).start()
         url = server.grpc_url if args.protocol == "grpc" else server.http_url
     try:

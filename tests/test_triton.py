@@ -4,12 +4,15 @@ The server is the Triton 2.51 shipped in the nvidia-pytriton wheel, in its own e
 (``.venv-triton``, numpy<2, made by ``scripts/setup_triton_server.sh``), started once per session on
 127.0.0.1 free ports on a repository exported from a small cell-classification model (d_model 32,
 2 layers, a vocabulary of the 1,000 genes most often expressed in scirpy's wu2020 T cells).  The
-same repository is what ``triton_repo/`` in the source tree holds; regenerate that with
-``.venv/bin/python tests/test_triton.py regenerate``.
+same repository is what ``triton_repo/`` in the source tree is: its hand-readable part (model configs, model
+card, report) is committed and kept in sync by a test; ``.venv/bin/python tests/test_triton.py regenerate``
+rewrites it and writes the rest beside it (the version folders and the export report, which its .gitignore
+names).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -46,9 +49,11 @@ MAX_BATCH = 16
 LABELS = ["CD4 T", "CD8 T", "NK", "other"]
 ATOL = 1e-4
 BATCH_KEY = "patient"
-# Files that may differ between two exports of the same model (ONNX bytes, PyTorch's self-check outputs, versions in
-# the export report).
-VOLATILE = {"scgpt_encoder/1/model.onnx", "scgpt_encoder/1/selfcheck.npz", "export_report.json", "triton_report.json"}
+# What triton_repo/ leaves to `regenerate` (its .gitignore, gitignore patterns): every version folder (the ONNX graph
+# and its self-check cells, whose bytes depend on the torch and onnx versions and on the CPU that computed them; the
+# vocabulary and class names; the python backends and their copies of library files) and the export report (versions
+# and validation figures of that machine).
+GENERATED = ("/*/1/", "/export_report.json")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,22 +284,34 @@ def test_gpu_repository_configs_parse(tmp_path, model_dir, repository):
     assert meta["precision"] == "fp16" and meta["passed"] is True
 
 
+def _generated(path: str) -> bool:
+    """Whether a repository file is one triton_repo/ leaves to `regenerate` (matched by GENERATED)."""
+    return any(fnmatch.fnmatch(path, p.strip("/") + ("/*" if p.endswith("/") else "")) for p in GENERATED)
+
+
 def test_committed_triton_repo_in_sync(repository):
-    """triton_repo/ in the source tree is what the builder writes for the small model (weights aside)."""
+    """triton_repo/ in the source tree commits the hand-readable part of what the builder writes for the small model
+    (every model's config.pbtxt, the model card, the report), byte for byte; its .gitignore names the rest."""
     assert COMMITTED_REPO.is_dir(), "triton_repo/ missing: run `.venv/bin/python tests/test_triton.py regenerate`"
+    gitignore = COMMITTED_REPO / ".gitignore"
+    ignored = [line for line in gitignore.read_text().splitlines() if line[:1] not in ("", "#")] if gitignore.is_file() else []
+    assert ignored == list(GENERATED), "triton_repo/.gitignore is stale: run `.venv/bin/python tests/test_triton.py regenerate`"
 
-    def files(root: Path) -> set[str]:
-        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    def committed(root: Path) -> set[str]:
+        files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+        return {f for f in files if not _generated(f)} - {".gitignore"}
 
-    built, committed = files(repository), files(COMMITTED_REPO)
-    assert built == committed, f"file lists differ: only built {built - committed}, only committed {committed - built}"
-    stale = [f for f in sorted(built - VOLATILE) if (repository / f).read_bytes() != (COMMITTED_REPO / f).read_bytes()]
+    built, kept = committed(repository), committed(COMMITTED_REPO)
+    assert built == kept, f"file lists differ: only built {built - kept}, only committed {kept - built}"
+    assert built == {"README.md", "triton_report.json"} | {f"{p.parent.name}/config.pbtxt"
+                                                           for p in repository.glob("*/config.pbtxt")}
+    stale = [f for f in sorted(built - {"triton_report.json"})
+             if (repository / f).read_bytes() != (COMMITTED_REPO / f).read_bytes()]
     assert not stale, f"triton_repo/ is stale in {stale}: run `.venv/bin/python tests/test_triton.py regenerate`"
     a = json.loads((repository / "triton_report.json").read_text())
     b = json.loads((COMMITTED_REPO / "triton_report.json").read_text())
-    a.pop("onnx_sha256"), b.pop("onnx_sha256")
-    assert a == b
-    assert (COMMITTED_REPO / "scgpt_encoder/1/model.onnx").stat().st_size < 2_000_000
+    a.pop("onnx_sha256"), b.pop("onnx_sha256")  # the graph's bytes: this machine's (see GENERATED)
+    assert a == b, "triton_repo/triton_report.json is stale: run `.venv/bin/python tests/test_triton.py regenerate`"
 
 
 def test_tokenizer_model_runs_numpy_only_in_server_python(tmp_path, repository, server_env, adata, tokenizer):
@@ -1004,8 +1021,8 @@ def test_torch_repository_is_written_whole_or_not_at_all(tmp_path, model_dir, mo
 
 
 def _regenerate() -> None:
-    """Rewrite triton_repo/ in the source tree from the small model."""
-    import shutil
+    """Rewrite triton_repo/ in the source tree from the small model: a complete, servable repository, of which git
+    keeps the hand-readable part (its .gitignore names the rest)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -1014,6 +1031,9 @@ def _regenerate() -> None:
         if COMMITTED_REPO.exists():
             shutil.rmtree(COMMITTED_REPO)
         shutil.copytree(Path(tmp) / "triton_repo", COMMITTED_REPO)
+    (COMMITTED_REPO / ".gitignore").write_text(
+        "# Written by `.venv/bin/python tests/test_triton.py regenerate`, not committed (README, Layout).\n"
+        + "".join(f"{pattern}\n" for pattern in GENERATED))
     print(f"wrote {COMMITTED_REPO}")
 
 
