@@ -12,13 +12,13 @@ import argparse
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `export` (subcommands `onnx` and `triton`) on the main CLI's subparsers; returns its parser."""
-    from .onnx_export import DEFAULT_VALIDATION_SHAPES, PRECISIONS, TASKS
+    from scgpt_hf.constants import DEFAULT_VALIDATION_SHAPES, EXPORT_PRECISIONS, EXPORT_TASKS
 
     export = subparsers.add_parser("export", help="export a model for serving (ONNX, Triton model repository)",
                                    description="Export scGPT models for serving.")
     targets = export.add_subparsers(dest="export_format", metavar="FORMAT")
     targets.required = True
-    tasks = "; ".join(f"{name}: {spec.description}" for name, spec in TASKS.items())
+    tasks = "; ".join(f"{name}: {description}" for name, description in EXPORT_TASKS.items())
     onnx = targets.add_parser(
         "onnx",
         help="export to a validated, optimised ONNX graph (dynamic batch and sequence)",
@@ -32,9 +32,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     onnx.add_argument("model", metavar="MODEL", help="local model folder or Hub id (from_pretrained)")
     onnx.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder for model.onnx and export_report.json")
-    onnx.add_argument("--task", default="embedding", choices=sorted(TASKS), help="what to export (default: embedding)")
+    onnx.add_argument("--task", default="embedding", choices=sorted(EXPORT_TASKS),
+                      help="what to export (default: embedding)")
     onnx.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 18 (default: 18)")
-    onnx.add_argument("--precision", default="fp32", choices=PRECISIONS,
+    onnx.add_argument("--precision", default="fp32", choices=EXPORT_PRECISIONS,
                       help="fp32; fp16 for CUDA hosts; int8 (dynamic quantisation) for CPU hosts (default: fp32)")
     onnx.add_argument("--no-validate", dest="validate", action="store_false",
                       help="skip the PyTorch vs ONNX Runtime comparison (not recommended)")

@@ -61,6 +61,7 @@ from torch import nn
 from scgpt_hf import padding
 from scgpt_hf.atomic import atomic_output, check_writable
 from scgpt_hf.configuration_scgpt import ScGPTConfig
+from scgpt_hf.constants import DEFAULT_VALIDATION_SHAPES, EXPORT_PRECISIONS, EXPORT_TASKS
 from scgpt_hf.modeling_scgpt import (
     ScGPTForBatchIntegration,
     ScGPTForCellClassification,
@@ -96,8 +97,7 @@ __all__ = [
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "export_report.json"
 METADATA_PREFIX = "scgpt_hf."
-PRECISIONS = ("fp32", "fp16", "int8")
-DEFAULT_VALIDATION_SHAPES: tuple[tuple[int, int | None], ...] = ((1, None), (4, None), (8, 48))
+PRECISIONS = EXPORT_PRECISIONS
 # The self-check batch: four real cells cut to these token counts (mixed, so padding is exercised). At
 # whole-human size it runs in ~0.15 s, and int8 weights that saturate on AVX2 score cosine 0.92 on it
 # (0.9996 once they do not), as on whole cells: short cells show it as well as long ones.
@@ -193,35 +193,35 @@ def _head_task(name: str, model_class: type[ScGPTPreTrainedModel], description: 
 
 register_task(TaskSpec(
     name="embedding",
-    description="backbone: cell_embedding (batch, hidden) and last_hidden_state (batch, seq, hidden)",
+    description=EXPORT_TASKS["embedding"],
     load=ScGPTModel.from_pretrained,
     adapt=_adapt_backbone,
     outputs=("cell_embedding", "last_hidden_state"),
 ))
 register_task(_head_task(
     "expression", ScGPTForPreTraining,
-    "pretraining head: expression (+ zero_probs, mvc_expression, mvc_zero_probs) and cell_embedding",
+    EXPORT_TASKS["expression"],
     ("expression", "zero_probs", "mvc_expression", "mvc_zero_probs", "cell_embedding"),
 ))
 register_task(_head_task(
     "annotation", ScGPTForCellClassification,
-    "cell-type classification: logits (batch, num_labels) and cell_embedding (batch, hidden)",
+    EXPORT_TASKS["annotation"],
     ("logits", "cell_embedding"),
 ))
 register_task(_head_task(
     "integration", ScGPTForBatchIntegration,
-    "batch integration: cell_embedding (the integrated representation) and batch_logits",
+    EXPORT_TASKS["integration"],
     ("cell_embedding", "batch_logits"),
 ))
 register_task(_head_task(
     "perturbation", ScGPTForPerturbationPrediction,
-    "perturbation prediction: expression (batch, seq) after perturbing the flagged genes",
+    EXPORT_TASKS["perturbation"],
     ("expression", "zero_probs"),
     extra_inputs=lambda config: ("perturbation_flags",),
 ))
 register_task(_head_task(
     "multiomic", ScGPTForMultiOmicIntegration,
-    "multi-omic integration: cell_embedding, expression and batch_logits over modality tokens",
+    EXPORT_TASKS["multiomic"],
     ("cell_embedding", "expression", "batch_logits"),
     extra_inputs=lambda config: _batch_label_inputs(config) + ("modality_ids",),
 ))
