@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from .anndata_input import select_matrix
 from .cell_encoding import encode_cell
 from .configuration_scgpt import ScGPTConfig
-from .embedding import _select_matrix
+from .padding import pad_rows
 from .tokenization_scgpt import ScGPTTokenizer, quiet_tokenizer_warnings
 
 logger = logging.getLogger(__name__)
@@ -162,8 +163,8 @@ class MultiOmicCellDataset(CellDataset):
         gene_column: str | None = None,
         max_length: int | None = None,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        matrix, names, _ = _select_matrix(adata, layer, use_raw, gene_column)
-        var = adata.raw.var if use_raw else adata.var
+        source = select_matrix(adata, layer, use_raw, gene_column)
+        matrix, names, var = source.matrix, source.gene_names, source.var
         key, known = self.modality_key, self.modality_vocab
         if key not in var:
             raise ValueError(f"var has no column {key!r} naming each feature's modality; columns: {list(var.columns)}.")
@@ -344,7 +345,9 @@ class ScGPTDataCollator:
         width = batch["input_ids"].shape[1]
         for key in per_token:
             if key not in _TOKENIZER_INPUTS:
-                batch[key] = self._pad([np.asarray(f[key]) for f in features], self.token_pad_values[key], width)
+                rows = [np.asarray(f[key]) for f in features]
+                dtype = np.int64 if rows[0].dtype.kind in "iub" else np.float32
+                batch[key] = torch.from_numpy(pad_rows(rows, self.token_pad_values[key], width, dtype))
         for key in [k for k in features[0] if k not in per_token]:
             column = [f[key] for f in features]
             if np.ndim(column[0]) != 0:
@@ -362,13 +365,6 @@ class ScGPTDataCollator:
             if self.generative:
                 batch["generative_mask"] = chosen
         return batch
-
-    @staticmethod
-    def _pad(rows: Sequence[np.ndarray], pad_value: float, width: int) -> torch.Tensor:
-        out = np.full((len(rows), width), pad_value, dtype=np.int64 if rows[0].dtype.kind in "iub" else np.float32)
-        for row, values in enumerate(rows):
-            out[row, : len(values)] = values
-        return torch.from_numpy(out)
 
     def _subsample(self, feature: Mapping[str, Any], per_token: Sequence[str]) -> Mapping[str, Any]:
         """A random subset of `max_length` tokens (in order), always with `<cls>` and the perturbed genes."""

@@ -46,7 +46,7 @@ import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
 
-from .anndata_input import batch_codes
+from .anndata_input import batch_codes, row_blocks, select_matrix
 from .anndata_output import (
     DEFAULT_KEY,
     DEFAULT_LABEL_KEY,
@@ -57,57 +57,16 @@ from .anndata_output import (
 )
 from .inference import DEFAULT_MAX_TOKENS, autocast_dtype, load_model, pick_device, precision_name, run_cells
 from .modeling_scgpt import ScGPTForCellClassification, ScGPTPreTrainedModel
-from .tokenization_scgpt import ScGPTTokenizer, csr_rows
+from .tokenization_scgpt import ScGPTTokenizer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["annotate", "embed", "DEFAULT_KEY"]
 
-# Largest number of matrix elements read at once from a dense (in-memory or on-disk) matrix.
-_DENSE_READ_ELEMENTS = 1 << 24
 
 
 # ----------------------------------------------------------------------------------------------
 # Model and data resolution
-
-
-def _select_matrix(
-    adata: AnnData, layer: str | None, use_raw: bool, gene_column: str | None
-) -> tuple[Any, list[str], str]:
-    """Return (matrix, gene names, description of the matrix) without reading a backed matrix."""
-    if layer is not None and use_raw:
-        raise ValueError("Give either layer= or use_raw=True, not both.")
-    if use_raw:
-        if adata.raw is None:
-            raise ValueError("use_raw=True but this AnnData has no .raw; use X or a layer instead.")
-        matrix, var, where = adata.raw.X, adata.raw.var, "raw.X"
-    elif layer is not None:
-        if layer not in adata.layers:
-            raise ValueError(f"Layer {layer!r} not found; available layers: {list(adata.layers.keys())}.")
-        matrix, var, where = adata.layers[layer], adata.var, f"layers/{layer}"
-    else:
-        matrix, var, where = adata.X, adata.var, "X"
-    if matrix is None:
-        raise ValueError(f"adata.{where} is empty (None); pass layer= or use_raw=True.")
-    if gene_column is None:
-        names = var.index.astype(str).tolist()
-    else:
-        if gene_column not in var.columns:
-            raise ValueError(f"gene_column {gene_column!r} not in var; available columns: {list(var.columns)}.")
-        names = var[gene_column].astype(str).tolist()
-    return matrix, names, where
-
-
-def _row_blocks(matrix: Any, start: int, stop: int) -> Iterator[sp.csr_matrix]:
-    """Rows start:stop as in-memory CSR blocks (float16 read as float32, see `csr_rows`); never the whole
-    matrix densified."""
-    if sp.issparse(matrix) or getattr(matrix, "format", None) == "csr":  # in memory or backed CSR
-        yield csr_rows(matrix, start, stop)
-        return
-    n_cols = max(1, int(matrix.shape[1]))
-    step = max(1, _DENSE_READ_ELEMENTS // n_cols)
-    for s in range(start, stop, step):
-        yield csr_rows(matrix, s, min(stop, s + step))  # a view in memory, a bounded read when backed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,10 +155,11 @@ def _run_cells(
             "were never seen in training.",
             stacklevel=3,
         )
-    matrix, gene_names, where = _select_matrix(adata, layer, use_raw, gene_column)
+    source = select_matrix(adata, layer, use_raw, gene_column)
+    matrix = source.matrix
     if sp.issparse(matrix) and matrix.format != "csr":
-        matrix = matrix.tocsr()  # row chunks of CSC are slow; this copies but never densifies
-    match = tokenizer.match_genes(gene_names)
+        matrix = matrix.tocsr()  # once, not per chunk: this copies but never densifies
+    match = tokenizer.match_genes(source.gene_names)
     target = pick_device(device)
     dtype = autocast_dtype(target, precision)
     if max_tokens == "auto":
@@ -211,9 +171,7 @@ def _run_cells(
     out = np.full((n_obs, width), np.nan, dtype=np.float32)
     n_genes = np.zeros(n_obs, dtype=np.int64)
     n_expressed = np.zeros(n_obs, dtype=np.int64)
-    column_hint = None if gene_column is not None else tokenizer._suggest_gene_column(
-        adata.raw.var if use_raw else adata.var
-    )
+    column_hint = None if gene_column is not None else tokenizer._suggest_gene_column(source.var)
     coverage_warned = False
     was_training = model.training
     model.to(target).eval()
@@ -225,7 +183,7 @@ def _run_cells(
                 stop = min(n_obs, start + chunk_size)
                 ids: list[np.ndarray] = []
                 vals: list[np.ndarray] = []
-                for block in _row_blocks(matrix, start, stop):
+                for _, block in row_blocks(matrix, start, stop):
                     enc = tokenizer.encode_with_ids(
                         block, match.ids, max_length=max_length, truncation="random", padding=False,
                         return_tensors=None, seed=seed, cls_value=cls_value, return_n_genes=True,
@@ -260,7 +218,7 @@ def _run_cells(
         "seed": int(seed),
         "cls_value": float(cls_value),
         "n_bins": int(tokenizer.n_bins),
-        "matrix": where,
+        "matrix": source.where,
         "gene_column": gene_column if gene_column is not None else "var_names",
         "n_genes_matched": int(match.n_matched),
         "n_genes_total": int(match.n_total),

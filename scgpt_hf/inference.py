@@ -2,7 +2,8 @@
 device loop in which the host never waits for the accelerator until the results are read.
 
 One implementation for :func:`scgpt_hf.embed` / :func:`scgpt_hf.annotate` and the Triton PyTorch encoder
-(``scgpt-hf serve MODEL``), which loads this very file beside its ``model.py``: it needs numpy and torch only.
+(``scgpt-hf serve MODEL``), which loads this very file and ``padding.py`` beside its ``model.py``: they need numpy
+and torch only.
 
 Why the loop is shaped this way (GPU): every ``.item()``, ``bool(tensor)`` or ``.cpu()`` in the middle of the
 work makes the host wait until the device has finished everything queued so far, so the device then idles
@@ -25,6 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+try:  # relative as part of scgpt_hf, flat in the served encoder (padding.py copied beside this file)
+    from .padding import pad_cells
+except ImportError:
+    from padding import pad_cells
 
 if TYPE_CHECKING:
     from .modeling_scgpt import ScGPTPreTrainedModel
@@ -154,14 +160,8 @@ def length_groups(lengths: np.ndarray, batch_size: int, max_tokens: int | None) 
 def _padded(ids: Sequence[np.ndarray], values: Sequence[np.ndarray], members: np.ndarray, pad_id: int,
             pad_value: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(input_ids, values, attention_mask or None when no cell is padded) of the cells `members`."""
-    lengths = [len(ids[m]) for m in members]
-    width = max(lengths)
-    pid = np.full((len(members), width), pad_id, dtype=np.int64)
-    pval = np.full((len(members), width), pad_value, dtype=np.float32)
-    pmask = np.zeros((len(members), width), dtype=np.int64)
-    for i, (m, k) in enumerate(zip(members, lengths)):
-        pid[i, :k], pval[i, :k], pmask[i, :k] = ids[m], values[m], 1
-    return pid, pval, (None if min(lengths) == width else pmask)
+    pid, pval, pmask = pad_cells([(ids[m], values[m]) for m in members], pad_id, pad_value)
+    return pid, pval, (None if pmask.all() else pmask)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

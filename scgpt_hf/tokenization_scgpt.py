@@ -40,8 +40,10 @@ import numpy as np
 import scipy.sparse as sp
 from transformers import BatchEncoding, PreTrainedTokenizer
 
+from .anndata_input import check_numeric, check_values, expression_input, row_blocks
 from .cell_encoding import TRUNCATION_STRATEGIES as _TRUNCATION_STRATEGIES
 from .cell_encoding import bin_nonzero_values, cell_hash, encode_cell, match_gene_names
+from .padding import pad_rows, padded_length
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +61,6 @@ def quiet_tokenizer_warnings() -> Iterator[None]:
 
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
 
-# Upper bound on the number of matrix elements converted per chunk of a dense input.
-_DENSE_CHUNK_ELEMENTS = 1 << 24
-_SPARSE_CHUNK_ROWS = 4096
 _ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 # Below this fraction of the cells' expressed genes in the vocabulary, embeddings stop reflecting their cells
 # reliably (measured with bench/vocab_coverage.py on wu2020; README: "Vocabulary coverage").
@@ -157,34 +156,6 @@ def _describe_names(names: Sequence[str]) -> str:
         if len(hits) > len(strs) / 2:
             return f"{kind}, e.g. {hits[:5]}"
     return f"names the vocabulary does not know, e.g. {strs[:5]}"
-
-
-def csr_rows(matrix: Any, start: int, stop: int) -> sp.csr_matrix:
-    """Rows start:stop of a cells x genes matrix (scipy sparse, dense numpy, backed dense or CSR) as CSR.
-
-    scipy holds no float16, so float16 values (dense, or a CSR that another tool wrote to an .h5ad) are cast to
-    float32 here, one block of rows at a time: exact, and the tokenizer bins float32 anyway.
-    """
-    if not sp.issparse(matrix) and getattr(matrix, "format", None) in ("csr", "csc") and matrix.dtype == np.float16:
-        # anndata's backed sparse dataset would build a float16 scipy matrix, which scipy refuses: read its arrays.
-        if matrix.format != "csr":
-            raise ValueError(
-                "The matrix is stored as float16 CSC, which scipy cannot read and which streams by genes, not "
-                "cells: rewrite the file with the matrix as CSR (float16 is fine) or as float32."
-            )
-        group = matrix.group
-        indptr = np.asarray(group["indptr"][start : stop + 1], dtype=np.int64)
-        first, last = int(indptr[0]), int(indptr[-1])
-        return sp.csr_matrix(
-            (np.asarray(group["data"][first:last], dtype=np.float32), np.asarray(group["indices"][first:last]),
-             indptr - first),
-            shape=(stop - start, matrix.shape[1]),
-        )
-    block = matrix[start:stop]
-    if sp.issparse(block):
-        return block.tocsr()
-    block = np.asarray(block)
-    return sp.csr_matrix(block.astype(np.float32) if block.dtype == np.float16 else block)
 
 
 def _to_numpy_1d(x: Any) -> np.ndarray:
@@ -357,98 +328,6 @@ class ScGPTTokenizer(PreTrainedTokenizer):
             )
         return match
 
-    # ------------------------------------------------------------------ input resolution
-    def _resolve_input(
-        self,
-        data: Any,
-        gene_names: Sequence[str] | None,
-        layer: str | None,
-        use_raw: bool,
-        gene_column: str | None,
-    ) -> tuple[Any, list[str], Any]:
-        """Return (matrix, gene names, var frame or None) for any supported input."""
-        try:
-            import anndata
-        except ImportError:  # pragma: no cover - anndata is a dependency
-            anndata = None
-        if gene_names is not None and gene_column is not None:
-            raise ValueError("Give either gene_names or gene_column, not both.")
-        if anndata is not None and isinstance(data, anndata.AnnData):
-            if layer is not None and use_raw:
-                raise ValueError("Give either layer= or use_raw=True, not both.")
-            if use_raw:
-                if data.raw is None:
-                    raise ValueError("use_raw=True but this AnnData has no .raw; use X or a layer instead.")
-                matrix, var = data.raw.X, data.raw.var
-            elif layer is not None:
-                if layer not in data.layers:
-                    raise ValueError(f"Layer {layer!r} not found; available layers: {list(data.layers.keys())}.")
-                matrix, var = data.layers[layer], data.var
-            else:
-                matrix, var = data.X, data.var
-            if matrix is None:
-                raise ValueError("The chosen AnnData matrix is empty (X is None); pass layer= or use_raw=True.")
-            if gene_names is None:
-                if gene_column is not None:
-                    if gene_column not in var.columns:
-                        raise ValueError(
-                            f"gene_column {gene_column!r} not in var; available columns: {list(var.columns)}."
-                        )
-                    gene_names = var[gene_column].tolist()
-                else:
-                    gene_names = var.index.tolist()
-            return matrix, list(gene_names), var
-        if layer is not None or use_raw or gene_column is not None:
-            raise ValueError("layer=, use_raw= and gene_column= only apply to AnnData input.")
-        try:
-            import pandas as pd
-        except ImportError:  # pragma: no cover
-            pd = None
-        if pd is not None and isinstance(data, pd.DataFrame):
-            if gene_names is None:
-                gene_names = [str(c) for c in data.columns]
-            data = data.to_numpy()
-        if sp.issparse(data) or isinstance(data, np.ndarray):
-            if data.ndim != 2:
-                raise ValueError(
-                    f"Expected a 2-D cells x genes matrix, got {data.ndim}-D; for one cell use x.reshape(1, -1)."
-                )
-            if gene_names is None:
-                raise ValueError(
-                    "gene_names is required for a matrix input: one gene symbol per column "
-                    f"({data.shape[1]} columns)."
-                )
-            return data, list(gene_names), None
-        raise TypeError(
-            f"Unsupported input type {type(data).__name__}: pass an AnnData, a scipy sparse matrix, "
-            "a dense 2-D numpy array or a pandas DataFrame (cells x genes)."
-        )
-
-    @staticmethod
-    def _iter_csr_chunks(matrix: Any) -> Iterator[tuple[int, sp.csr_matrix]]:
-        """Yield (first row, CSR chunk) without ever densifying the whole matrix."""
-        n_rows, n_cols = matrix.shape
-        if sp.issparse(matrix):
-            csr = matrix.tocsr() if matrix.format != "csr" else matrix
-            for start in range(0, n_rows, _SPARSE_CHUNK_ROWS):
-                yield start, csr[start : start + _SPARSE_CHUNK_ROWS]
-            return
-        step = max(1, _DENSE_CHUNK_ELEMENTS // max(1, n_cols))
-        if not isinstance(matrix, np.ndarray):
-            # Backed/on-disk matrices (h5py datasets, anndata sparse datasets): read row slices.
-            step = min(step, _SPARSE_CHUNK_ROWS)
-        for start in range(0, n_rows, step):
-            yield start, csr_rows(matrix, start, min(n_rows, start + step))
-
-    @staticmethod
-    def _check_dtype(matrix: Any) -> None:
-        dtype = getattr(matrix, "dtype", None)
-        if dtype is None or np.dtype(dtype).kind not in "biuf":
-            raise ValueError(
-                f"Expression values must be numeric (int, float or bool), got dtype {dtype}. "
-                "Convert the matrix, e.g. X.astype(np.float32), after checking it holds counts."
-            )
-
     # ------------------------------------------------------------------ encoding
     def __call__(
         self,
@@ -506,12 +385,8 @@ class ScGPTTokenizer(PreTrainedTokenizer):
             )
         if kwargs:
             raise TypeError(f"Unexpected arguments: {sorted(kwargs)}.")
-        matrix, names, var = self._resolve_input(data, gene_names, layer, use_raw, gene_column)
-        if len(names) != matrix.shape[1]:
-            raise ValueError(
-                f"Shape mismatch: the matrix has {matrix.shape[1]} gene columns but {len(names)} gene names "
-                "were given; pass exactly one name per column."
-            )
+        source = expression_input(data, gene_names, layer=layer, use_raw=use_raw, gene_column=gene_column)
+        matrix, names, var = source.matrix, source.gene_names, source.var
         hint = self._suggest_gene_column(var) if var is not None and gene_column is None else None
         try:
             match = self.match_genes(names)
@@ -589,7 +464,7 @@ class ScGPTTokenizer(PreTrainedTokenizer):
 
         if not (sp.issparse(matrix) or hasattr(matrix, "shape")) or len(matrix.shape) != 2:
             raise TypeError(f"Expected a 2-D cells x genes matrix, got {type(matrix).__name__}.")
-        self._check_dtype(matrix)
+        check_numeric(matrix)
         gene_ids = np.asarray(gene_ids, dtype=np.int64)
         n_rows, n_cols = matrix.shape
         if gene_ids.shape != (n_cols,):
@@ -617,8 +492,9 @@ class ScGPTTokenizer(PreTrainedTokenizer):
         all_values: list[np.ndarray] = []
         n_genes = np.zeros(n_rows, dtype=np.int64)
         n_expressed = np.zeros(n_rows, dtype=np.int64)
-        for start, chunk in self._iter_csr_chunks(matrix):
-            self._validate_chunk(chunk, start, gene_names)
+        for start, chunk in row_blocks(matrix):
+            check_values(chunk, start, gene_names)
+            self._warn_non_integer(chunk)
             indptr, indices, data = chunk.indptr, chunk.indices, chunk.data
             for r in range(chunk.shape[0]):
                 cols = indices[indptr[r] : indptr[r + 1]]
@@ -661,25 +537,9 @@ class ScGPTTokenizer(PreTrainedTokenizer):
             return_tensors=return_tensors,
         )
 
-    def _validate_chunk(self, chunk: sp.csr_matrix, start: int, gene_names: Sequence[str] | None) -> None:
+    def _warn_non_integer(self, chunk: sp.csr_matrix) -> None:
+        """Say once per tokenizer that non-integer values are fine (binning is rank-based), unlike scaled data."""
         data = chunk.data
-        if data.dtype.kind not in "biuf":
-            raise ValueError(f"Expression values must be numeric, got dtype {data.dtype}.")
-        if data.dtype.kind == "f":
-            bad = ~np.isfinite(data)
-            if bad.any():
-                raise ValueError(
-                    f"Expression values contain NaN or infinity ({self._where(chunk, start, bad, gene_names)}). "
-                    "Fix or drop these entries (e.g. np.nan_to_num on counts) before tokenising."
-                )
-        neg = data < 0
-        if neg.any():
-            raise ValueError(
-                f"Expression values must be non-negative, found {data[neg].min()} "
-                f"({self._where(chunk, start, neg, gene_names)}). This looks like scaled/centred data "
-                "(e.g. after sc.pp.scale), which scGPT cannot use: pass raw counts or normalised/log1p "
-                "values (e.g. layer='counts' or use_raw=True)."
-            )
         if not self._warned_non_integer and data.dtype.kind == "f" and data.size:
             if np.any(data != np.floor(data)):
                 self._warned_non_integer = True
@@ -688,14 +548,6 @@ class ScGPTTokenizer(PreTrainedTokenizer):
                     "binning is rank-based within each cell, so log-normalised input gets the same bins "
                     "as raw counts (up to random tie-breaking). Scaled data (negative values) is invalid."
                 )
-
-    @staticmethod
-    def _where(chunk: sp.csr_matrix, start: int, bad: np.ndarray, gene_names: Sequence[str] | None) -> str:
-        pos = int(np.flatnonzero(bad)[0])
-        row = int(np.searchsorted(chunk.indptr, pos, side="right") - 1) + start
-        col = int(chunk.indices[pos])
-        gene = f", gene {gene_names[col]!r}" if gene_names is not None else ""
-        return f"first at cell {row}, column {col}{gene}; {int(bad.sum())} entries in rows {start}-{start + chunk.shape[0] - 1}"
 
     def _encode_cell(
         self, ids: np.ndarray, raw: np.ndarray, seed: int, strategy: str | None, max_length: int
@@ -769,28 +621,13 @@ class ScGPTTokenizer(PreTrainedTokenizer):
             target = None
         else:
             raise ValueError(f"padding must be True, 'longest', 'max_length' or False, got {padding!r}.")
-        if target is not None and pad_to_multiple_of:
-            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-        if target is not None and longest > target:
-            raise ValueError(
-                f"A cell has {longest} tokens, more than the padding length {target}; tokenise with "
-                "truncation=True and a max_length <= the padding length."
-            )
-
         out: dict[str, Any] = {}
         if target is not None:
-            n = len(ids)
-            pid = np.full((n, target), self.pad_token_id, dtype=np.int64)
-            pval = np.full((n, target), self.pad_value, dtype=np.float32)
-            pmask = np.zeros((n, target), dtype=np.int64)
-            for i, r in enumerate(ids):
-                pid[i, : len(r)] = r
-                pmask[i, : len(r)] = 1
-                if values is not None:
-                    pval[i, : len(r)] = values[i]
-            out["input_ids"], out["attention_mask"] = pid, pmask
+            target = padded_length(longest, target, pad_to_multiple_of)
+            out["input_ids"] = pad_rows(ids, self.pad_token_id, target, np.int64)
+            out["attention_mask"] = pad_rows([np.ones(len(r), dtype=np.int64) for r in ids], 0, target, np.int64)
             if values is not None:
-                out["values"] = pval
+                out["values"] = pad_rows(values, self.pad_value, target, np.float32)
         else:
             out["input_ids"] = ids
             out["attention_mask"] = [np.ones(len(r), dtype=np.int64) for r in ids]
