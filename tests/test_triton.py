@@ -738,11 +738,21 @@ def test_torch_encoder_matches_pytorch(torch_server, adata, expected):
 def test_torch_encoder_bad_requests_get_errors(torch_server, adata, tokenizer, expected):
     """Values are checked on the host before anything runs; each bad request gets its error and the server
     keeps serving (a dynamic batch too large for the GPU's memory likewise: bench/gpu/run.sh checks that)."""
-    client = TritonClient(torch_server.grpc_url, "grpc", retries=0)
+    _encoder_refuses_bad_requests(torch_server, adata, tokenizer, expected)
+
+
+def test_onnx_encoder_bad_requests_get_errors(server, adata, tokenizer, expected):
+    """The ONNX Runtime encoder checks requests as the PyTorch one does (triton_backend_common.encoder_cells): padding
+    inside a cell and NaN values are refused too, where they used to be computed."""
+    _encoder_refuses_bad_requests(server, adata, tokenizer, expected)
+
+
+def _encoder_refuses_bad_requests(encoder_server, adata, tokenizer, expected):
+    client = TritonClient(encoder_server.grpc_url, "grpc", retries=0)
     n_genes = np.where(expected["n_genes"] > 0, expected["n_genes"], 10**9)
     rows = [int(np.argmin(n_genes)), int(np.argmax(expected["n_genes"]))]  # the shortest cell is padded
     enc = tokenizer(adata[rows], max_length=MAX_LEN, padding=True, return_tensors="np", seed=0,
-                    cls_value=_cls_value(torch_server.repository))
+                    cls_value=_cls_value(encoder_server.repository))
     good = {"input_ids": enc["input_ids"].astype(np.int64), "values": enc["values"].astype(np.float32),
             "attention_mask": enc["attention_mask"].astype(np.int64)}
     assert (good["attention_mask"] == 0).any()
@@ -777,7 +787,7 @@ def test_torch_encoder_bad_requests_get_errors(torch_server, adata, tokenizer, e
         with pytest.raises(TritonServerError) as info:
             client.infer("scgpt_encoder", feeds, ["cell_embedding"])
         assert needle.lower() in str(info.value).lower(), f"{what}: {info.value}"
-        assert torch_server.process.poll() is None, f"server died after {what}"
+        assert encoder_server.process.poll() is None, f"server died after {what}"
         out = client.infer("scgpt_encoder", good, ["cell_embedding"])["cell_embedding"]
         np.testing.assert_allclose(out, expected["cell_embedding"][rows], atol=ATOL, rtol=0)
 
