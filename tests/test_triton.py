@@ -831,6 +831,25 @@ def test_serve_refuses_before_starting(model_dir, repository, server_env, tmp_pa
         assert "Triton ready" not in done.stdout
 
 
+def test_server_env_is_found_without_the_source_tree(tmp_path, monkeypatch, server_env):
+    """The server's environment is looked for in the current folder (.venv-triton), never beside the source tree;
+    one named by --server-env or $SCGPT_HF_TRITON_ENV that holds no Triton server is an error, not passed over."""
+    monkeypatch.delenv("SCGPT_HF_TRITON_ENV", raising=False)
+    monkeypatch.chdir(tmp_path)
+    if not any(Path(sys.prefix).glob("lib/python3*/site-packages/pytriton/tritonserver")):
+        with pytest.raises(FileNotFoundError, match="setup_triton_server.sh"):
+            find_server_env()
+    (tmp_path / ".venv-triton").symlink_to(server_env)
+    assert find_server_env() == tmp_path / ".venv-triton"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="--server-env .* holds no Triton server"):
+        find_server_env(empty)
+    monkeypatch.setenv("SCGPT_HF_TRITON_ENV", str(empty))
+    with pytest.raises(FileNotFoundError, match="SCGPT_HF_TRITON_ENV .* holds no Triton server"):
+        find_server_env()
+
+
 def test_stop_leaves_nothing_running(server):
     """Last test of the session's server: stop it, and no server or stub process remains, ports are free."""
     pids = server.pids()
