@@ -180,8 +180,16 @@ def _convert_run(args: argparse.Namespace) -> int:
 def _embed_arguments(p: argparse.ArgumentParser) -> None:
     from .anndata_output import DEFAULT_KEY
 
-    p.add_argument("input", help="input .h5ad (cells x genes; raw counts or normalised/log1p values)")
-    p.add_argument("output", help="output .h5ad: the input plus obsm[KEY], obs[KEY_n_genes], uns[KEY_params]")
+    p.description = (
+        "Zero-shot cell embeddings. INPUT.h5ad OUTPUT.h5ad writes the input plus obsm[KEY], obs[KEY_n_genes] and "
+        "uns[KEY_params]. INPUT [INPUT ...] OUTPUT.zarr reads .h5ad files, AnnData .zarr stores and TileDB-SOMA "
+        "experiments (folders or URIs) backed and writes an embedding store (anndata.read_zarr: cell ids, source, "
+        "obsm[KEY], obs[KEY_n_genes], uns[KEY_params]) chunk by chunk: rerun the same command to continue a killed "
+        "run; under `torchrun --nproc_per_node N -m scgpt_hf.cli embed ...` the processes share the chunks."
+    )
+    p.add_argument("input", nargs="+", help="input .h5ad (cells x genes; raw counts or normalised/log1p values); for "
+                                            "an OUTPUT.zarr store also .zarr stores and TileDB-SOMA experiments")
+    p.add_argument("output", help="output .h5ad, or .zarr for an embedding store")
     p.add_argument("--model", required=True, help="converted model folder or Hugging Face Hub id")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=1200, help="tokens per cell, <cls> included")
@@ -200,9 +208,57 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
                         "which scipy cannot hold, is always streamed and written out as float32)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
+    store = p.add_argument_group("embedding stores (OUTPUT.zarr)")
+    store.add_argument("--measurement", help="SOMA inputs: the measurement to read (default RNA)")
+    store.add_argument("--x-layer", help="SOMA inputs: the X layer to read (default raw)")
+    store.add_argument("--var-column", help="SOMA inputs: the var column of gene symbols (default feature_name)")
+    store.add_argument("--obs-filter", help="SOMA inputs: cells to embed, as SOMA's value filter, e.g. "
+                                            "\"tissue_general == 'blood'\"")
+    store.add_argument("--chunk-size", type=int, default=4096,
+                       help="cells per chunk: the unit of work per process, of resumption and of the store's chunks")
+
+
+_STORE_ONLY = ("measurement", "x_layer", "var_column", "obs_filter")
 
 
 def _embed_run(args: argparse.Namespace) -> int:
+    if Path(args.output).suffix == ".zarr":
+        return _embed_store_run(args)
+    given = [f"--{name.replace('_', '-')}" for name in _STORE_ONLY if getattr(args, name) is not None]
+    if len(args.input) != 1 or given:
+        raise ValueError(f"{' and '.join(given) or 'several inputs'}: only for an embedding store; give OUTPUT.zarr "
+                         "(or one INPUT.h5ad for an OUTPUT.h5ad).")
+    return _embed_h5ad_run(args)
+
+
+def _embed_store_run(args: argparse.Namespace) -> int:
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    from .atlas import SourceOptions, embed_to_store
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if args.backed or args.batch_key is not None or args.batch_as_ids:
+        raise ValueError("--backed, --batch-key and --batch-as-ids are for an OUTPUT.h5ad: an embedding store reads "
+                         "every input backed and takes models without batch labels.")
+    chosen = {name: getattr(args, name) for name in _STORE_ONLY if getattr(args, name) is not None}
+    options = SourceOptions(layer=args.layer, use_raw=args.use_raw, gene_column=args.gene_column, **chosen)
+    with model_argument(args.model):
+        params = embed_to_store(
+            args.input, args.output, args.model, options=options, key_added=args.key_added,
+            batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, chunk_size=args.chunk_size,
+            device=args.device, progress=not args.no_progress, overwrite=args.overwrite,
+        )
+    if int(os.environ.get("RANK", 0)) == 0:
+        n_empty = params["n_cells_empty"]
+        print(f"Embedded {params['n_cells']} cells of {len(args.input)} input(s) into obsm[{args.key_added!r}] of "
+              f"{args.output}" + (f" ({n_empty} without vocabulary genes: NaN rows)" if n_empty else ""))
+    return 0
+
+
+def _embed_h5ad_run(args: argparse.Namespace) -> int:
     import anndata
     from transformers.utils import logging as hf_logging
 
@@ -213,13 +269,13 @@ def _embed_run(args: argparse.Namespace) -> int:
     from .atomic import atomic_output, check_writable
     from .embedding import embed
 
-    source, target = Path(args.input), Path(args.output)
+    source, target = Path(args.input[0]), Path(args.output)
     if not source.is_file():
         raise FileNotFoundError(f"input file {source} does not exist.")
     if source.resolve() == target.resolve():
         raise ValueError("output must differ from input (the input is read while the output is written).")
     if target.suffix != ".h5ad":
-        raise ValueError(f"output must be an .h5ad file, got {target}.")
+        raise ValueError(f"output must be an .h5ad file or a .zarr embedding store, got {target}.")
     check_writable(target, overwrite=args.overwrite, what="output file")  # before any compute
     half_sparse = _float16_sparse_x(source)  # scipy holds no float16: such an X is only ever read backed
     with model_argument(args.model):
@@ -403,7 +459,8 @@ def _pretrain_run(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Command] = [
     Command("convert", "convert an original scGPT checkpoint folder", _convert_arguments, _convert_run),
-    Command("embed", "zero-shot cell embeddings of an .h5ad file", _embed_arguments, _embed_run),
+    Command("embed", "zero-shot cell embeddings of an .h5ad file, or of many inputs into a .zarr store",
+            _embed_arguments, _embed_run),
     Command("pretrain", "pretrain scGPT from scratch on .h5ad files, streamed", _pretrain_arguments, _pretrain_run),
 ]
 

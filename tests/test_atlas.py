@@ -52,7 +52,7 @@ def _model(folder: Path, genes: list[str], seed: int) -> Path:
     torch.manual_seed(seed)
     config = ScGPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, pad_token_id=tokenizer.pad_token_id,
-                         cls_token_id=tokenizer.cls_token_id, eoc_token_id=None)
+                         cls_token_id=tokenizer.cls_token_id, eoc_token_id=tokenizer.convert_tokens_to_ids("<eoc>"))
     ScGPTModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -164,10 +164,17 @@ def test_soma_names_that_do_not_exist_list_what_does(soma, model, work, options,
     assert not (work / "never.zarr").exists()
 
 
-def test_obs_filter_needs_a_soma_input(inputs, model, work):
-    with pytest.raises(ValueError, match="TileDB-SOMA inputs only"):
-        embed_to_store([inputs["h5ad"]], work / "never.zarr", model,
-                       options=SourceOptions(obs_filter="patient == 'Lung2'"), **SETTINGS)
+@pytest.mark.parametrize(
+    "kind, options, message",
+    [
+        ("h5ad", SourceOptions(obs_filter="patient == 'Lung2'"), r"obs_filter \(--obs-filter\): for TileDB-SOMA"),
+        ("soma", SourceOptions(gene_column="feature_name"), r"gene_column \(--gene-column\): for AnnData"),
+    ],
+)
+def test_options_for_a_kind_that_no_input_is_are_refused(kind, options, message, inputs, soma, model, work):
+    source = soma if kind == "soma" else inputs["h5ad"]
+    with pytest.raises(ValueError, match=message):
+        embed_to_store([source], work / "never.zarr", model, options=options, **SETTINGS)
 
 
 def test_anndata_sources_choose_the_matrix_like_embed(inputs, cells, work):
@@ -267,6 +274,48 @@ def test_source_gone_or_corrupt_mid_run_stops_and_keeps_finished_chunks(fault, i
 
 
 # ----------------------------------------------------------------------------------------------
+# scgpt-hf embed INPUT [INPUT ...] OUTPUT.zarr
+
+
+def test_cli_embeds_many_inputs_into_a_store(inputs, model, reference_store, work, capsys):
+    from scgpt_hf.cli import main
+
+    path = work / "cli.zarr"
+    assert main(_embed_argv([inputs["h5ad"], inputs["zarr"]], path, model)) == 0
+    assert f"Embedded 64 cells of 2 input(s) into obsm['X_scGPT'] of {path}" in capsys.readouterr().out
+    _assert_same_store(path, reference_store)
+
+
+def test_cli_reads_soma_with_its_options(soma, cells, model, work):
+    from scgpt_hf.cli import main
+
+    path = work / "cli_soma.zarr"
+    argv = _embed_argv([soma], path, model) + ["--measurement", "RNA", "--x-layer", "raw", "--var-column",
+                                                "feature_name", "--obs-filter", "patient == 'Lung2'"]
+    assert main(argv) == 0
+    assert _read(path).obs_names.tolist() == cells.obs_names[(cells.obs["patient"] == "Lung2").to_numpy()].tolist()
+
+
+@pytest.mark.parametrize(
+    "extra, output, message",
+    [
+        (["--obs-filter", "patient == 'Lung2'"], "out.h5ad", "--obs-filter: only for an embedding store"),
+        ([], "out.h5ad", "several inputs: only for an embedding store"),
+        (["--batch-key", "batch"], "out.zarr", "--batch-key and --batch-as-ids are for an OUTPUT.h5ad"),
+        (["--x-layer", "normalized"], "out.zarr", "x_layer (--x-layer): for TileDB-SOMA inputs only"),
+    ],
+)
+def test_cli_store_errors_are_one_line(extra, output, message, inputs, model, work, capsys):
+    from scgpt_hf.cli import main
+
+    argv = _embed_argv([inputs["h5ad"], inputs["zarr"]], work / output, model) + extra
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+# ----------------------------------------------------------------------------------------------
 # SIGKILL at each moment of a run (forked: no interpreter start), then a rerun
 
 
@@ -328,7 +377,7 @@ WORKER = textwrap.dedent(
     """
     import os, signal, sys, warnings
     import numpy as np
-    from scgpt_hf.atlas import embed_to_store, store
+    from scgpt_hf.atlas import store
 
     warnings.simplefilter("ignore")
     if os.environ.get("KILL_RANK") == os.environ["RANK"]:  # its second chunk: garbage rows, then SIGKILL
@@ -343,17 +392,26 @@ WORKER = textwrap.dedent(
             real_write(self, chunk, start, ids, sources, embedding, n_genes, counts)
 
         store.EmbeddingStore.write_chunk = write_then_die
-    inputs, output, model = sys.argv[1:-2], sys.argv[-2], sys.argv[-1]
-    embed_to_store(inputs, output, model, max_length=64, chunk_size=16, progress=False)
+    from scgpt_hf.cli import main
+
+    sys.exit(main(sys.argv[1:]))
     """
 )
 
 
+def _embed_argv(inputs: list[Path], path: Path, model: Path) -> list[str]:
+    return ["embed", *map(str, inputs), str(path), "--model", str(model), "--max-length", "64", "--chunk-size", "16",
+            "--no-progress"]
+
+
 def _torchrun(work: Path, inputs: dict[str, Path], path: Path, model: Path, **env: str) -> subprocess.Popen:
+    """`torchrun --nproc_per_node 2 -m scgpt_hf.cli embed ...`; with KILL_RANK, through a script that makes that
+    process write its second chunk's rows as garbage and SIGKILL itself before the chunk's marker."""
     script = work / "worker.py"
     script.write_text(WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               str(inputs["h5ad"]), str(inputs["zarr"]), str(path), str(model)]
+    entry = [str(script)] if "KILL_RANK" in env else ["-m", "scgpt_hf.cli"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *entry,
+               *_embed_argv([inputs["h5ad"], inputs["zarr"]], path, model)]
     return subprocess.Popen(command, cwd=ROOT, start_new_session=True, env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -363,6 +421,7 @@ def test_two_processes_write_the_store_one_process_writes(inputs, model, referen
     run = _torchrun(work, inputs, path, model)
     out, _ = run.communicate(timeout=300)
     assert run.returncode == 0, out
+    assert out.count("Embedded 64 cells of 2 input(s)") == 1, out  # the first process reports
     _assert_same_store(path, reference_store)
 
 

@@ -40,18 +40,32 @@ class SourceError(OSError):
     """A source could not be read (gone, changed or corrupt) during a run."""
 
 
+#: What a SOMA source reads unless told otherwise: the CELLxGENE Census layout.
+SOMA_DEFAULTS = {"measurement": "RNA", "x_layer": "raw", "var_column": "feature_name"}
+_ANNDATA_OPTIONS, _SOMA_OPTIONS = ("layer", "use_raw", "gene_column"), ("measurement", "x_layer", "var_column",
+                                                                          "obs_filter")
+
+
 @dataclass(frozen=True)
 class SourceOptions:
     """Which matrix and gene names to read: `layer`/`use_raw`/`gene_column` for AnnData sources,
-    `measurement`/`x_layer`/`var_column`/`obs_filter` for TileDB-SOMA experiments (Census defaults)."""
+    `measurement`/`x_layer`/`var_column` (None: `SOMA_DEFAULTS`) and `obs_filter` for TileDB-SOMA experiments.
+    Options of a kind no input is of are an error (they would be ignored)."""
 
     layer: str | None = None
     use_raw: bool = False
     gene_column: str | None = None
-    measurement: str = "RNA"
-    x_layer: str = "raw"
-    var_column: str = "feature_name"
+    measurement: str | None = None
+    x_layer: str | None = None
+    var_column: str | None = None
     obs_filter: str | None = None
+
+    def soma(self, name: str) -> str:
+        """The SOMA setting `name`, or its Census default."""
+        return getattr(self, name) or SOMA_DEFAULTS[name]
+
+    def given(self, names: Sequence[str]) -> list[str]:
+        return [name for name in names if getattr(self, name) not in (None, False)]
 
 
 class CellSource:
@@ -250,30 +264,31 @@ class SomaSource(CellSource):
 
     def _open(self, tiledbsoma: Any) -> None:
         o = self.options
+        measurement, x_layer, var_column = o.soma("measurement"), o.soma("x_layer"), o.soma("var_column")
         measurements = list(self._exp.ms.keys())
-        if o.measurement not in measurements:
-            raise ValueError(f"{self.name} has no measurement {o.measurement!r}; it has {measurements} "
+        if measurement not in measurements:
+            raise ValueError(f"{self.name} has no measurement {measurement!r}; it has {measurements} "
                              "(--measurement).")
-        ms = self._exp.ms[o.measurement]
+        ms = self._exp.ms[measurement]
         layers = list(ms.X.keys())
-        if o.x_layer not in layers:
-            raise ValueError(f"{self.name}: measurement {o.measurement!r} has no X layer {o.x_layer!r}; it has "
+        if x_layer not in layers:
+            raise ValueError(f"{self.name}: measurement {measurement!r} has no X layer {x_layer!r}; it has "
                              f"{layers} (--x-layer).")
         columns = [c for c in ms.var.schema.names if c != "soma_joinid"]
-        if o.var_column not in columns:
-            raise ValueError(f"{self.name}: var of measurement {o.measurement!r} has no column {o.var_column!r}; "
+        if var_column not in columns:
+            raise ValueError(f"{self.name}: var of measurement {measurement!r} has no column {var_column!r}; "
                              f"it has {columns} (--var-column).")
-        var = ms.var.read(column_names=["soma_joinid", o.var_column]).concat().to_pandas()
-        self.gene_names = var[o.var_column].astype(str).tolist()
+        var = ms.var.read(column_names=["soma_joinid", var_column]).concat().to_pandas()
+        self.gene_names = var[var_column].astype(str).tolist()
         self.var = var.drop(columns="soma_joinid")
         self._column = np.full(int(var["soma_joinid"].max()) + 1 if len(var) else 0, -1, dtype=np.int64)
         self._column[var["soma_joinid"].to_numpy()] = np.arange(len(var))
-        self._x = ms.X[o.x_layer]
-        self.where = f"ms/{o.measurement}/X/{o.x_layer}"
+        self._x = ms.X[x_layer]
+        self.where = f"ms/{measurement}/X/{x_layer}"
         obs_columns = self._exp.obs.schema.names
         self._id_column = "obs_id" if "obs_id" in obs_columns else "soma_joinid"
         try:
-            query = self._exp.axis_query(o.measurement, obs_query=tiledbsoma.AxisQuery(value_filter=o.obs_filter))
+            query = self._exp.axis_query(measurement, obs_query=tiledbsoma.AxisQuery(value_filter=o.obs_filter))
             self._joinids = np.sort(query.obs_joinids().to_numpy())
         except tiledbsoma.SOMAError as err:
             raise ValueError(f"{self.name}: obs filter {o.obs_filter!r} failed ({_first_line(err)}); obs columns: "
@@ -284,7 +299,8 @@ class SomaSource(CellSource):
         self.n_cells = len(self._joinids)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "gene_column": self.options.var_column, "obs_filter": self.options.obs_filter or ""}
+        return {**super().describe(), "gene_column": self.options.soma("var_column"),
+                "obs_filter": self.options.obs_filter or ""}
 
     def _ids(self, start: int, stop: int) -> Sequence[Any]:
         joinids = self._joinids[start:stop]
@@ -356,8 +372,12 @@ def open_sources(specs: Sequence[str | os.PathLike], options: SourceOptions | No
         for source in sources:
             source.close()
         raise
-    if options.obs_filter is not None and not any(s.kind == "soma" for s in sources):
-        for source in sources:
-            source.close()
-        raise ValueError("--obs-filter applies to TileDB-SOMA inputs only; filter AnnData files before embedding.")
+    kinds = {s.kind == "soma" for s in sources}
+    for is_soma, names, what in ((True, _SOMA_OPTIONS, "TileDB-SOMA"), (False, _ANNDATA_OPTIONS, "AnnData (.h5ad, .zarr)")):
+        unused = options.given(names) if is_soma not in kinds else []
+        if unused:
+            for source in sources:
+                source.close()
+            flags = ", ".join(f"{n} (--{n.replace('_', '-')})" for n in unused)
+            raise ValueError(f"{flags}: for {what} inputs only, and no input is one.")
     return sources
