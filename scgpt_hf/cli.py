@@ -27,7 +27,10 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from .atlas import SourceOptions
 
 EXIT_FAILURE = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
@@ -208,23 +211,36 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
                         "which scipy cannot hold, is always streamed and written out as float32)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
-    store = p.add_argument_group("embedding stores (OUTPUT.zarr)")
-    store.add_argument("--measurement", help="SOMA inputs: the measurement to read (default RNA)")
-    store.add_argument("--x-layer", help="SOMA inputs: the X layer to read (default raw)")
-    store.add_argument("--var-column", help="SOMA inputs: the var column of gene symbols (default feature_name)")
-    store.add_argument("--obs-filter", help="SOMA inputs: cells to embed, as SOMA's value filter, e.g. "
-                                            "\"tissue_general == 'blood'\"")
+    store = _soma_arguments(p, "embedding stores (OUTPUT.zarr)")
     store.add_argument("--chunk-size", type=int, default=4096,
                        help="cells per chunk: the unit of work per process, of resumption and of the store's chunks")
 
 
-_STORE_ONLY = ("measurement", "x_layer", "var_column", "obs_filter")
+_SOMA_OPTIONS = ("measurement", "x_layer", "var_column", "obs_filter")
+
+
+def _soma_arguments(p: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """--measurement, --x-layer, --var-column and --obs-filter: what to read from TileDB-SOMA inputs."""
+    group = p.add_argument_group(title)
+    group.add_argument("--measurement", help="SOMA inputs: the measurement to read (default RNA)")
+    group.add_argument("--x-layer", help="SOMA inputs: the X layer to read (default raw)")
+    group.add_argument("--var-column", help="SOMA inputs: the var column of gene symbols (default feature_name)")
+    group.add_argument("--obs-filter", help="SOMA inputs: the cells to read, as SOMA's value filter, e.g. "
+                                            "\"tissue_general == 'blood'\"")
+    return group
+
+
+def _source_options(args: argparse.Namespace) -> SourceOptions:
+    from .atlas import SourceOptions
+
+    chosen = {name: getattr(args, name) for name in _SOMA_OPTIONS if getattr(args, name) is not None}
+    return SourceOptions(layer=args.layer, use_raw=args.use_raw, gene_column=args.gene_column, **chosen)
 
 
 def _embed_run(args: argparse.Namespace) -> int:
     if Path(args.output).suffix == ".zarr":
         return _embed_store_run(args)
-    given = [f"--{name.replace('_', '-')}" for name in _STORE_ONLY if getattr(args, name) is not None]
+    given = [f"--{name.replace('_', '-')}" for name in _SOMA_OPTIONS if getattr(args, name) is not None]
     if len(args.input) != 1 or given:
         raise ValueError(f"{' and '.join(given) or 'several inputs'}: only for an embedding store; give OUTPUT.zarr "
                          "(or one INPUT.h5ad for an OUTPUT.h5ad).")
@@ -236,18 +252,16 @@ def _embed_store_run(args: argparse.Namespace) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from .atlas import SourceOptions, embed_to_store
+    from .atlas import embed_to_store
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     if args.backed or args.batch_key is not None or args.batch_as_ids:
         raise ValueError("--backed, --batch-key and --batch-as-ids are for an OUTPUT.h5ad: an embedding store reads "
                          "every input backed and takes models without batch labels.")
-    chosen = {name: getattr(args, name) for name in _STORE_ONLY if getattr(args, name) is not None}
-    options = SourceOptions(layer=args.layer, use_raw=args.use_raw, gene_column=args.gene_column, **chosen)
     with model_argument(args.model):
         params = embed_to_store(
-            args.input, args.output, args.model, options=options, key_added=args.key_added,
+            args.input, args.output, args.model, options=_source_options(args), key_added=args.key_added,
             batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, chunk_size=args.chunk_size,
             device=args.device, progress=not args.no_progress, overwrite=args.overwrite,
         )
@@ -381,7 +395,9 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("output_dir", help="folder for model + tokenizer (from_pretrained-ready) and training_metrics.json, "
                                       "written when training ends")
-    p.add_argument("files", nargs="+", metavar="FILE.h5ad", help="training files (raw counts or log1p values)")
+    p.add_argument("files", nargs="+", metavar="FILE.h5ad",
+                   help="training data (raw counts or log1p values): .h5ad files, AnnData .zarr stores, TileDB-SOMA "
+                        "experiments")
     p.add_argument("--vocab", help="vocab.json or tokenizer folder / Hub id (default: the genes of the files)")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4, help="transformer layers")
@@ -407,6 +423,7 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in OUTPUT_DIR.checkpoints/")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (default: refuse)")
+    _soma_arguments(p, "TileDB-SOMA inputs")
 
 
 def _pretrain_run(args: argparse.Namespace) -> int:
@@ -441,6 +458,7 @@ def _pretrain_run(args: argparse.Namespace) -> int:
         training_args={"save_strategy": "steps", "save_steps": args.save_steps} if args.save_steps else None,
         resume_from_checkpoint=args.resume or None,
         overwrite=args.overwrite,
+        source_options=_source_options(args),
     )
     rank = 0
     if torch.distributed.is_initialized():

@@ -45,6 +45,7 @@ Run on several GPUs (or CPU processes) with no change::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -52,7 +53,6 @@ import numbers
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .anndata_input import row_blocks, select_matrix
+from .atlas.sources import CellSource, SourceOptions, open_source, open_sources
 from .atomic import atomic_output, check_writable
 from .configuration_scgpt import ScGPTConfig
 from .convert import check_saved_folder
@@ -80,38 +80,33 @@ METRICS_FILE = "training_metrics.json"
 # Files and vocabulary
 
 
-def _check_files(files: Sequence[str | os.PathLike]) -> list[Path]:
+def _check_files(files: Sequence[str | os.PathLike]) -> list[Path | str]:
+    """The inputs as paths (URIs of TileDB-SOMA experiments as they are); a missing one is an error."""
     if isinstance(files, (str, os.PathLike)):
         files = [files]
-    paths = [Path(f) for f in files]
+    paths = [f if isinstance(f, str) and "://" in f else Path(f) for f in files]
     if not paths:
         raise ValueError("No training files given: pass one or more .h5ad paths.")
     for p in paths:
-        if not p.is_file():
+        if isinstance(p, Path) and not p.exists():
             raise FileNotFoundError(f"training file {p} does not exist.")
     return paths
 
 
-def _open_backed(path: Path) -> Any:
-    import anndata
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # old-format files
-        try:
-            return anndata.read_h5ad(path, backed="r")
-        except OSError as err:
-            raise ValueError(f"cannot read {path} as h5ad: {err}") from None
+def _source_options(source_options: SourceOptions | None, layer: str | None, use_raw: bool,
+                    gene_column: str | None) -> SourceOptions:
+    """What to read from each input: `source_options` (SOMA inputs' settings) with the AnnData arguments."""
+    return dataclasses.replace(source_options or SourceOptions(), layer=layer, use_raw=use_raw, gene_column=gene_column)
 
 
-def _file_genes(path: Path, layer: str | None, use_raw: bool, gene_column: str | None) -> tuple[list[str], int]:
-    adata = _open_backed(path)
+def _input_genes(paths: Sequence[Path | str], options: SourceOptions) -> list[tuple[list[str], int]]:
+    """(gene names, number of cells) of each input; options that no input can use are an error."""
+    sources = open_sources(paths, options)
     try:
-        source = select_matrix(adata, layer, use_raw, gene_column)
-        return source.gene_names, source.n_cells
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        return [(source.gene_names, source.n_cells) for source in sources]
     finally:
-        adata.file.close()
+        for source in sources:
+            source.close()
 
 
 def build_vocab(
@@ -120,12 +115,13 @@ def build_vocab(
     layer: str | None = None,
     use_raw: bool = False,
     gene_column: str | None = None,
+    source_options: SourceOptions | None = None,
 ) -> dict[str, int]:
     """A vocabulary over the genes of `files`: every gene name in first-seen order, then ``<pad>``, ``<cls>``,
     ``<eoc>`` (the layout of the released ``vocab.json``). Only gene names are read (backed)."""
     vocab: dict[str, int] = {}
-    for path in _check_files(files):
-        names, _ = _file_genes(path, layer, use_raw, gene_column)
+    options = _source_options(source_options, layer, use_raw, gene_column)
+    for names, _ in _input_genes(_check_files(files), options):
         for name in names:
             if name and name not in SPECIAL_TOKENS and name not in vocab:
                 vocab[name] = len(vocab)
@@ -179,9 +175,10 @@ def _distributed_rank() -> tuple[int, int]:
 
 
 class StreamingCellDataset(torch.utils.data.IterableDataset):
-    """Tokenised cells streamed from backed .h5ad files, for `Trainer` with `ScGPTDataCollator`.
+    """Tokenised cells streamed from backed .h5ad files, AnnData zarr stores or TileDB-SOMA experiments (the
+    sources of `scgpt_hf.atlas`), for `Trainer` with `ScGPTDataCollator`.
 
-    Each file is opened with ``anndata.read_h5ad(path, backed="r")``; its gene names are matched against
+    Each file is opened backed (`scgpt_hf.atlas.open_source`); its gene names are matched against
     the tokenizer's vocabulary once (at construction) and its rows are read ``chunk_size`` at a time, so at
     most ``chunk_size`` rows of expression plus ``shuffle_buffer`` tokenised cells are in memory per
     DataLoader worker. Yields ``{"input_ids", "values"}`` per cell (unpadded, ``<cls>`` first), exactly what
@@ -189,7 +186,7 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
     no vocabulary gene are skipped (counted in ``n_skipped_empty`` of the iterating process).
 
     Args:
-        files: .h5ad paths (raw counts or normalised/log1p values; not scaled data).
+        files: .h5ad files, .zarr stores, SOMA experiments (raw counts or normalised/log1p values; not scaled data).
         tokenizer: the vocabulary and binning.
         max_length: tokens per cell, ``<cls>`` included (default: the tokenizer's); longer cells keep a
             seeded random subset of genes.
@@ -202,6 +199,8 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         shard_by_process: split units over processes (rank / world size, see module docstring).
         process_index, num_processes: override the detected rank and world size.
         return_index: also yield ``file`` and ``row`` of each cell (for inspection; not a model input).
+        source_options: for TileDB-SOMA inputs, the measurement, X layer, var column and obs filter
+            (`scgpt_hf.atlas.SourceOptions`; its layer/use_raw/gene_column are the arguments above).
 
     What the iterating process has read is kept in ``first_pass_units`` (the units of the first pass, in
     reading order; later passes are the same units reshuffled), ``passes`` (passes started) and
@@ -227,6 +226,7 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         process_index: int | None = None,
         num_processes: int | None = None,
         return_index: bool = False,
+        source_options: SourceOptions | None = None,
     ):
         super().__init__()
         if chunk_size < 1 or shuffle_buffer < 1:
@@ -248,8 +248,8 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         self.cells_read = 0
         self.gene_ids: list[np.ndarray] = []
         self.n_cells: list[int] = []
-        for path in self.files:
-            names, n_obs = _file_genes(path, layer, use_raw, gene_column)
+        self.options = _source_options(source_options, layer, use_raw, gene_column)
+        for path, (names, n_obs) in zip(self.files, _input_genes(self.files, self.options)):
             try:
                 with quiet_tokenizer_warnings():  # the per-file coverage is logged below instead
                     match = tokenizer.match_genes(names)
@@ -292,10 +292,9 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
             )
         return units
 
-    def _read(self, handle: Any, unit: _Unit) -> Iterator[tuple[int, Any]]:
+    def _read(self, handle: CellSource, unit: _Unit) -> Iterator[tuple[int, Any]]:
         """Rows of `unit` as in-memory CSR blocks (never more than `chunk_size` rows), with their first row."""
-        source = select_matrix(handle, self.layer, self.use_raw, self.gene_column)
-        return row_blocks(source.matrix, unit.start, unit.stop)
+        return handle.blocks(unit.start, unit.stop)
 
     def read_summary(self) -> dict[str, Any]:
         """What this process has read: rows (``cells``), passes started (``passes``) and the first pass's
@@ -308,11 +307,11 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         }
 
     def _cells(self, units: Sequence[_Unit], epoch: int) -> Iterator[dict[str, Any]]:
-        handles: dict[int, Any] = {}
+        handles: dict[int, CellSource] = {}
         try:
             for unit in units:
                 if unit.file not in handles:
-                    handles[unit.file] = _open_backed(self.files[unit.file])
+                    handles[unit.file] = open_source(self.files[unit.file], self.options)
                 self.passes = max(self.passes, epoch + 1)
                 if epoch == 0:
                     self.first_pass_units.append(unit)
@@ -336,7 +335,7 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
                         yield item
         finally:
             for handle in handles.values():
-                handle.file.close()
+                handle.close()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         shard, n_shards = self._shard()
@@ -400,6 +399,7 @@ def pretrain(
     training_args: Mapping[str, Any] | None = None,
     resume_from_checkpoint: bool | str | os.PathLike | None = None,
     overwrite: bool = False,
+    source_options: SourceOptions | None = None,
 ) -> Path:
     """Pretrain `ScGPTForPreTraining` from scratch on `files` with `transformers.Trainer`; returns the folder.
 
@@ -448,6 +448,8 @@ def pretrain(
         resume_from_checkpoint: continue from this checkpoint folder, or with True from the latest in
             `checkpoint_dir(output_dir)`.
         overwrite: replace an existing `output_dir`.
+        source_options: for TileDB-SOMA inputs, the measurement, X layer, var column and obs filter
+            (`scgpt_hf.atlas.SourceOptions`).
     """
     paths = _check_files(files)
     output_dir = Path(output_dir).expanduser().absolute()
@@ -455,7 +457,8 @@ def pretrain(
         check_writable(output_dir, overwrite=overwrite, what="output folder")
     mask_ratio = _mask_ratio(mask_ratio)
     if tokenizer is None:
-        tokenizer = build_vocab(paths, layer=layer, use_raw=use_raw, gene_column=gene_column)
+        tokenizer = build_vocab(paths, layer=layer, use_raw=use_raw, gene_column=gene_column,
+                                source_options=source_options)
     tokenizer = make_tokenizer(tokenizer, max_length=max_length)
 
     extra = dict(training_args or {})
@@ -467,7 +470,7 @@ def pretrain(
     dataset = StreamingCellDataset(
         paths, tokenizer, max_length=max_length, layer=layer, use_raw=use_raw, gene_column=gene_column,
         chunk_size=chunk_size, shuffle_buffer=shuffle_buffer, seed=seed, epochs=None,
-        process_index=args.process_index, num_processes=args.world_size,
+        process_index=args.process_index, num_processes=args.world_size, source_options=source_options,
     )
     _set_schedule(args, extra, dataset.total_cells, max_steps, num_epochs, warmup_ratio)
 

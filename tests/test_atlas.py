@@ -6,6 +6,7 @@ Bounded memory and throughput are measured in bench/atlas_embed.py, not here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -313,6 +314,40 @@ def test_cli_store_errors_are_one_line(extra, output, message, inputs, model, wo
         main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+# ----------------------------------------------------------------------------------------------
+# scgpt-hf pretrain streams from the same sources
+
+
+def test_pretraining_streams_the_same_cells_from_every_source_kind(inputs, soma, model):
+    from scgpt_hf.pretraining import StreamingCellDataset
+    from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
+
+    tokenizer = ScGPTTokenizer.from_pretrained(model)
+
+    def cells(files, **options):
+        dataset = StreamingCellDataset(files, tokenizer, max_length=64, chunk_size=16, shuffle=False,
+                                       source_options=SourceOptions(**options))
+        return [(c["input_ids"].tolist(), c["values"].tolist()) for c in dataset]
+
+    expected = cells([inputs["all"]])
+    assert cells([inputs["h5ad"], inputs["zarr"]]) == expected
+    assert cells([soma]) == expected
+    assert 0 < len(cells([soma], obs_filter="patient == 'Lung2'")) < len(expected)
+
+
+def test_cli_pretrains_from_zarr_and_soma_with_an_obs_filter(inputs, soma, cells, work, capsys):
+    from scgpt_hf.cli import main
+
+    out = work / "pretrained"
+    argv = ["pretrain", str(out), str(inputs["zarr"]), str(soma), "--hidden-size", "16", "--layers", "1", "--heads",
+            "2", "--max-length", "32", "--max-steps", "2", "--batch-size", "8", "--obs-filter", "patient == 'Lung2'"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    lung = int((cells.obs["patient"] == "Lung2").sum())
+    assert metrics["cells_in_files"] == (N_CELLS - 40) + lung
+    assert metrics["files"] == [str(inputs["zarr"]), str(soma)]
 
 
 # ----------------------------------------------------------------------------------------------

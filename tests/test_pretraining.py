@@ -17,6 +17,7 @@ import torch
 from reference import make_vocab
 from scgpt_hf import ScGPTForPreTraining, ScGPTModel, ScGPTTokenizer
 from scgpt_hf import pretraining as pt
+from scgpt_hf.atlas import sources
 from scgpt_hf.cli import main
 from scgpt_hf.pretraining import StreamingCellDataset, build_vocab, pretrain
 
@@ -96,14 +97,14 @@ def test_reads_chunk_by_chunk(corpus, monkeypatch):
     """Rows are read at most chunk_size at a time, and the first cell comes out after the first chunk."""
     files, parts, tokenizer, _ = corpus
     reads = []
-    original = pt.row_blocks
+    original = sources.row_blocks
 
     def spy(matrix, start, stop):
         assert not isinstance(matrix, np.ndarray) and not hasattr(matrix, "toarray"), "matrix should be backed"
         reads.append(stop - start)
         yield from original(matrix, start, stop)
 
-    monkeypatch.setattr(pt, "row_blocks", spy)
+    monkeypatch.setattr(sources, "row_blocks", spy)
     dataset = StreamingCellDataset(files, tokenizer, chunk_size=16, shuffle_buffer=8, seed=0)
     stream = iter(dataset)
     next(stream)

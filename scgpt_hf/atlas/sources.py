@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,14 @@ class _StoredAnnData:
         self.raw = None if stored("raw") is None else _StoredAnnData(group["raw"])
 
 
+def _open_old_h5ad(path: Path) -> Any:
+    import anndata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old-format notice
+        return anndata.read_h5ad(path, backed="r")
+
+
 def _file_state(path: Path) -> tuple[int, ...] | None:
     """What changes when a file is replaced, truncated or rewritten, or a folder removed (None: gone)."""
     try:
@@ -198,10 +207,15 @@ class AnnDataSource(CellSource):
         try:
             if "obs" not in self._file or "var" not in self._file:
                 raise ValueError(f"not an AnnData {kind} (no obs/var): write it with anndata.")
-            chosen = select_matrix(_StoredAnnData(self._file), options.layer, options.use_raw, options.gene_column)
+            if "encoding-type" in self._file.attrs:
+                stored, obs = _StoredAnnData(self._file), self._file["obs"]
+                self._index = obs[obs.attrs.get("_index", "_index")]
+            else:  # written by anndata < 0.8: anndata reads it backed (its obs into memory; such files are small)
+                self._file.close()
+                self._file = stored = _open_old_h5ad(path)
+                self._index = stored.obs_names
+            chosen = select_matrix(stored, options.layer, options.use_raw, options.gene_column)
             check_numeric(chosen.matrix)
-            obs = self._file["obs"]
-            self._index = obs[obs.attrs.get("_index", "_index")]
             if self._index.shape[0] != chosen.n_cells:
                 raise ValueError(f"obs has {self._index.shape[0]} cells but {chosen.where} has {chosen.n_cells} rows.")
         except ValueError as err:
@@ -230,8 +244,9 @@ class AnnDataSource(CellSource):
             yield first, block
 
     def close(self) -> None:
-        if hasattr(self._file, "close"):
-            self._file.close()
+        handle = getattr(self._file, "file", self._file)  # a backed AnnData's file, an h5py file, a zarr group
+        if hasattr(handle, "close"):
+            handle.close()
 
 
 # ----------------------------------------------------------------------------------------------
