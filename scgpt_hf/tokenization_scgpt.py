@@ -23,11 +23,17 @@ content (its expressed vocabulary gene ids and their float32 values, taken in ge
 order).  The same cell with the same ``seed`` therefore gets the same tokens whatever
 batch, chunk, row position or column order it arrives in; another ``seed`` gives
 another tie-breaking.
+
+Layout: `ScGPTTokenizer` is the vocabulary (gene names to ids, special tokens, saving and
+loading) and transformers' contract (``__call__``, ``pad``, `BatchEncoding`); the matrix
+(bounded row blocks, value checks, binning, truncation) is `cell_encoder.CellEncoder`'s.
+`quiet_tokenizer_warnings` is the one switch for the tokenizer's per-call reports.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -37,27 +43,37 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 from transformers import BatchEncoding, PreTrainedTokenizer
+from transformers.utils import PaddingStrategy
 
-from .anndata_input import check_numeric, check_values, expression_input, row_blocks
+from .anndata_input import expression_input
+from .cell_encoder import CellEncoder, EncodedCells
 from .cell_encoding import TRUNCATION_STRATEGIES as _TRUNCATION_STRATEGIES
-from .cell_encoding import bin_nonzero_values, cell_hash, encode_cell, match_gene_names
+from .cell_encoding import bin_nonzero_values, cell_hash, match_gene_names
 from .padding import pad_rows, padded_length
 
 logger = logging.getLogger(__name__)
+_QUIET = contextvars.ContextVar("scgpt_hf_quiet_tokenizer", default=False)
 
 
 @contextlib.contextmanager
 def quiet_tokenizer_warnings() -> Iterator[None]:
-    """Silence the tokenizer's per-call warnings (gene coverage, cells without vocabulary genes) for callers
-    that tokenise in pieces and report the totals once themselves."""
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """The one switch for the tokenizer's per-call reports (genes matched, repeated gene names, vocabulary
+    coverage, cells without a vocabulary gene), for callers that tokenise in pieces and report the totals once
+    themselves. Scoped to this thread (a context variable), so other threads keep theirs; the once-per-tokenizer
+    note that values are not integers is not a per-call report and stays."""
+    token = _QUIET.set(True)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        _QUIET.reset(token)
+
+
+def _report(level: int, message: str, *args: Any) -> None:
+    """Log one of the tokenizer's per-call reports, unless inside `quiet_tokenizer_warnings`."""
+    if not _QUIET.get():
+        logger.log(level, message, *args)
+
 
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
 
@@ -158,10 +174,24 @@ def _describe_names(names: Sequence[str]) -> str:
     return f"names the vocabulary does not know, e.g. {strs[:5]}"
 
 
+def _check_max_length(max_length: int) -> int:
+    if int(max_length) < 1:
+        raise ValueError(f"max_length must be at least 1 (room for <cls>), got {max_length}.")
+    return int(max_length)
+
+
 def _to_numpy_1d(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor
         x = x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def _rows(x: Any) -> list[np.ndarray]:
+    """One numpy row per cell from a list of rows or a 2-D array / tensor."""
+    if isinstance(x, (list, tuple)):
+        return [_to_numpy_1d(r) for r in x]
+    array = _to_numpy_1d(x)
+    return list(array) if array.ndim == 2 else [array]
 
 
 class ScGPTTokenizer(PreTrainedTokenizer):
@@ -230,8 +260,7 @@ class ScGPTTokenizer(PreTrainedTokenizer):
             raise ValueError(f"The vocabulary {vocab_file} gives the same id to several genes (ids {dup}).")
         if int(n_bins) < 2:
             raise ValueError(f"n_bins must be at least 2, got {n_bins}.")
-        if int(max_length) < 1:
-            raise ValueError(f"max_length must be at least 1 (room for <cls>), got {max_length}.")
+        _check_max_length(max_length)
         if truncation_strategy not in _TRUNCATION_STRATEGIES:
             raise ValueError(
                 f"truncation_strategy must be one of {_TRUNCATION_STRATEGIES}, got {truncation_strategy!r}."
@@ -316,12 +345,14 @@ class ScGPTTokenizer(PreTrainedTokenizer):
                 f"{_describe_names(names)}. Pass gene symbols (for AnnData, gene_column= names a var "
                 f"column holding them) or map your IDs to symbols first."
             )
-        logger.info(
+        _report(
+            logging.INFO,
             "Matched %d of %d genes to the vocabulary (%d not in it, %d repeated names ignored).",
             n_matched, len(names), len(unmatched), len(duplicates),
         )
         if duplicates:
-            logger.warning(
+            _report(
+                logging.WARNING,
                 "%d gene names occur more than once (e.g. %s); only the first column of each is used. "
                 "Aggregate repeated genes (e.g. sum their counts) beforehand if that is what you want.",
                 len(duplicates), sorted(set(duplicates))[:5],
@@ -386,30 +417,21 @@ class ScGPTTokenizer(PreTrainedTokenizer):
         if kwargs:
             raise TypeError(f"Unexpected arguments: {sorted(kwargs)}.")
         source = expression_input(data, gene_names, layer=layer, use_raw=use_raw, gene_column=gene_column)
-        matrix, names, var = source.matrix, source.gene_names, source.var
-        hint = self._suggest_gene_column(var) if var is not None and gene_column is None else None
+        hint = self._suggest_gene_column(source.var) if source.var is not None and gene_column is None else None
         try:
-            match = self.match_genes(names)
+            match = self.match_genes(source.gene_names)
         except ValueError as err:
             if hint:
                 raise ValueError(f"{err} var[{hint!r}] holds matching symbols: try gene_column={hint!r}.") from None
             raise
         encoded = self.encode_with_ids(
-            matrix,
-            match.ids,
-            max_length=max_length,
-            truncation=truncation,
-            padding=padding,
-            pad_to_multiple_of=pad_to_multiple_of,
-            return_tensors=return_tensors,
-            seed=seed,
-            cls_value=cls_value,
-            return_n_genes=True,
-            gene_names=names,
+            source.matrix, match.ids, max_length=max_length, truncation=truncation, padding=padding,
+            pad_to_multiple_of=pad_to_multiple_of, return_tensors=return_tensors, seed=seed, cls_value=cls_value,
+            return_n_genes=True, gene_names=source.gene_names,
         )
         warning = match.coverage_warning(encoded["n_genes"], encoded["n_expressed"], hint)
         if warning:
-            logger.warning(warning)
+            _report(logging.WARNING, warning)
         if not return_n_genes:
             del encoded["n_genes"], encoded["n_expressed"]
         return encoded
@@ -445,9 +467,30 @@ class ScGPTTokenizer(PreTrainedTokenizer):
         then pass chunk after chunk.  ``matrix`` may be scipy sparse, dense numpy or a
         backed/on-disk matrix supporting row slices.  Other arguments as in ``__call__``.
         """
-        max_length = self.max_length if max_length is None else int(max_length)
-        if max_length < 1:
-            raise ValueError(f"max_length must be at least 1 (room for <cls>), got {max_length}.")
+        encoder = self._cell_encoder(max_length=max_length, truncation=truncation, seed=seed, cls_value=cls_value)
+        cells = encoder.encode(matrix, self._checked_gene_ids(gene_ids), gene_names)
+        self._report_cells(cells)
+        encoded: dict[str, Any] = {"input_ids": cells.input_ids, "values": cells.values}
+        if return_n_genes:
+            encoded["n_genes"], encoded["n_expressed"] = cells.n_genes, cells.n_expressed
+        return self.pad(
+            encoded,
+            padding=padding,
+            max_length=encoder.max_length if padding == "max_length" else None,
+            pad_to_multiple_of=pad_to_multiple_of,
+            return_tensors=return_tensors,
+        )
+
+    def _cell_encoder(
+        self,
+        *,
+        max_length: int | None = None,
+        truncation: bool | str = True,
+        seed: int | None = 0,
+        cls_value: float | None = None,
+    ) -> CellEncoder:
+        """The `CellEncoder` this tokenizer's settings and these call options (as in ``__call__``) describe."""
+        max_length = _check_max_length(self.max_length if max_length is None else max_length)
         if truncation is True:
             strategy: str | None = self.truncation_strategy
         elif truncation is False or truncation is None:
@@ -456,21 +499,19 @@ class ScGPTTokenizer(PreTrainedTokenizer):
             strategy = truncation
         else:
             raise ValueError(f"truncation must be True, False, 'random' or 'highest', got {truncation!r}.")
-        cls_value = self.cls_value if cls_value is None else float(cls_value)
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (1 << 63))
         elif not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}.")
+        return CellEncoder(
+            cls_id=self.cls_token_id, cls_value=self.cls_value if cls_value is None else float(cls_value),
+            n_bins=self.n_bins, max_length=max_length, strategy=strategy, seed=int(seed),
+            include_zero_genes=self.include_zero_genes, do_binning=self.do_binning,
+        )
 
-        if not (sp.issparse(matrix) or hasattr(matrix, "shape")) or len(matrix.shape) != 2:
-            raise TypeError(f"Expected a 2-D cells x genes matrix, got {type(matrix).__name__}.")
-        check_numeric(matrix)
+    def _checked_gene_ids(self, gene_ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """`gene_ids` as int64, refused when they repeat an id, match nothing or hold ids outside the vocabulary."""
         gene_ids = np.asarray(gene_ids, dtype=np.int64)
-        n_rows, n_cols = matrix.shape
-        if gene_ids.shape != (n_cols,):
-            raise ValueError(
-                f"Shape mismatch: the matrix has {n_cols} gene columns but {gene_ids.size} gene ids were given."
-            )
         used = gene_ids[gene_ids >= 0]
         if len(np.unique(used)) != len(used):
             raise ValueError(
@@ -482,87 +523,31 @@ class ScGPTTokenizer(PreTrainedTokenizer):
         unknown = ~np.isin(used, np.fromiter(self.ids_to_tokens, dtype=np.int64))
         if unknown.any():
             raise ValueError(f"gene_ids contains ids not in the vocabulary, e.g. {used[unknown][:5].tolist()}.")
+        return gene_ids
 
-        cls_id = self.cls_token_id
-        matched_cols = np.flatnonzero(gene_ids >= 0)
-        col_pos = np.full(n_cols, -1, dtype=np.int64)
-        col_pos[matched_cols] = np.arange(matched_cols.size)
-
-        all_ids: list[np.ndarray] = []
-        all_values: list[np.ndarray] = []
-        n_genes = np.zeros(n_rows, dtype=np.int64)
-        n_expressed = np.zeros(n_rows, dtype=np.int64)
-        for start, chunk in row_blocks(matrix):
-            check_values(chunk, start, gene_names)
-            self._warn_non_integer(chunk)
-            indptr, indices, data = chunk.indptr, chunk.indices, chunk.data
-            for r in range(chunk.shape[0]):
-                cols = indices[indptr[r] : indptr[r + 1]]
-                vals = data[indptr[r] : indptr[r + 1]]
-                n_expressed[start + r] = np.count_nonzero(vals)
-                keep = (gene_ids[cols] >= 0) & (vals != 0)
-                cols, vals = cols[keep], vals[keep].astype(np.float32)
-                order = np.argsort(cols, kind="stable")  # column order (CSR may be unsorted)
-                cols, vals = cols[order], vals[order]
-                n_genes[start + r] = cols.size
-                if self.include_zero_genes:
-                    raw = np.zeros(matched_cols.size, dtype=np.float32)
-                    raw[col_pos[cols]] = vals
-                    ids = gene_ids[matched_cols]
-                else:
-                    raw, ids = vals, gene_ids[cols]
-                tok_ids, tok_vals = self._encode_cell(ids, raw, seed, strategy, max_length)
-                all_ids.append(np.concatenate(([cls_id], tok_ids)).astype(np.int64))
-                all_values.append(np.concatenate(([cls_value], tok_vals)).astype(np.float32))
-
-        n_empty = int((n_genes == 0).sum())
-        if n_empty:
+    def _report_cells(self, cells: EncodedCells) -> None:
+        """Note non-integer values once per tokenizer; report cells without a vocabulary gene (per call)."""
+        if cells.non_integer and not self._warned_non_integer:
+            self._warned_non_integer = True
             logger.warning(
+                "Expression values are not integers (normalised or log1p data?). That is fine: "
+                "binning is rank-based within each cell, so log-normalised input gets the same bins "
+                "as raw counts (up to random tie-breaking). Scaled data (negative values) is invalid."
+            )
+        n_empty = int((cells.n_genes == 0).sum())
+        if n_empty:
+            _report(
+                logging.WARNING,
                 "%d of %d cells express no vocabulary gene; each is encoded as just <cls> (n_genes == 0). "
                 "Filter such cells out (e.g. with return_n_genes=True) if their embeddings are meaningless to you.",
-                n_empty, n_rows,
+                n_empty, len(cells.n_genes),
             )
-        encoded: dict[str, Any] = {
-            "input_ids": all_ids,
-            "values": all_values,
-            "attention_mask": [np.ones(len(x), dtype=np.int64) for x in all_ids],
-        }
-        if return_n_genes:
-            encoded["n_genes"], encoded["n_expressed"] = n_genes, n_expressed
-        return self.pad(
-            encoded,
-            padding=padding,
-            max_length=max_length if padding == "max_length" else None,
-            pad_to_multiple_of=pad_to_multiple_of,
-            return_tensors=return_tensors,
-        )
-
-    def _warn_non_integer(self, chunk: sp.csr_matrix) -> None:
-        """Say once per tokenizer that non-integer values are fine (binning is rank-based), unlike scaled data."""
-        data = chunk.data
-        if not self._warned_non_integer and data.dtype.kind == "f" and data.size:
-            if np.any(data != np.floor(data)):
-                self._warned_non_integer = True
-                logger.warning(
-                    "Expression values are not integers (normalised or log1p data?). That is fine: "
-                    "binning is rank-based within each cell, so log-normalised input gets the same bins "
-                    "as raw counts (up to random tie-breaking). Scaled data (negative values) is invalid."
-                )
-
-    def _encode_cell(
-        self, ids: np.ndarray, raw: np.ndarray, seed: int, strategy: str | None, max_length: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Bin and truncate one cell's gene tokens (without <cls>), in column order (see cell_encoding)."""
-        return encode_cell(
-            ids, raw, seed=seed, strategy=strategy, max_length=max_length, n_bins=self.n_bins,
-            do_binning=self.do_binning,
-        )
 
     # ------------------------------------------------------------------ padding
     def pad(
         self,
         encoded_inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]],
-        padding: bool | str = True,
+        padding: bool | str | PaddingStrategy = True,
         max_length: int | None = None,
         pad_to_multiple_of: int | None = None,
         padding_side: str | None = None,
@@ -572,97 +557,92 @@ class ScGPTTokenizer(PreTrainedTokenizer):
         **kwargs: Any,
     ) -> BatchEncoding:
         """Pad cells to a common length: ``input_ids`` with the pad id, ``values`` with
-        ``pad_value`` and ``attention_mask`` with 0.
+        ``pad_value`` and ``attention_mask`` with 0 (transformers' ``pad``, on the right only).
 
         Accepts a BatchEncoding/dict whose keys hold one sequence per cell (lists, numpy
         arrays or tensors, e.g. the unpadded output of ``__call__``), a dict of 2-D
         padded arrays (their padding is stripped via ``attention_mask`` and redone), or
         a list of per-cell dicts (as a DataLoader ``collate_fn`` gets).  ``padding``:
-        True/"longest", "max_length" (needs ``max_length``) or False.  Keys that hold
-        one scalar per cell (``n_genes``) are passed through.  Only right padding.
+        True/"longest", "max_length" (``max_length``, default the tokenizer's) or False.
+        Keys that hold one scalar per cell (``n_genes``) are passed through.  With
+        ``return_tensors=None`` each key holds one 1-D array per cell.  ``verbose`` and
+        other transformers arguments change nothing: padding here has nothing to warn about.
         """
         if padding_side not in (None, "right"):
             raise ValueError("ScGPTTokenizer pads on the right only.")
+        if return_tensors not in (None, "np", "pt"):
+            raise ValueError(f"return_tensors must be None, 'np' or 'pt', got {return_tensors!r}.")
         if isinstance(encoded_inputs, Sequence) and encoded_inputs and isinstance(encoded_inputs[0], Mapping):
             encoded_inputs = {k: [ex[k] for ex in encoded_inputs] for k in encoded_inputs[0]}
         if "input_ids" not in encoded_inputs:
             raise ValueError(f"pad() needs 'input_ids'; got keys {list(encoded_inputs.keys())}.")
-
-        def as_rows(x: Any) -> list[np.ndarray]:
-            if isinstance(x, (list, tuple)):
-                return [_to_numpy_1d(r) for r in x]
-            arr = _to_numpy_1d(x)
-            return list(arr) if arr.ndim == 2 else [arr]
-
         first = encoded_inputs["input_ids"]
-        single = len(first) > 0 and _to_numpy_1d(first[0]).ndim == 0
-        src = {k: ([v] if single else v) for k, v in encoded_inputs.items()}
-        ids = as_rows(src["input_ids"])
-        values = as_rows(src["values"]) if "values" in src else None
-        if "attention_mask" in src:
-            masks = as_rows(src["attention_mask"])
-            lengths = [int(m.sum()) for m in masks]  # strips earlier right padding
-        else:
-            lengths = [len(r) for r in ids]
-        ids = [r[:n].astype(np.int64) for r, n in zip(ids, lengths)]
-        if values is not None:
-            if [len(v) for v in values] != [len(r) for r in as_rows(src["input_ids"])]:
-                raise ValueError("'values' and 'input_ids' must have the same length for every cell.")
-            values = [v[:n].astype(np.float32) for v, n in zip(values, lengths)]
-
-        longest = max(lengths, default=0)
-        if padding is True or padding == "longest":
-            target: int | None = longest
-        elif padding == "max_length":
-            if max_length is None:
-                max_length = self.max_length
-            target = max_length
-        elif padding is False or padding == "do_not_pad" or padding is None:
-            target = None
-        else:
-            raise ValueError(f"padding must be True, 'longest', 'max_length' or False, got {padding!r}.")
-        out: dict[str, Any] = {}
-        if target is not None:
-            target = padded_length(longest, target, pad_to_multiple_of)
-            out["input_ids"] = pad_rows(ids, self.pad_token_id, target, np.int64)
-            out["attention_mask"] = pad_rows([np.ones(len(r), dtype=np.int64) for r in ids], 0, target, np.int64)
-            if values is not None:
-                out["values"] = pad_rows(values, self.pad_value, target, np.float32)
-        else:
-            out["input_ids"] = ids
-            out["attention_mask"] = [np.ones(len(r), dtype=np.int64) for r in ids]
-            if values is not None:
-                out["values"] = values
+        single = len(first) > 0 and _to_numpy_1d(first[0]).ndim == 0  # one cell, not a batch
+        cells = {k: ([v] if single else v) for k, v in encoded_inputs.items()}
+        out = self._padded(self._unpadded(cells), padding, max_length, pad_to_multiple_of)
         if return_attention_mask is False:
             out.pop("attention_mask")
-        out = {k: out[k] for k in self.model_input_names if k in out}
-        for k, v in src.items():
-            if k not in ("input_ids", "values", "attention_mask"):
-                out[k] = np.asarray([_to_numpy_1d(x) for x in v]) if isinstance(v, (list, tuple)) else _to_numpy_1d(v)
-
-        if return_tensors is None:
-            for k in ("input_ids", "values", "attention_mask"):
-                if k in out and not isinstance(out[k], list):
-                    out[k] = list(out[k])
-        elif return_tensors in ("np", "pt"):
-            for k in ("input_ids", "values", "attention_mask"):
-                if k in out and isinstance(out[k], list):
-                    if len({len(r) for r in out[k]}) > 1:
-                        raise ValueError(
-                            f"Cannot make a {return_tensors!r} tensor from cells of different lengths; "
-                            "use padding=True/'longest' or 'max_length'."
-                        )
-                    dtype = np.float32 if k == "values" else np.int64
-                    out[k] = np.stack(out[k]).astype(dtype) if out[k] else np.zeros((0, 0), dtype=dtype)
-            if return_tensors == "pt":
-                import torch
-
-                out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
-        else:
-            raise ValueError(f"return_tensors must be None, 'np' or 'pt', got {return_tensors!r}.")
+        for key, value in cells.items():  # per-cell scalars such as n_genes
+            if key not in self.model_input_names:
+                out[key] = np.asarray([_to_numpy_1d(x) for x in value]) if isinstance(value, (list, tuple)) \
+                    else _to_numpy_1d(value)
+        for key in [k for k in self.model_input_names if k in out]:
+            if return_tensors is None:
+                out[key] = list(out[key])  # one 1-D array per cell
+            elif isinstance(out[key], list):
+                out[key] = _stacked(out[key], key, return_tensors)
         if single:
             out = {k: v[0] for k, v in out.items()}
-        return BatchEncoding(out)
+        return BatchEncoding(out, tensor_type=return_tensors)
+
+    def _unpadded(self, cells: Mapping[str, Any]) -> dict[str, list[np.ndarray]]:
+        """Each cell's input_ids (int64) and values (float32, if given) without padding (cut at the mask's sum)."""
+        ids = _rows(cells["input_ids"])
+        if "attention_mask" in cells:
+            lengths = [int(m.sum()) for m in _rows(cells["attention_mask"])]  # strips earlier right padding
+        else:
+            lengths = [len(r) for r in ids]
+        out = {"input_ids": [r[:n].astype(np.int64) for r, n in zip(ids, lengths)]}
+        if "values" in cells:
+            values = _rows(cells["values"])
+            if [len(v) for v in values] != [len(r) for r in ids]:
+                raise ValueError("'values' and 'input_ids' must have the same length for every cell.")
+            out["values"] = [v[:n].astype(np.float32) for v, n in zip(values, lengths)]
+        return out
+
+    def _padded(
+        self, cells: dict[str, list[np.ndarray]], padding: bool | str | PaddingStrategy, max_length: int | None,
+        pad_to_multiple_of: int | None,
+    ) -> dict[str, Any]:
+        """`cells` with their attention masks, right-padded as `padding` says (PaddingStrategy), in input order."""
+        try:
+            strategy = PaddingStrategy.DO_NOT_PAD if padding is False or padding is None else (
+                PaddingStrategy.LONGEST if padding is True else PaddingStrategy(padding))
+        except ValueError:
+            raise ValueError(f"padding must be True, 'longest', 'max_length' or False, got {padding!r}.") from None
+        cells["attention_mask"] = [np.ones(len(r), dtype=np.int64) for r in cells["input_ids"]]
+        cells = {k: cells[k] for k in self.model_input_names if k in cells}
+        if strategy == PaddingStrategy.DO_NOT_PAD:
+            return cells
+        if strategy == PaddingStrategy.MAX_LENGTH:
+            max_length = self.max_length if max_length is None else max_length
+        else:
+            max_length = None
+        width = padded_length(max((len(r) for r in cells["input_ids"]), default=0), max_length, pad_to_multiple_of)
+        fills = {"input_ids": (self.pad_token_id, np.int64), "values": (self.pad_value, np.float32),
+                 "attention_mask": (0, np.int64)}
+        return {k: pad_rows(rows, fills[k][0], width, fills[k][1]) for k, rows in cells.items()}
 
 
-__all__ = ["ScGPTTokenizer", "GeneMatch", "bin_nonzero_values", "cell_hash", "load_vocab"]
+def _stacked(rows: list[np.ndarray], key: str, return_tensors: str) -> np.ndarray:
+    """Unpadded cells of equal length as one 2-D array, for a tensor return type."""
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError(
+            f"Cannot make a {return_tensors!r} tensor from cells of different lengths; "
+            "use padding=True/'longest' or 'max_length'."
+        )
+    dtype = np.float32 if key == "values" else np.int64
+    return np.stack(rows).astype(dtype) if rows else np.zeros((0, 0), dtype=dtype)
+
+
+__all__ = ["ScGPTTokenizer", "GeneMatch", "bin_nonzero_values", "cell_hash", "load_vocab", "quiet_tokenizer_warnings"]
