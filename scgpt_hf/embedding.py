@@ -38,6 +38,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,7 +47,7 @@ import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
 
-from .anndata_input import batch_codes, row_blocks, select_matrix
+from .anndata_input import ExpressionInput, batch_codes, row_blocks, select_matrix
 from .anndata_output import (
     DEFAULT_KEY,
     DEFAULT_LABEL_KEY,
@@ -57,20 +58,55 @@ from .anndata_output import (
 )
 from .inference import DEFAULT_MAX_TOKENS, autocast_dtype, load_model, pick_device, precision_name, run_cells
 from .modeling_scgpt import ScGPTForCellClassification, ScGPTPreTrainedModel
-from .tokenization_scgpt import ScGPTTokenizer
+from .tokenization_scgpt import GeneMatch, ScGPTTokenizer, quiet_tokenizer_warnings
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["annotate", "embed", "DEFAULT_KEY"]
 
 
-
 # ----------------------------------------------------------------------------------------------
-# Model and data resolution
+# Run options and runtime
 
 
-# ----------------------------------------------------------------------------------------------
-# Runtime
+@dataclass(frozen=True)
+class _RunOptions:
+    """The arguments `embed` and `annotate` share (see `embed`)."""
+
+    batch_size: int
+    max_length: int
+    seed: int
+    layer: str | None
+    use_raw: bool
+    gene_column: str | None
+    device: str | torch.device | None
+    precision: str
+    chunk_size: int
+    max_tokens: int | None | str
+    num_threads: int | None
+    progress: bool
+
+    def check(self, adata: Any, max_seq_len: int) -> None:
+        """Refuse what cannot run, before anything is read; warn about cells longer than training ever saw."""
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
+        for arg, low in (("batch_size", 1), ("max_length", 2), ("chunk_size", 1)):
+            if int(getattr(self, arg)) < low:
+                raise ValueError(f"{arg} must be at least {low}, got {getattr(self, arg)}.")
+        if self.max_length > max_seq_len:
+            warnings.warn(
+                f"max_length={self.max_length} exceeds the model's max_seq_len={max_seq_len}; cells that long "
+                "were never seen in training.",
+                stacklevel=4,
+            )
+
+    def token_budget(self, device: torch.device) -> int | None:
+        """Padded tokens per forward pass on `device` ("auto": `inference.DEFAULT_MAX_TOKENS`)."""
+        if self.max_tokens == "auto":
+            return DEFAULT_MAX_TOKENS.get(device.type)
+        if self.max_tokens is not None and int(self.max_tokens) < 1:
+            raise ValueError(f"max_tokens must be positive, 'auto' or None, got {self.max_tokens}.")
+        return self.max_tokens
 
 
 def _available_cpus() -> int:
@@ -94,26 +130,31 @@ def _cpu_threads(num_threads: int | None) -> Iterator[int]:
             torch.set_num_threads(previous)
 
 
-class _QuietEmptyCells(logging.Filter):
-    """Drop the tokenizer's per-chunk 'no vocabulary gene' warning; embed() reports once for the whole run."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "express no vocabulary gene" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _tokenizer_log_filter() -> Iterator[None]:
-    tok_logger = logging.getLogger(ScGPTTokenizer.__module__)
-    quiet = _QuietEmptyCells()
-    tok_logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        tok_logger.removeFilter(quiet)
-
-
 # ----------------------------------------------------------------------------------------------
-# Public API
+# The run: tokenise chunk by chunk, run the model on length-grouped batches
+
+
+def _tokenized_chunks(
+    tokenizer: ScGPTTokenizer, source: ExpressionInput, match: GeneMatch, options: _RunOptions, cls_value: float
+) -> Iterator[tuple[int, list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]]:
+    """(first row, input_ids, values, n_genes, n_expressed) of each `chunk_size` rows, read in bounded blocks."""
+    matrix = source.matrix
+    if sp.issparse(matrix) and matrix.format != "csr":
+        matrix = matrix.tocsr()  # once, not per chunk: this copies but never densifies
+    for start in range(0, source.n_cells, options.chunk_size):
+        ids: list[np.ndarray] = []
+        values: list[np.ndarray] = []
+        n_genes, n_expressed = [], []
+        for _, block in row_blocks(matrix, start, min(source.n_cells, start + options.chunk_size)):
+            enc = tokenizer.encode_with_ids(
+                block, match.ids, max_length=options.max_length, truncation="random", padding=False,
+                return_tensors=None, seed=options.seed, cls_value=cls_value, return_n_genes=True,
+            )
+            ids.extend(enc["input_ids"])
+            values.extend(enc["values"])
+            n_genes.append(enc["n_genes"])
+            n_expressed.append(enc["n_expressed"])
+        yield start, ids, values, np.concatenate(n_genes), np.concatenate(n_expressed)
 
 
 def _run_cells(
@@ -124,102 +165,63 @@ def _run_cells(
     width: int,
     *,
     cls_value: float,
-    batch_ids: np.ndarray | None = None,
-    batch_size: int,
-    max_length: int,
-    seed: int,
-    layer: str | None,
-    use_raw: bool,
-    gene_column: str | None,
-    device: str | torch.device | None,
-    precision: str,
-    chunk_size: int,
-    max_tokens: int | None | str,
-    num_threads: int | None,
-    progress: bool,
+    batch_ids: np.ndarray | None,
+    options: _RunOptions,
     desc: str,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Tokenise `adata` chunk by chunk, run `model` on length-grouped batches, collect `predict(output)`.
 
     Returns (per-cell results, NaN rows for cells with no vocabulary gene; per-cell gene counts; run facts).
+    The tokenizer's per-chunk reports are quiet: the coverage warning is said once, as soon as it shows (names
+    are the usual cause, so the first chunk tells), and the caller reports the cells without a gene.
     """
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
-    for arg, value, low in (("batch_size", batch_size, 1), ("max_length", max_length, 2), ("chunk_size", chunk_size, 1)):
-        if int(value) < low:
-            raise ValueError(f"{arg} must be at least {low}, got {value}.")
-    config = model.config
-    if max_length > config.max_seq_len:
-        warnings.warn(
-            f"max_length={max_length} exceeds the model's max_seq_len={config.max_seq_len}; cells that long "
-            "were never seen in training.",
-            stacklevel=3,
-        )
-    source = select_matrix(adata, layer, use_raw, gene_column)
-    matrix = source.matrix
-    if sp.issparse(matrix) and matrix.format != "csr":
-        matrix = matrix.tocsr()  # once, not per chunk: this copies but never densifies
+    options.check(adata, model.config.max_seq_len)
+    source = select_matrix(adata, options.layer, options.use_raw, options.gene_column)
     match = tokenizer.match_genes(source.gene_names)
-    target = pick_device(device)
-    dtype = autocast_dtype(target, precision)
-    if max_tokens == "auto":
-        max_tokens = DEFAULT_MAX_TOKENS.get(target.type)
-    elif max_tokens is not None and int(max_tokens) < 1:
-        raise ValueError(f"max_tokens must be positive, 'auto' or None, got {max_tokens}.")
-
-    n_obs = adata.n_obs
-    out = np.full((n_obs, width), np.nan, dtype=np.float32)
-    n_genes = np.zeros(n_obs, dtype=np.int64)
-    n_expressed = np.zeros(n_obs, dtype=np.int64)
-    column_hint = None if gene_column is not None else tokenizer._suggest_gene_column(source.var)
+    target = pick_device(options.device)
+    dtype = autocast_dtype(target, options.precision)
+    max_tokens = options.token_budget(target)
+    column_hint = None if options.gene_column is not None else tokenizer._suggest_gene_column(source.var)
+    out = np.full((adata.n_obs, width), np.nan, dtype=np.float32)
+    n_genes = np.zeros(adata.n_obs, dtype=np.int64)
+    n_expressed = np.zeros(adata.n_obs, dtype=np.int64)
     coverage_warned = False
     was_training = model.training
     model.to(target).eval()
     started = time.perf_counter()
-    bar = tqdm(total=n_obs, desc=desc, unit="cell", disable=not progress)
+    bar = tqdm(total=adata.n_obs, desc=desc, unit="cell", disable=not options.progress)
     try:
-        with _cpu_threads(num_threads), _tokenizer_log_filter():
-            for start in range(0, n_obs, chunk_size):
-                stop = min(n_obs, start + chunk_size)
-                ids: list[np.ndarray] = []
-                vals: list[np.ndarray] = []
-                for _, block in row_blocks(matrix, start, stop):
-                    enc = tokenizer.encode_with_ids(
-                        block, match.ids, max_length=max_length, truncation="random", padding=False,
-                        return_tensors=None, seed=seed, cls_value=cls_value, return_n_genes=True,
-                    )
-                    ids.extend(enc["input_ids"])
-                    vals.extend(enc["values"])
-                    done = slice(start + len(ids) - len(enc["input_ids"]), start + len(ids))
-                    n_genes[done], n_expressed[done] = enc["n_genes"], enc["n_expressed"]
-                # Said as soon as it shows (names are the usual cause, so the first chunk tells), not after the run.
+        with _cpu_threads(options.num_threads), quiet_tokenizer_warnings():
+            for start, ids, values, genes, expressed in _tokenized_chunks(tokenizer, source, match, options, cls_value):
+                stop = start + len(ids)
+                n_genes[start:stop], n_expressed[start:stop] = genes, expressed
                 warning = match.coverage_warning(n_genes[:stop], n_expressed[:stop], column_hint)
                 if warning and not coverage_warned:
                     warnings.warn(warning, stacklevel=3)
                     coverage_warned = True
-                chunk_genes = n_genes[start:stop]
-                bar.update(int((chunk_genes == 0).sum()))
-                rows = np.flatnonzero(chunk_genes > 0)
+                rows = np.flatnonzero(genes > 0)
+                bar.update(len(genes) - rows.size)
                 if rows.size:
                     out[start + rows] = run_cells(
-                        model, [ids[r] for r in rows], [vals[r] for r in rows], predict=predict,
-                        batch_size=batch_size, max_tokens=max_tokens, pad_id=config.pad_token_id,
-                        pad_value=float(config.pad_value), device=target, dtype=dtype,
+                        model, [ids[r] for r in rows], [values[r] for r in rows], predict=predict,
+                        batch_size=options.batch_size, max_tokens=max_tokens, pad_id=model.config.pad_token_id,
+                        pad_value=float(model.config.pad_value), device=target, dtype=dtype,
                         batch_ids=None if batch_ids is None else batch_ids[start + rows],
                     )
-                    bar.update(len(rows))
+                    bar.update(rows.size)
     finally:
         bar.close()
         model.train(was_training)
     elapsed = time.perf_counter() - started
-    logger.info("Ran %d cells in %.1f s (%.2f cells/s) on %s.", n_obs, elapsed, n_obs / max(elapsed, 1e-9), target)
+    logger.info("Ran %d cells in %.1f s (%.2f cells/s) on %s.", adata.n_obs, elapsed,
+                adata.n_obs / max(elapsed, 1e-9), target)
     facts = {
-        "max_length": int(max_length),
-        "seed": int(seed),
+        "max_length": int(options.max_length),
+        "seed": int(options.seed),
         "cls_value": float(cls_value),
         "n_bins": int(tokenizer.n_bins),
         "matrix": source.where,
-        "gene_column": gene_column if gene_column is not None else "var_names",
+        "gene_column": options.gene_column if options.gene_column is not None else "var_names",
         "n_genes_matched": int(match.n_matched),
         "n_genes_total": int(match.n_total),
         "vocabulary_coverage": float(n_genes.sum() / max(1, n_expressed.sum())),
@@ -245,6 +247,10 @@ def _warn_empty(n_empty: int, n_obs: int, where: str, n_genes_key: str) -> None:
             f"(obs[{n_genes_key!r}] == 0). Drop them before downstream analysis, e.g. adata[adata.obs[...] > 0].",
             stacklevel=3,
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
 
 
 def embed(
@@ -305,14 +311,12 @@ def embed(
     Returns:
         `adata` itself, with `obsm[key_added]` (n_obs x hidden_size float32, L2-normalised, NaN rows for
         cells with no expressed vocabulary gene), `obs[key_added + "_n_genes"]` and
-        `uns[key_added + "_params"]` holding: `model` (name or path), `max_length`, `seed`, `cls_value`,
-        `n_bins`, `cell_emb_style`, `matrix` ("X", "layers/<name>" or "raw.X"), `gene_column`,
-        `n_genes_matched`, `n_genes_total`, `vocabulary_coverage` (share of the cells' non-zero entries on
-        vocabulary genes; below `tokenization_scgpt.MIN_COVERAGE` a warning names the likely cause),
-        `n_cells_empty`, `device`, `precision`, `scgpt_hf_version`.
+        `uns[key_added + "_params"]`: `model` (name or path), `max_length`, `seed`, `cls_value`, `n_bins`,
+        `cell_emb_style`, `matrix` ("X", "layers/<name>" or "raw.X"), `gene_column`, `n_genes_matched`,
+        `n_genes_total`, `vocabulary_coverage` (share of the cells' non-zero entries on vocabulary genes;
+        below `tokenization_scgpt.MIN_COVERAGE` a warning names the likely cause), `n_cells_empty`, `device`,
+        `precision`, `batch_key`, `batch_as_ids`, `scgpt_hf_version`.
     """
-    from . import __version__
-
     check_embedding_key(key_added)
     backbone, tokenizer, name = load_model(model, tokenizer)
     config = backbone.config
@@ -320,19 +324,13 @@ def embed(
         adata, backbone, tokenizer, lambda result: result.cell_embedding, config.hidden_size,
         cls_value=float(config.pad_value),  # the original's embedding path puts pad_value at <cls>
         batch_ids=_batch_codes(adata, config, batch_key, batch_as_ids),
-        batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
-        gene_column=gene_column, device=device, precision=precision, chunk_size=chunk_size, max_tokens=max_tokens,
-        num_threads=num_threads, progress=progress, desc="Embedding cells",
+        options=_RunOptions(batch_size, max_length, seed, layer, use_raw, gene_column, device, precision,
+                            chunk_size, max_tokens, num_threads, progress),
+        desc="Embedding cells",
     )
     _warn_empty(facts["n_cells_empty"], adata.n_obs, f"rows of obsm[{key_added!r}]", f"{key_added}_n_genes")
-    write_embedding(adata, key_added, out, n_genes, {
-        "model": name or type(backbone).__name__,
-        "cell_emb_style": str(config.cell_emb_style),
-        "batch_key": batch_key,
-        "batch_as_ids": bool(batch_as_ids),
-        **facts,
-        "scgpt_hf_version": str(__version__),
-    })
+    about = {"model": name or type(backbone).__name__, "cell_emb_style": str(config.cell_emb_style)}
+    write_embedding(adata, key_added, out, n_genes, _params(about, batch_key, batch_as_ids, facts))
     return adata
 
 
@@ -368,8 +366,6 @@ def annotate(
         `obsm[key_added + "_probabilities"]` (n_obs x num_labels, columns in `config.id2label` order),
         `uns[key_added + "_params"]` (how it was computed, as in `embed`, plus `labels`).
     """
-    from . import __version__
-
     check_annotation_key(key_added)
     classifier, tokenizer, name = load_model(model, tokenizer, ScGPTForCellClassification)
     config = classifier.config
@@ -378,22 +374,23 @@ def annotate(
         adata, classifier, tokenizer, lambda result: torch.softmax(result.logits.float(), dim=-1), config.num_labels,
         cls_value=float(tokenizer.cls_value),
         batch_ids=_batch_codes(adata, config, batch_key, batch_as_ids),
-        batch_size=batch_size, max_length=max_length, seed=seed, layer=layer, use_raw=use_raw,
-        gene_column=gene_column, device=device, precision=precision, chunk_size=chunk_size, max_tokens=max_tokens,
-        num_threads=num_threads, progress=progress, desc="Annotating cells",
+        options=_RunOptions(batch_size, max_length, seed, layer, use_raw, gene_column, device, precision,
+                            chunk_size, max_tokens, num_threads, progress),
+        desc="Annotating cells",
     )
     done = n_genes > 0
     _warn_empty(facts["n_cells_empty"], adata.n_obs, f"labels in obs[{key_added!r}]", f"{key_added}_n_genes")
     best = np.where(done, np.nan_to_num(probs, nan=-1.0).argmax(axis=1), -1)
     probability = np.where(done, probs[np.arange(len(best)), np.maximum(best, 0)], np.nan)
-    params = {
-        "model": name or type(classifier).__name__,
-        "labels": labels,
-        "batch_key": batch_key,
-        "batch_as_ids": bool(batch_as_ids),
-        **facts,
-        "scgpt_hf_version": str(__version__),
-    }
+    about = {"model": name or type(classifier).__name__, "labels": labels}
     write_annotation(adata, key_added, labels=labels, codes=best, probability=probability, probabilities=probs,
-                     n_genes=n_genes, params=params)
+                     n_genes=n_genes, params=_params(about, batch_key, batch_as_ids, facts))
     return adata
+
+
+def _params(about: dict[str, Any], batch_key: str | None, batch_as_ids: bool, facts: dict[str, Any]) -> dict[str, Any]:
+    """``uns[key + "_params"]``: what ran (`about`), the batch column, how it ran (`facts`), the library version."""
+    from . import __version__
+
+    return {**about, "batch_key": batch_key, "batch_as_ids": bool(batch_as_ids), **facts,
+            "scgpt_hf_version": str(__version__)}
