@@ -19,7 +19,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -250,8 +249,7 @@ def batch_codes(
         )
     if batch_key not in adata.obs:
         raise ValueError(f"obs has no column {batch_key!r}; available: {list(adata.obs.columns)}.")
-    settings = SimpleNamespace(num_batch_labels=num_batch_labels, batch2id=batch2id)
     try:
-        return np.asarray(batch_ids(adata.obs[batch_key], settings, as_ids=as_ids), dtype=np.int64)
+        return np.asarray(batch_ids(adata.obs[batch_key], num_batch_labels, batch2id, as_ids=as_ids), dtype=np.int64)
     except ValueError as err:
         raise ValueError(f"obs[{batch_key!r}]: {err}") from err
