@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "DEFAULT_PACKED",
     "PRECISIONS",
     "autocast_dtype",
     "length_groups",
@@ -55,6 +56,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: memory (~65k tokens of whole-human size take a few GB in bf16) while leaving 64 cells of 1,024 tokens in
 #: one forward, enough to fill a large GPU.
 DEFAULT_MAX_TOKENS = {"cpu": 4096, "cuda": 65536}
+#: Whether :func:`run_cells` packs cells without padding by default (padding-free attention), per device type.
+#: CPU: packed was never slower in bench/packed_attention.py (real wu2020 lengths, whole-human width): x1.06-1.25
+#: cells per CPU-second for served batches of 8-64 cells under the 4,096-token budget, x1.43-1.58 without one,
+#: x1.01 for embed's length-grouped chunks (2 % padding).  CUDA: padded until a GPU has measured packed
+#: (bench/gpu/suite.py reports both).
+DEFAULT_PACKED = {"cpu": True, "cuda": False}
 
 
 def load_model(
@@ -164,6 +171,17 @@ def _padded(ids: Sequence[np.ndarray], values: Sequence[np.ndarray], members: np
     return pid, pval, (None if pmask.all() else pmask)
 
 
+def _packed(ids: Sequence[np.ndarray], values: Sequence[np.ndarray], members: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(input_ids (1, total), values (1, total), cell offsets, longest cell) of the cells `members`, one after
+    another with no padding: the model's packed input (`cu_seq_lens_q`, `max_length_q`)."""
+    lengths = np.array([len(ids[m]) for m in members], dtype=np.int64)
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    pid = np.concatenate([ids[m] for m in members]).astype(np.int64, copy=False)[None]
+    pval = np.concatenate([values[m] for m in members]).astype(np.float32, copy=False)[None]
+    return pid, pval, offsets, int(lengths.max())
+
+
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     tensor = torch.from_numpy(array)
     if device.type == "cuda":  # pinned memory: the copy is queued and the host moves on
@@ -184,6 +202,7 @@ def run_cells(
     device: torch.device,
     dtype: torch.dtype | None,
     batch_ids: np.ndarray | None = None,
+    packed: bool | None = None,
 ) -> np.ndarray:
     """``predict(model(...))`` for each cell, as float32 rows in the order of `ids`.
 
@@ -191,23 +210,27 @@ def run_cells(
     host; `batch_ids`: each cell's batch id for batch-label models.  Cells run in length-grouped batches
     (:func:`length_groups`) under ``torch.inference_mode`` and, with `dtype`, autocast; the host waits for
     the device once, when it copies all results back.  `model` must already be on `device`, in eval mode.
+    `packed`: each batch's cells go to the model one after another without padding (``cu_seq_lens_q``; an
+    `ScGPTModel` or `ScGPTForCellClassification`), else right-padded; None takes :data:`DEFAULT_PACKED`.
     """
     if not len(ids):
         raise ValueError("No cells to run.")
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     groups = length_groups(lengths, batch_size, max_tokens)
+    packed = DEFAULT_PACKED.get(device.type, False) if packed is None else packed
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     results: list[torch.Tensor] = []
     with torch.inference_mode(), autocast:
         for members in groups:
-            pid, pval, pmask = _padded(ids, values, members, pad_id, pad_value)
+            if packed and lengths[members].min() < lengths[members].max():  # without padding both are the same
+                pid, pval, offsets, longest = _packed(ids, values, members)
+                layout = {"cu_seq_lens_q": _to_device(offsets, device), "max_length_q": longest}
+            else:
+                pid, pval, pmask = _padded(ids, values, members, pad_id, pad_value)
+                layout = {"attention_mask": None if pmask is None else _to_device(pmask, device)}
             labels = None if batch_ids is None else _to_device(np.ascontiguousarray(batch_ids[members]), device)
-            output = model(
-                input_ids=_to_device(pid, device),
-                values=_to_device(pval, device),
-                attention_mask=None if pmask is None else _to_device(pmask, device),
-                batch_labels=labels,
-            )
+            output = model(input_ids=_to_device(pid, device), values=_to_device(pval, device), batch_labels=labels,
+                           **layout)
             results.append(predict(output).float())
         stacked = torch.cat(results).cpu().numpy()  # the one wait for the device
     out = np.empty_like(stacked)

@@ -3,6 +3,10 @@
 Numerically faithful to the original `scgpt` `TransformerModel` (see tests/test_parity.py); attention
 runs through transformers' attention interface, so `attn_implementation="eager" | "sdpa" |
 "flash_attention_2"` all work without flash-attn being required.
+
+Inference can also run padding-free: the cells of a batch concatenated into one row of tokens (`cu_seq_lens_q`,
+`max_length_q`, transformers' packed-sequence arguments), with attention kept within each cell
+(`packed_attention_forward`); `ScGPTModel` and `ScGPTForCellClassification` take such input.
 """
 
 from __future__ import annotations
@@ -169,6 +173,9 @@ class ScGPTDomainBatchNorm(nn.Module):
         )
 
     def forward(self, embeddings: torch.Tensor, batch_labels: torch.Tensor) -> torch.Tensor:
+        """`batch_labels`: one per cell (batch,), or one per token (1, total_tokens) for packed cells."""
+        if batch_labels.dim() == 2:  # packed: each token is normalised as a one-token cell of its batch
+            return self(embeddings.transpose(0, 1), batch_labels[0]).transpose(0, 1)
         out = torch.empty_like(embeddings)
         for domain in torch.unique(batch_labels).tolist():
             rows = batch_labels == domain
@@ -266,6 +273,58 @@ def eager_attention_forward(
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
+def packed_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    *,
+    cu_seq_lens_q: torch.Tensor,
+    max_length_q: int,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention within each cell of a packed row: query, key, value (1, heads, total_tokens, head_dim), cell k
+    at tokens `cu_seq_lens_q[k]:cu_seq_lens_q[k + 1]`; returns (1, total_tokens, heads, head_dim), no probabilities.
+
+    On an accelerator the cells go to SDPA as one nested jagged tensor (a single variable-length kernel, no
+    host-device synchronisation); on the CPU, where nested SDPA is a slow reference path (bench/packed_attention.py),
+    each cell gets its own SDPA call.
+    """
+    attend = _per_cell_attention if query.device.type == "cpu" else _nested_attention
+    return attend(query, key, value, cu_seq_lens_q, max_length_q, scaling), None
+
+
+def _per_cell_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor, max_length: int,
+    scaling: float,
+) -> torch.Tensor:
+    """One SDPA call per cell (the offsets are read on the host: for the CPU)."""
+    lengths = cu_seq_lens.diff().tolist()
+    cells = zip(*(t.split(lengths, dim=2) for t in (query, key, value)))
+    out = torch.cat([F.scaled_dot_product_attention(q, k, v, scale=scaling) for q, k, v in cells], dim=2)
+    return out.transpose(1, 2)
+
+
+def _nested_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor, max_length: int,
+    scaling: float,
+) -> torch.Tensor:
+    """All cells in one SDPA call on nested jagged tensors (a variable-length kernel on CUDA)."""
+    # Nested tensors cannot be views of inference tensors, and nested SDPA wants each input in its own storage.
+    with torch.inference_mode(False):
+        q, k, v = (
+            torch.nested.nested_tensor_from_jagged(
+                t[0].transpose(0, 1).clone(memory_format=torch.contiguous_format), offsets=cu_seq_lens, max_seqlen=max_length
+            ).transpose(1, 2)
+            for t in (query, key, value)
+        )
+        out = F.scaled_dot_product_attention(q, k, v, scale=scaling).transpose(1, 2).values()
+    return out.unsqueeze(0)
+
+
 class ScGPTSelfAttention(nn.Module):
     """Multi-head self-attention with packed [q; k; v] projection, as the original's `Wqkv` / `in_proj`."""
 
@@ -286,8 +345,10 @@ class ScGPTSelfAttention(nn.Module):
         batch, seq_len, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(batch, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, seq, head_dim)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+        attention_interface: Callable = (
+            packed_attention_forward
+            if kwargs.get("cu_seq_lens_q") is not None
+            else ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         )
         attn_output, attn_weights = attention_interface(
             self,
@@ -703,6 +764,9 @@ class ScGPTModel(ScGPTPreTrainedModel):
                 to themselves only, known genes attend to known genes only, and pooling uses known genes.
         """
         input_ids, values = _without_padding(self.config, input_ids, values, attention_mask)
+        if kwargs.get("cu_seq_lens_q") is not None:
+            return self._packed_forward(input_ids, values, attention_mask, batch_labels, perturbation_flags,
+                                        generative_mask, **kwargs)
         self._check_batch_labels(batch_labels, input_ids.shape[0])
         self._check_perturbation_flags(perturbation_flags, input_ids)
         self._check_generative_mask(generative_mask, input_ids)
@@ -729,6 +793,90 @@ class ScGPTModel(ScGPTPreTrainedModel):
             gene_embeddings=gene_embeddings,
             batch_embedding=self.batch_encoder(batch_labels) if self.config.use_batch_labels else None,
         )
+
+    def _packed_forward(
+        self,
+        input_ids: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        batch_labels: torch.Tensor | None,
+        perturbation_flags: torch.Tensor | None,
+        generative_mask: torch.Tensor | None,
+        *,
+        cu_seq_lens_q: torch.Tensor,
+        max_length_q: int | None = None,
+        **kwargs,
+    ) -> ScGPTModelOutput:
+        """Padding-free inference: `input_ids` / `values` (1, total_tokens) hold the cells one after another, cell
+        k at tokens `cu_seq_lens_q[k]:cu_seq_lens_q[k + 1]` (each starting with `<cls>`), `max_length_q` the
+        longest cell. Embeddings, feed-forward blocks and norms see real tokens only, attention stays within
+        each cell; the cell embeddings (and batch embeddings) are one row per cell, the token states stay packed.
+        Same numbers as the padded forward of the same cells (tests/test_packed_attention.py)."""
+        cells = _check_packed_cells(self, input_ids, attention_mask, perturbation_flags, generative_mask,
+                                    cu_seq_lens_q, max_length_q)
+        self._check_batch_labels(batch_labels, cu_seq_lens_q.shape[0] - 1)
+        token_labels = None if batch_labels is None else batch_labels[cells].unsqueeze(0)
+        embeddings, gene_embeddings = self.embeddings(input_ids, values, token_labels)
+        hidden = self.encoder(embeddings, None, cu_seq_lens_q=cu_seq_lens_q, max_length_q=max_length_q, **kwargs)
+        return ScGPTModelOutput(
+            last_hidden_state=hidden,
+            cell_embedding=self._packed_cell_embedding(hidden[0], values[0], cu_seq_lens_q, cells),
+            gene_embeddings=gene_embeddings,
+            batch_embedding=self.batch_encoder(batch_labels) if self.config.use_batch_labels else None,
+        )
+
+    def _packed_cell_embedding(
+        self, hidden: torch.Tensor, values: torch.Tensor, cu_seq_lens: torch.Tensor, cells: torch.Tensor
+    ) -> torch.Tensor:
+        """`_cell_embedding` for packed cells: (total_tokens, hidden) states -> (cells, hidden)."""
+        style = self.config.cell_emb_style
+        if style == "cls":
+            return hidden[cu_seq_lens[:-1]]
+        weights = torch.ones_like(values, dtype=hidden.dtype) if style == "avg-pool" else values.to(hidden.dtype)
+        pooled = hidden.new_zeros(cu_seq_lens.shape[0] - 1, hidden.shape[1]).index_add_(
+            0, cells, hidden * weights.unsqueeze(-1)
+        )
+        if style == "avg-pool":
+            return pooled / cu_seq_lens.diff().unsqueeze(-1).to(hidden.dtype)
+        return F.normalize(pooled, p=2, dim=1)
+
+
+def _check_packed_cells(
+    model: ScGPTModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    perturbation_flags: torch.Tensor | None,
+    generative_mask: torch.Tensor | None,
+    cu_seq_lens: torch.Tensor,
+    max_length: int | None,
+) -> torch.Tensor:
+    """Refuses what packed cells cannot mean; returns each token's cell index (1-D, no host-device wait).
+
+    The offsets' values are read on the CPU only, as `_without_padding` reads masks."""
+    if model.training:
+        raise ValueError("Packed cells (cu_seq_lens_q) are for inference; call model.eval() first.")
+    if attention_mask is not None or perturbation_flags is not None or generative_mask is not None:
+        raise ValueError(
+            "Packed cells (cu_seq_lens_q) have no padding and take no attention_mask, perturbation_flags or "
+            "generative_mask: pass padded cells for those."
+        )
+    total = input_ids.shape[1]
+    if input_ids.shape[0] != 1 or cu_seq_lens.dim() != 1 or cu_seq_lens.shape[0] < 2 or max_length is None:
+        raise ValueError(
+            "Packed cells are one row: input_ids and values (1, total_tokens), cu_seq_lens_q (cells + 1,) the "
+            f"offsets of the cells in it and max_length_q the longest cell; got input_ids {tuple(input_ids.shape)}, "
+            f"cu_seq_lens_q {tuple(cu_seq_lens.shape)}, max_length_q {max_length}."
+        )
+    lengths = cu_seq_lens.diff()
+    if cu_seq_lens.device.type == "cpu" and not torch.compiler.is_exporting():
+        if cu_seq_lens[0] != 0 or cu_seq_lens[-1] != total or lengths.min() < 1 or lengths.max() != max_length:
+            raise ValueError(
+                f"cu_seq_lens_q must rise from 0 to the {total} tokens, each cell at least one token long, and "
+                f"max_length_q be the longest cell; got {cu_seq_lens.tolist()[:10]}..., max_length_q {max_length}."
+            )
+    return torch.repeat_interleave(
+        torch.arange(lengths.shape[0], device=lengths.device), lengths, output_size=total
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -914,6 +1062,11 @@ def _encode(
 ) -> tuple[torch.Tensor, ScGPTModelOutput]:
     """A head's backbone pass: `values` with padding cleared (the heads' decoders and losses read them) and the
     backbone's output, always a `ScGPTModelOutput` (the head's `return_dict` applies to its own output)."""
+    if kwargs.get("cu_seq_lens_q") is not None and not isinstance(head, ScGPTForCellClassification):
+        raise ValueError(
+            f"{type(head).__name__} decodes every token, which packed cells (cu_seq_lens_q) leave packed; pass "
+            "padded cells. Packed input is for ScGPTModel and ScGPTForCellClassification (cell embeddings)."
+        )
     input_ids, values = _without_padding(head.config, input_ids, values, attention_mask)
     return values, head.scgpt(input_ids, values, attention_mask=attention_mask, return_dict=True, **kwargs)
 
