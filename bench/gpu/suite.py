@@ -11,6 +11,10 @@ records its error and the others still run.
 * embed: the tokenizer's cells/s; `scgpt_hf.embed` cells/s at 1,200 tokens per cell and at real lengths over
   a batch-size sweep; the forward alone (pre-tokenized cells) with achieved TFLOP/s against the GPU's
   measured bf16 matmul rate.
+* packed: padding-free inference (`run_cells(packed=True)`: cells concatenated, attention within each cell
+  through SDPA on nested jagged tensors) against padded batches on the device: agreement, no host-device
+  synchronisation, and the forward's cells/s on real lengths for served dynamic batches of 8-64 random cells and
+  for embed's length-grouped batches, to confirm or change `scgpt_hf.inference.DEFAULT_PACKED` for CUDA.
 * original: the original's own `scgpt.tasks.embed_data` (PyTorch layers, fp16 autocast) on the same weights
   and cells, model loading subtracted; cosine to ours.
 * triton: ``scgpt-hf serve MODEL --device cuda`` started as a user would; gRPC cells/s and p50/p99 latency at
@@ -102,7 +106,7 @@ def load_original() -> types.SimpleNamespace:
         mpl = types.ModuleType("matplotlib")
         mpl.pyplot, mpl.axes = types.ModuleType("matplotlib.pyplot"), types.ModuleType("matplotlib.axes")
         for module in (mpl.pyplot, mpl.axes):
-            module.__getattr__ = lambda name: type(name, (), {})
+            module.__getattr__ = _placeholder_class
         sys.modules.update({"matplotlib": mpl, "matplotlib.pyplot": mpl.pyplot, "matplotlib.axes": mpl.axes})
     for name, path in (("scgpt", root), ("scgpt.tasks", root / "tasks")):
         package = types.ModuleType(name)
@@ -115,6 +119,14 @@ def load_original() -> types.SimpleNamespace:
         model = importlib.import_module("scgpt.model")
         cell_emb = importlib.import_module("scgpt.tasks.cell_emb")
     return types.SimpleNamespace(TransformerModel=model.TransformerModel, embed_data=cell_emb.embed_data, root=root)
+
+
+def _placeholder_class(name: str) -> type:
+    """A stand-in module's attribute: a class for any name (annotations), but no dunders, which `inspect` reads
+    (a class as `__file__` broke torch's custom-op registration when transformers imported it afterwards)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return type(name, (), {})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,17 +214,19 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_flops(lengths: np.ndarray, size: dict, batch_size: int, max_tokens: int | None) -> float:
-    """Multiply-add FLOPs of the encoder over the padded batches `run_cells` forms (what the device computes)."""
+def forward_flops(lengths: np.ndarray, size: dict, batch_size: int, max_tokens: int | None,
+                  packed: bool = False) -> float:
+    """Multiply-add FLOPs of the encoder over the batches `run_cells` forms (what the device computes): each cell
+    at its batch's padded length, or at its own length when `packed`."""
     from scgpt_hf.inference import length_groups
 
     d, h, n_layers = size["d_model"], size["d_hid"], size["nlayers"]
     total = 0.0
     for members in length_groups(lengths, batch_size, max_tokens):
-        n, L = len(members), int(lengths[members].max())
-        per_layer = 2 * L * d * 3 * d + 4 * L * L * d + 2 * L * d * d + 4 * L * d * h
-        total += n * (n_layers * per_layer + 2 * L * d * d)  # + the value encoder's second linear
-    return total
+        for L in lengths[members] if packed else [int(lengths[members].max())] * len(members):
+            per_layer = 2 * L * d * 3 * d + 4 * L * L * d + 2 * L * d * d + 4 * L * d * h
+            total += n_layers * per_layer + 2 * L * d * d  # + the value encoder's second linear
+    return float(total)
 
 
 def matmul_tflops(device) -> float | None:
@@ -234,6 +248,23 @@ def matmul_tflops(device) -> float | None:
         stop.synchronize()
         times.append(start.elapsed_time(stop) / 1000)
     return 2 * 8192**3 / float(np.median(times)) / 1e12
+
+
+def sync_free(name: str, model, inputs: dict, dtype) -> dict:
+    """{name}_sync_free: whether `model(**inputs)` on the GPU, autocast to `dtype`, ran without making the host wait
+    for the device (CUDA's sync debug mode "error" raises on any synchronisation); {name}_sync_error when not."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
+            model(**inputs)
+        return {f"{name}_sync_free": True}
+    except RuntimeError as err:
+        return {f"{name}_sync_free": False, f"{name}_sync_error": str(err)[:500]}
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -331,17 +362,7 @@ def section_correctness(ctx: dict) -> dict:
     if device.type == "cuda":
         model = base.to(device).eval()
         inputs = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "values", "attention_mask")}
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=ctx["dtype"]):
-                model(**inputs)
-            res["forward_sync_free"] = True
-        except RuntimeError as err:
-            res["forward_sync_free"] = False
-            res["forward_sync_error"] = str(err)[:500]
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        res.update(sync_free("forward", model, inputs, ctx["dtype"]))
     else:
         res["forward_sync_free"] = "not checked on cpu"
     return res
@@ -349,7 +370,7 @@ def section_correctness(ctx: dict) -> dict:
 
 def section_embed(ctx: dict) -> dict:
     from scgpt_hf import embed
-    from scgpt_hf.inference import DEFAULT_MAX_TOKENS, precision_name, run_cells
+    from scgpt_hf.inference import DEFAULT_MAX_TOKENS, DEFAULT_PACKED, precision_name, run_cells
     from scgpt_hf.modeling_scgpt import ScGPTModel
     from scgpt_hf.tokenization_scgpt import ScGPTTokenizer
 
@@ -357,7 +378,7 @@ def section_embed(ctx: dict) -> dict:
     model = ScGPTModel.from_pretrained(str(model_dir)).to(device).eval()
     tok = ScGPTTokenizer.from_pretrained(str(model_dir))
     res: dict = {"precision": precision_name(ctx["dtype"]), "max_tokens": DEFAULT_MAX_TOKENS[device.type],
-                 "cells": N_CELLS, "batch_sizes": BATCH_SIZES, "runs": []}
+                 "packed": DEFAULT_PACKED[device.type], "cells": N_CELLS, "batch_sizes": BATCH_SIZES, "runs": []}
     embed(ctx["real"][:8].copy(), model, tok, device=device, progress=False)  # warm-up
     config = model.config
     for label, adata in (("1200_tokens", ctx["long"]), ("real_lengths", ctx["tiled"])):
@@ -368,6 +389,8 @@ def section_embed(ctx: dict) -> dict:
                                   cls_value=float(config.pad_value))
         res[f"tokenizer_{label}_cells_per_s"] = adata.n_obs / (time.perf_counter() - t0)
         ids, vals = enc["input_ids"], enc["values"]
+        if label == "real_lengths":
+            ctx["real_tokens"] = (ids, vals)  # for the packed section
         lengths = np.array([len(x) for x in ids])
         res[f"{label}_tokens_per_cell_median"] = float(np.median(lengths))
         for batch_size in BATCH_SIZES:
@@ -382,7 +405,7 @@ def section_embed(ctx: dict) -> dict:
                           max_tokens=max_tokens, pad_id=config.pad_token_id, pad_value=float(config.pad_value),
                           device=device, dtype=ctx["dtype"])
                 seconds = time.perf_counter() - t0
-                flops = forward_flops(lengths, size, batch_size, max_tokens)
+                flops = forward_flops(lengths, size, batch_size, max_tokens, res["packed"])
                 run[f"forward_{key}_cells_per_s"] = len(ids) / seconds
                 run[f"forward_{key}_tflops"] = flops / seconds / 1e12
                 if ctx["matmul_tflops"]:
@@ -397,6 +420,82 @@ def section_embed(ctx: dict) -> dict:
                 f"{run['forward_auto_cells_per_s']:.0f} cells/s ({run['forward_auto_tflops']:.1f} TFLOP/s)")
     ctx["ours_for_original"] = embed(ctx["tiled"][: ctx["n_original"]].copy(), model, tok, device=device,
                                      progress=False).obsm["X_scGPT"]
+    return res
+
+
+def section_packed(ctx: dict) -> dict:
+    """Padded vs packed (padding-free) inference on the device, on real wu2020 lengths."""
+    import torch
+
+    from scgpt_hf.inference import DEFAULT_MAX_TOKENS, DEFAULT_PACKED, length_groups, run_cells
+    from scgpt_hf.modeling_scgpt import ScGPTModel, _nested_attention, _per_cell_attention
+
+    device, size = ctx["device"], ctx["size"]
+    model = ScGPTModel.from_pretrained(str(ctx["model_dir"])).to(device).eval()
+    ids, vals = ctx["real_tokens"]
+    lengths = np.array([len(x) for x in ids])
+    budget = DEFAULT_MAX_TOKENS[device.type]
+    res: dict = {"default_packed": DEFAULT_PACKED[device.type], "max_tokens": budget,
+                 "attention": "per-cell SDPA" if device.type == "cpu" else "SDPA on nested jagged tensors"}
+
+    speed_dtype = ctx["dtype"] if device.type == "cuda" else None  # as embed's "auto"
+
+    def run(cells: np.ndarray, batch_size: int, packed: bool, dtype=speed_dtype) -> np.ndarray:
+        return run_cells(model, [ids[c] for c in cells], [vals[c] for c in cells], predict=lambda o: o.cell_embedding,
+                         batch_size=batch_size, max_tokens=budget, pad_id=model.config.pad_token_id,
+                         pad_value=float(model.config.pad_value), device=device, dtype=dtype, packed=packed)
+
+    # Agreement: the nested kernel against one SDPA per cell, and whole forwards, fp32 and autocast.
+    g = torch.Generator().manual_seed(0)
+    cut = torch.tensor([0, 5, 22, 23, 60])
+    with torch.inference_mode():
+        q, k, v = (torch.randn(1, 4, 60, 16, generator=g).to(device) for _ in range(3))
+        nested = _nested_attention(q, k, v, cut.to(device), 37, 0.25)
+        res["nested_vs_per_cell_max_abs"] = float((nested.cpu() - _per_cell_attention(
+            q.cpu(), k.cpu(), v.cpu(), cut, 37, 0.25)).abs().max())
+    some = np.arange(min(8 if QUICK else N_CORRECTNESS, len(ids)))
+    for name, dtype in (("fp32", None), ("autocast", ctx["dtype"])):
+        cos = cosine_rows(run(some, 16, True, dtype), run(some, 16, False, dtype))
+        res[f"cosine_packed_vs_padded_{name}_min"] = float(cos.min())
+    if device.type == "cuda":  # the packed forward never makes the host wait for the GPU
+        eight = [np.asarray(ids[c], dtype=np.int64) for c in some[:8]]
+        inputs = {"input_ids": torch.from_numpy(np.concatenate(eight))[None].to(device),
+                  "values": torch.from_numpy(np.concatenate([vals[c] for c in some[:8]]).astype(np.float32))[None]
+                  .to(device),
+                  "cu_seq_lens_q": torch.tensor(np.cumsum([0] + [len(x) for x in eight])).to(device),
+                  "max_length_q": max(len(x) for x in eight)}
+        res.update(sync_free("packed_forward", model, inputs, ctx["dtype"]))
+
+    # Speed: served dynamic batches of random cells (one model call each), and embed's length-grouped batches.
+    rng = np.random.default_rng(0)
+    per_case = N_CELLS if QUICK else 256
+    cases = [(f"serving_{n}", [rng.choice(len(ids), n, replace=False) for _ in range(max(1, per_case // n))], n)
+             for n in ((4, 8) if QUICK else (8, 32, 64))] + [("embed_64", [np.arange(len(ids))], 64)]
+    run(some[:8], 8, True)  # warm-up
+    for label, batches, batch_size in cases:
+        if over_budget():
+            res[label] = {"skipped": "time budget"}
+            continue
+        cells = np.concatenate(batches)
+        padded_tokens = sum(len(g) * lengths[b][g].max() for b in batches
+                            for g in length_groups(lengths[b], batch_size, budget))
+        entry = {"cells": len(cells), "batch_size": batch_size,
+                 "padding_share": float(1 - lengths[cells].sum() / padded_tokens)}
+        for packed in (False, True):
+            layout = "packed" if packed else "padded"
+            synchronize(device)
+            t0 = time.perf_counter()
+            for b in batches:
+                run(b, batch_size, packed)
+            synchronize(device)
+            seconds = time.perf_counter() - t0
+            flops = sum(forward_flops(lengths[b], size, batch_size, budget, packed) for b in batches)
+            entry[f"{layout}_cells_per_s"] = len(cells) / seconds
+            entry[f"{layout}_tflops"] = flops / seconds / 1e12
+        entry["packed_speedup"] = entry["packed_cells_per_s"] / entry["padded_cells_per_s"]
+        res[label] = entry
+        log(f"packed {label}: padding {entry['padding_share']:.1%}, padded {entry['padded_cells_per_s']:.0f} "
+            f"cells/s, packed {entry['packed_cells_per_s']:.0f} cells/s (x{entry['packed_speedup']:.2f})")
     return res
 
 
@@ -622,6 +721,11 @@ def markdown(report: dict) -> str:
                      f"cells/s, {_fmt(run['forward_auto_tflops'], 1)} TFLOP/s"
                      + (f" ({run['forward_auto_fraction_of_bf16_matmul']:.0%} of bf16 matmul)"
                         if run.get("forward_auto_fraction_of_bf16_matmul") else "") + " |")
+    for label, entry in report.get("packed", {}).items():
+        if isinstance(entry, dict) and "packed_cells_per_s" in entry:
+            lines.append(f"| forward, padded -> packed, {label.replace('_', ' ')} cells per batch, real lengths | "
+                         f"{_fmt(entry['padded_cells_per_s'])} -> {_fmt(entry['packed_cells_per_s'])} | padding "
+                         f"{entry['padding_share']:.0%} of tokens; packed x{entry['packed_speedup']:.2f} |")
     emb = report.get("embed", {})
     for label in ("1200_tokens", "real_lengths"):
         if f"tokenizer_{label}_cells_per_s" in emb:
@@ -639,15 +743,16 @@ def markdown(report: dict) -> str:
                          f"concurrency {case['concurrency']} | {_fmt(case['cells_per_s'])} | p50 "
                          f"{_fmt(case['p50_ms'])} ms, p99 {_fmt(case['p99_ms'])} ms, errors {case['errors']} |")
     lines += ["", "| check | result |", "|---|---|"]
-    for name in ("correctness", "triton"):
+    for name in ("correctness", "packed", "triton"):
         for key, value in report.get(name, {}).items():
             if key.startswith("cosine") or key in ("generative_sdpa_equals_eager", "forward_sync_free",
-                                                   "second_server_refused", "generative_sdpa_vs_eager_max_abs"):
+                                                   "second_server_refused", "generative_sdpa_vs_eager_max_abs",
+                                                   "packed_forward_sync_free", "nested_vs_per_cell_max_abs"):
                 lines.append(f"| {key} | {value:.6f} |" if isinstance(value, float) else f"| {key} | {value} |")
     oom = report.get("triton", {}).get("oom", {})
     if oom:
         lines.append(f"| oom_answered_and_kept_serving | {oom.get('oom_answered_and_kept_serving', oom.get('skipped'))} |")
-    for name in ("environment", "correctness", "embed", "original", "triton"):
+    for name in ("environment", "correctness", "embed", "packed", "original", "triton"):
         if "error" in report.get(name, {}):
             lines.append(f"| {name} FAILED | {report[name]['error'][:200]} |")
     return "\n".join(lines) + "\n"
@@ -698,6 +803,7 @@ def main() -> int:
         if "error" not in report["setup"]:
             run("correctness", section_correctness, ctx)
             run("embed", section_embed, ctx)
+            run("packed", section_packed, ctx)
             run("original", section_original, ctx)
             run("triton", section_triton, ctx)
     report["total_seconds"] = round(time.monotonic() - START, 1)
@@ -706,7 +812,7 @@ def main() -> int:
     (args.out / "gpu_report.md").write_text(table)
     print(table)
     return 0 if all("error" not in report.get(k, {}) for k in ("environment", "setup", "correctness", "embed",
-                                                             "original", "triton")) else 1
+                                                             "packed", "original", "triton")) else 1
 
 
 if __name__ == "__main__":
