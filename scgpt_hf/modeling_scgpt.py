@@ -317,7 +317,9 @@ def _nested_attention(
     with torch.inference_mode(False):
         q, k, v = (
             torch.nested.nested_tensor_from_jagged(
-                t[0].transpose(0, 1).clone(memory_format=torch.contiguous_format), offsets=cu_seq_lens, max_seqlen=max_length
+                t[0].transpose(0, 1).clone(memory_format=torch.contiguous_format),  # (total_tokens, heads, dim)
+                offsets=cu_seq_lens,
+                max_seqlen=max_length,
             ).transpose(1, 2)
             for t in (query, key, value)
         )
