@@ -61,6 +61,7 @@ from torch import nn
 from scgpt_hf import padding
 from scgpt_hf.atomic import atomic_output, check_writable
 from scgpt_hf.configuration_scgpt import ScGPTConfig
+from scgpt_hf.inference import eval_mode
 from scgpt_hf.constants import DEFAULT_VALIDATION_SHAPES, EXPORT_PRECISIONS, EXPORT_TASKS
 from scgpt_hf.modeling_scgpt import (
     ScGPTForBatchIntegration,
@@ -389,17 +390,6 @@ def _quiet() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run the block with the model in eval mode (no dropout), then restore its training flag."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
 def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
     """Record the block's wall time under `step` (for the report's ``timings_s``) when it completes."""
     start = time.perf_counter()
@@ -607,7 +597,7 @@ def _export_graph(model: nn.Module, candidates: Sequence[str], input_names: Sequ
     Returns the ONNX IR model and its output names: those of `candidates` that this model computes.
     """
     args = _example_inputs(model.config, input_names)
-    with _eval_mode(model), _sdpa_attention(model), torch.no_grad():
+    with eval_mode(model), _sdpa_attention(model), torch.no_grad():
         probe = model(**dict(zip(input_names, args)), return_dict=True)
         output_names = tuple(n for n in candidates if getattr(probe, n, None) is not None)
         wrapper = _ExportWrapper(model, input_names, output_names).eval()
@@ -894,7 +884,7 @@ def _self_check_batch(cells: list, config: ScGPTConfig, extra_inputs: Sequence[s
 def _torch_outputs(model: nn.Module, feed: Mapping[str, np.ndarray], input_names: Sequence[str],
                    output_names: Sequence[str]) -> dict[str, np.ndarray]:
     """PyTorch's outputs (eval mode, fp32) for a padded batch."""
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         out = model(**{n: torch.from_numpy(feed[n]) for n in input_names}, return_dict=True)
     return {n: getattr(out, n).float().numpy() for n in output_names}
 

@@ -134,7 +134,7 @@ def _pb2() -> Any:
     except ImportError as err:
         raise ImportError(
             f"Building Triton configs needs tritonclient's ModelConfig protobuf ({err}): pip install "
-            "'tritonclient[grpc]' (the scgpt-hf[serve] extra)."
+            "'tritonclient[grpc]' (in scgpt-hf's export and serve extras)."
         ) from err
     return model_config_pb2
 

@@ -56,7 +56,9 @@ from .anndata_output import (
     write_annotation,
     write_embedding,
 )
-from .inference import DEFAULT_MAX_TOKENS, autocast_dtype, load_model, pick_device, precision_name, run_cells
+from .inference import (
+    DEFAULT_MAX_TOKENS, autocast_dtype, eval_mode, load_model, pick_device, precision_name, run_cells,
+)
 from .modeling_scgpt import ScGPTForCellClassification, ScGPTPreTrainedModel
 from .tokenization_scgpt import GeneMatch, ScGPTTokenizer, quiet_tokenizer_warnings
 
@@ -186,12 +188,11 @@ def _run_cells(
     n_genes = np.zeros(adata.n_obs, dtype=np.int64)
     n_expressed = np.zeros(adata.n_obs, dtype=np.int64)
     coverage_warned = False
-    was_training = model.training
-    model.to(target).eval()
+    model.to(target)
     started = time.perf_counter()
     bar = tqdm(total=adata.n_obs, desc=desc, unit="cell", disable=not options.progress)
     try:
-        with _cpu_threads(options.num_threads), quiet_tokenizer_warnings():
+        with eval_mode(model), _cpu_threads(options.num_threads), quiet_tokenizer_warnings():
             for start, ids, values, genes, expressed in _tokenized_chunks(tokenizer, source, match, options, cls_value):
                 stop = start + len(ids)
                 n_genes[start:stop], n_expressed[start:stop] = genes, expressed
@@ -211,7 +212,6 @@ def _run_cells(
                     bar.update(rows.size)
     finally:
         bar.close()
-        model.train(was_training)
     elapsed = time.perf_counter() - started
     logger.info("Ran %d cells in %.1f s (%.2f cells/s) on %s.", adata.n_obs, elapsed,
                 adata.n_obs / max(elapsed, 1e-9), target)

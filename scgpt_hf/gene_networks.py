@@ -32,8 +32,7 @@ from anndata import AnnData
 
 from .anndata_input import ExpressionInput, check_values, row_blocks, select_matrix
 from .cell_encoding import encode_cell, match_gene_names
-from .inference import load_model as _load
-from .inference import pick_device as _pick_device
+from .inference import eval_mode, load_model, pick_device
 from .modeling_scgpt import ScGPTModel, ScGPTPreTrainedModel
 from .tokenization_scgpt import ScGPTTokenizer
 
@@ -143,7 +142,7 @@ def gene_embeddings(
         AnnData (n_genes x hidden_size): `X` float32 gene-encoder output, `obs_names` gene symbols,
         `obs["token_id"]` vocabulary ids, `uns["gene_embedding"]` = {`model`, `source`, `missing_genes`}.
     """
-    backbone, tokenizer, name = _load(model, tokenizer)
+    backbone, tokenizer, name = load_model(model, tokenizer)
     vocab = tokenizer.get_vocab()
     specials = _special_tokens(tokenizer)
     if genes is None:
@@ -477,7 +476,7 @@ def attention_gene_scores(
         raise ValueError(f"normalization must be 'rank' or 'none', got {normalization!r}.")
     if int(batch_size) < 1 or int(chunk_size) < 1:
         raise ValueError("batch_size and chunk_size must be at least 1.")
-    backbone, tokenizer, _ = _load(model, tokenizer)
+    backbone, tokenizer, _ = load_model(model, tokenizer)
     n_layers = len(backbone.encoder.layers)
     if not -n_layers <= int(layer) < n_layers:
         raise ValueError(f"layer must be in [{-n_layers}, {n_layers}), the model has {n_layers} layers; got {layer}.")
@@ -490,7 +489,7 @@ def attention_gene_scores(
     m = len(scored.names) + 1
     total = torch.zeros((m, m), dtype=torch.float64)
     with (
-        _layer_attention(backbone, layer, scored.token_ids, _pick_device(device)) as attention,
+        _layer_attention(backbone, layer, scored.token_ids, pick_device(device)) as attention,
         torch.inference_mode(),
     ):
         values = _selected_cell_values(source, rows, chunk_size, scored, tokenizer, seed)
@@ -598,19 +597,18 @@ def _layer_attention(
         return captured[0].float()
 
     previous_attn = backbone.config._attn_implementation
-    was_training = backbone.training
-    backbone.to(device).eval()
+    backbone.to(device)
     if previous_attn != "eager":
         backbone.set_attn_implementation("eager")
     handle = backbone.encoder.layers[layer].register_forward_hook(capture)
     ids = torch.from_numpy(token_ids).to(device)
     try:
-        yield attention
+        with eval_mode(backbone):
+            yield attention
     finally:
         handle.remove()
         if previous_attn != "eager":
             backbone.set_attn_implementation(previous_attn)
-        backbone.train(was_training)
 
 
 def _selected_cell_values(

@@ -13,7 +13,6 @@ its GEARS datasets): attention cost grows with the square of the number of genes
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,6 +26,7 @@ import torch
 from anndata import AnnData
 
 from .anndata_input import row_blocks, select_matrix
+from .inference import eval_mode
 from .modeling_scgpt import ScGPTForPerturbationPrediction
 from .tokenization_scgpt import ScGPTTokenizer
 
@@ -309,7 +309,7 @@ def predict_perturbation(
     flags = torch.from_numpy(tokens.flags(perturbed)).to(model.device)
 
     result = np.full((adata.n_obs, len(source.gene_names)), np.nan, dtype=np.float32)
-    with _eval_mode(model):
+    with eval_mode(model):
         for start, values in _expression_rows(source.matrix, tokens.columns, batch_size):
             result[start : start + len(values), tokens.columns] = _predict(model, ids, flags, values)
     return result
@@ -330,14 +330,3 @@ def _predict(
             return_dict=True,
         )
     return out.expression.float().cpu().numpy()
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """`model` in eval mode, its previous mode restored on exit."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
