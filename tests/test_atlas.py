@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -381,7 +382,7 @@ def _kill_moment(moment: str) -> None:
     elif moment == "finishing":  # the parameters in uns, the progress record still there
         store.EmbeddingStore.tidy = lambda self: die()
     elif moment == "tidying":  # the progress record renamed away, not yet deleted
-        store.shutil.rmtree = lambda *a, **k: die()
+        store.shutil = types.SimpleNamespace(rmtree=lambda *a, **k: die())  # the store module's only
 
 
 @pytest.mark.parametrize("moment", ["creating the store", "writing a chunk", "writing a marker", "finishing",
