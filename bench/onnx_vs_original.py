@@ -195,12 +195,12 @@ def _original_on_our_tokens(model, hf_dir: Path, adata, vocab: dict, configs: di
     """The original model's normalised `<cls>` embeddings of our tokenizer's cells (agreement on identical tokens)."""
     import torch
 
-    from scgpt_hf.export.onnx_export import pad_cells
+    from scgpt_hf.export.onnx_export import graph_feed
 
     cells = _tokens(hf_dir, adata, max_length)
     out = np.zeros((len(cells), configs["embsize"]), np.float32)
     for idx in _grouped(cells, 16):
-        feed = pad_cells([cells[k] for k in idx], vocab["<pad>"], configs["pad_value"])
+        feed = graph_feed([cells[k] for k in idx], vocab["<pad>"], configs["pad_value"])
         with torch.no_grad(), _silence():
             enc = model._encode(torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["values"]),
                                 src_key_padding_mask=torch.from_numpy(feed["attention_mask"] == 0))
@@ -227,7 +227,7 @@ def _run_ours(args: argparse.Namespace, adata, workdir: Path, result: dict) -> t
 
 def _run_ort(args: argparse.Namespace, adata, workdir: Path, result: dict) -> tuple[np.ndarray, float, int]:
     """An exported graph in ONNX Runtime (`OnnxScGPT`, whose load and self-check are timed into `result`)."""
-    from scgpt_hf.export.onnx_export import OnnxScGPT, pad_cells
+    from scgpt_hf.export.onnx_export import OnnxScGPT, graph_feed
 
     hf_dir = workdir / "hf"
     t0 = time.perf_counter()
@@ -236,13 +236,13 @@ def _run_ort(args: argparse.Namespace, adata, workdir: Path, result: dict) -> tu
                   self_check=session.self_check_result["outputs"]["cell_embedding"])
     pp = session.preprocessing
     warm = _tokens(hf_dir, adata[:2], args.max_length)
-    session(pad_cells(warm, pp["pad_token_id"], pp["pad_value"]))
+    session(graph_feed(warm, pp["pad_token_id"], pp["pad_value"]))
     rss0 = _rss()
     t0 = time.perf_counter()
     cells = _tokens(hf_dir, adata, args.max_length)  # tokenisation is part of the timed path
     emb = np.zeros((len(cells), session.config["hidden_size"]), np.float32)
     for idx in _grouped(cells, args.batch_size):
-        out = session(pad_cells([cells[k] for k in idx], pp["pad_token_id"], pp["pad_value"]))
+        out = session(graph_feed([cells[k] for k in idx], pp["pad_token_id"], pp["pad_value"]))
         emb[idx] = out["cell_embedding"]
     elapsed = time.perf_counter() - t0
     return _normalise(emb), elapsed, rss0

@@ -841,8 +841,8 @@ def _synthetic_cells(config: ScGPTConfig, n_cells: int, seed: int) -> list[tuple
     return cells
 
 
-def pad_cells(cells: Sequence[tuple[np.ndarray, np.ndarray]], pad_token_id: int, pad_value: float,
-              max_length: int | None = None) -> dict[str, np.ndarray]:
+def graph_feed(cells: Sequence[tuple[np.ndarray, np.ndarray]], pad_token_id: int, pad_value: float,
+               max_length: int | None = None) -> dict[str, np.ndarray]:
     """(input_ids, values) cells as a graph feed, right-padded by `scgpt_hf.padding` (cut to `max_length` tokens,
     `<cls>` kept)."""
     cells = [(i[:max_length], v[:max_length]) if max_length else (i, v) for i, v in cells]
@@ -869,7 +869,7 @@ def _validation_batches(cells: list, config: ScGPTConfig, shapes: Sequence[tuple
         # spread picks over the length range (shortest to longest) so each batch mixes lengths
         picks = [order[int(round(x))] for x in np.linspace(0, len(order) - 1, batch)] if batch > 1 else \
             [order[(len(order) // 2 + n) % len(order)]]
-        feed = pad_cells([cells[k] for k in picks], config.pad_token_id, config.pad_value, max_len)
+        feed = graph_feed([cells[k] for k in picks], config.pad_token_id, config.pad_value, max_len)
         batches.append(_with_extra_inputs(feed, extra_inputs, config))
     return batches
 
@@ -878,7 +878,7 @@ def _self_check_batch(cells: list, config: ScGPTConfig, extra_inputs: Sequence[s
     """The self-check's padded batch: the longest cells cut to `SELF_CHECK_LENGTHS` tokens."""
     longest = sorted(cells, key=lambda c: -len(c[0]))[: len(SELF_CHECK_LENGTHS)]
     cut = [(ids[:n], vals[:n]) for (ids, vals), n in zip(longest, SELF_CHECK_LENGTHS)]
-    return _with_extra_inputs(pad_cells(cut, config.pad_token_id, config.pad_value), extra_inputs, config)
+    return _with_extra_inputs(graph_feed(cut, config.pad_token_id, config.pad_value), extra_inputs, config)
 
 
 def _torch_outputs(model: nn.Module, feed: Mapping[str, np.ndarray], input_names: Sequence[str],
@@ -950,9 +950,6 @@ def preprocessing_contract(config: ScGPTConfig, tokenizer: Any, task: str) -> di
                   "attention_mask 0",
     }
 
-
-# Until export/triton.py imports the public name.
-_preprocessing_contract = preprocessing_contract
 
 
 def _io_contract(proto: Any) -> tuple[list[dict], list[dict]]:

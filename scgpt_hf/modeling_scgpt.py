@@ -505,8 +505,6 @@ def batch_ids(
 ) -> list[int]:
     """`ScGPTPreTrainedModel.encode_batch_labels` from a model's batch settings alone (`config.num_batch_labels`,
     `config.batch2id`), e.g. those a served model publishes."""
-    if hasattr(num_batch_labels, "num_batch_labels"):  # transitional: the former batch_ids(batches, config) call
-        num_batch_labels, batch2id = num_batch_labels.num_batch_labels, num_batch_labels.batch2id
     if not num_batch_labels:
         raise ValueError(
             "This model has no batches (config.num_batch_labels is unset), so it takes no batch labels."
@@ -814,6 +812,11 @@ class ScGPTModel(ScGPTPreTrainedModel):
         longest cell. Embeddings, feed-forward blocks and norms see real tokens only, attention stays within
         each cell; the cell embeddings (and batch embeddings) are one row per cell, the token states stay packed.
         Same numbers as the padded forward of the same cells (tests/test_packed_attention.py)."""
+        if kwargs.get("output_attentions", self.config.output_attentions):
+            raise ValueError(
+                "Packed cells (cu_seq_lens_q) give no attention probabilities (their attention runs per cell "
+                "without them): pass padded cells with attn_implementation='eager' for output_attentions."
+            )
         cells = _check_packed_cells(self, input_ids, attention_mask, perturbation_flags, generative_mask,
                                     cu_seq_lens_q, max_length_q)
         self._check_batch_labels(batch_labels, cu_seq_lens_q.shape[0] - 1)

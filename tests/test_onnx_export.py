@@ -180,7 +180,7 @@ def test_ort_matches_pytorch_at_many_shapes(exports, pretraining_model, long_cel
         "batch 2, truncated to 7": long_cells[10:12],
     }
     for label, cells in batches.items():
-        feed = onnx_export.pad_cells(cells, pad_id, pad_value, max_length=7 if "truncated" in label else None)
+        feed = onnx_export.graph_feed(cells, pad_id, pad_value, max_length=7 if "truncated" in label else None)
         got = session(feed)
         ref = _torch_outputs(pretraining_model, task, feed)
         for name in EXPECTED_OUTPUTS[task]:
@@ -188,10 +188,10 @@ def test_ort_matches_pytorch_at_many_shapes(exports, pretraining_model, long_cel
             diff = _max_diff_real_tokens(name, got[name], ref[name], feed["attention_mask"])
             assert diff <= 1e-4, f"{label}: {name} differs by {diff}"
     # padding invariance inside the graph: a padded row equals the cell run alone
-    feed = onnx_export.pad_cells(mixed, pad_id, pad_value)
+    feed = onnx_export.graph_feed(mixed, pad_id, pad_value)
     assert (feed["attention_mask"] == 0).any()
     together = session(feed)
-    alone = session(onnx_export.pad_cells([mixed[0]], pad_id, pad_value))
+    alone = session(onnx_export.graph_feed([mixed[0]], pad_id, pad_value))
     np.testing.assert_allclose(together["cell_embedding"][0], alone["cell_embedding"][0], atol=1e-5)
 
 
@@ -226,7 +226,7 @@ def test_reduced_precision_within_bounds(exports, pretraining_model, long_cells,
             EXPECTED_OUTPUTS[task])
     session = OnnxScGPT(out)
     assert session.precision == precision
-    feed = onnx_export.pad_cells(long_cells[-8:], session.preprocessing["pad_token_id"],
+    feed = onnx_export.graph_feed(long_cells[-8:], session.preprocessing["pad_token_id"],
                                  session.preprocessing["pad_value"])
     got = session(feed)["cell_embedding"]
     ref = _torch_outputs(pretraining_model, task, feed)["cell_embedding"]
@@ -315,7 +315,7 @@ def test_truncated_and_corrupted_files_give_clear_errors(exports, tmp_path):
 def test_wrong_dtypes_and_shapes_give_clear_errors(exports, long_cells):
     out, _ = exports("embedding")
     session = OnnxScGPT(out)
-    good = onnx_export.pad_cells(long_cells[:3], session.preprocessing["pad_token_id"],
+    good = onnx_export.graph_feed(long_cells[:3], session.preprocessing["pad_token_id"],
                                  session.preprocessing["pad_value"])
     session(good)  # sanity: the good feed runs
     session(**{k: torch.from_numpy(v) for k, v in good.items()})  # torch tensors are accepted
@@ -354,7 +354,7 @@ def test_batch_label_models_take_batch_labels(tmp_path):
     session = OnnxScGPT(tmp_path / "onnx")
     assert session.self_check_result["passed"] is True  # its stored cells carry batch labels too
     cells = onnx_export._synthetic_cells(config, 3, seed=5)
-    feed = onnx_export.pad_cells(cells, config.pad_token_id, config.pad_value)
+    feed = onnx_export.graph_feed(cells, config.pad_token_id, config.pad_value)
     labels = np.array([0, 2, 1], np.int64)
     got = session(feed, batch_labels=labels)
     with torch.no_grad():
@@ -531,7 +531,7 @@ def test_head_tasks_export_and_match_pytorch(model_dir, long_cells, tmp_path, ta
     head_class = scgpt_hf.ScGPTForCellClassification if task == "annotation" else scgpt_hf.ScGPTForBatchIntegration
     extra = dict(num_labels=5) if task == "annotation" else dict(use_batch_labels=True, num_batch_labels=3, do_dab=True)
     model, session = _export_head(model_dir, tmp_path, head_class, task, seed=5, **extra)
-    feed = onnx_export.pad_cells(long_cells[:4], session.preprocessing["pad_token_id"], session.preprocessing["pad_value"])
+    feed = onnx_export.graph_feed(long_cells[:4], session.preprocessing["pad_token_id"], session.preprocessing["pad_value"])
     if task == "integration":
         feed["batch_labels"] = np.array([0, 2, 1, 2], dtype=np.int64)
     got = session(feed)
@@ -552,7 +552,7 @@ def test_token_input_heads_export_and_match_pytorch(model_dir, long_cells, tmp_p
         extra = dict(use_modality_embeddings=True, modality_vocab={"RNA": 0, "ATAC": 1, "<pad>": 2},
                      use_batch_labels=True, num_batch_labels=2, do_dab=True)
     model, session = _export_head(model_dir, tmp_path, head_class, task, seed=6, **extra)
-    feed = onnx_export.pad_cells(long_cells[:3], session.preprocessing["pad_token_id"], session.preprocessing["pad_value"])
+    feed = onnx_export.graph_feed(long_cells[:3], session.preprocessing["pad_token_id"], session.preprocessing["pad_value"])
     for name in onnx_export.PER_TOKEN_INPUTS:
         if name in session.input_names:
             feed[name] = onnx_export._token_ids_for(name, feed["attention_mask"], model.config)
@@ -623,7 +623,7 @@ def test_padding_never_reaches_the_graph_and_empty_cells_are_refused(exports, lo
     out, _ = exports("expression")
     session = OnnxScGPT(out)
     pp = session.preprocessing
-    feed = onnx_export.pad_cells([long_cells[0], long_cells[20], long_cells[5]], pp["pad_token_id"],
+    feed = onnx_export.graph_feed([long_cells[0], long_cells[20], long_cells[5]], pp["pad_token_id"],
                                  pp["pad_value"], max_length=MAX_LEN)
     pad = feed["attention_mask"] == 0
     assert pad.sum(1).min() == 0 and pad.any()

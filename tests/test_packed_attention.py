@@ -133,6 +133,7 @@ def test_packed_input_refusals(real):
         "at least one token": ({**packed, "cu_seq_lens_q": torch.tensor([0, 0, total])}, None),
         "the longest cell": ({**packed, "max_length_q": None}, None),
         "are one row": ({**packed, "input_ids": padded["input_ids"], "values": padded["values"]}, None),
+        "give no attention probabilities": ({**packed, "output_attentions": True}, None),
     }
     for message, (inputs, prepare) in bad.items():
         if prepare:
