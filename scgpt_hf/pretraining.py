@@ -86,7 +86,9 @@ def _check_files(files: Sequence[str | os.PathLike]) -> list[Path | str]:
         files = [files]
     paths = [f if isinstance(f, str) and "://" in f else Path(f) for f in files]
     if not paths:
-        raise ValueError("No training files given: pass one or more .h5ad paths.")
+        raise ValueError(
+            "No training inputs given: pass one or more .h5ad files, AnnData .zarr stores or SOMA experiments."
+        )
     for p in paths:
         if isinstance(p, Path) and not p.exists():
             raise FileNotFoundError(f"training file {p} does not exist.")
@@ -422,7 +424,8 @@ def pretrain(
     the processes train together over ``gloo``.
 
     Args:
-        files: .h5ad files (raw counts or normalised/log1p values).
+        files: .h5ad files, AnnData .zarr stores or TileDB-SOMA experiments (raw counts or normalised/log1p
+            values; SOMA settings in `source_options`).
         output_dir: folder to write.
         tokenizer: an `ScGPTTokenizer`, a tokenizer folder / Hub id, a ``vocab.json`` path or a vocab dict;
             None builds the vocabulary from the genes of `files` (`build_vocab`).
