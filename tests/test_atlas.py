@@ -484,3 +484,22 @@ def test_sigkill_of_every_process_then_rerun_gives_the_same_store(inputs, model,
     assert len(EmbeddingStore(path, "X_scGPT").finished_chunks()) < 4
     embed_to_store([inputs["h5ad"], inputs["zarr"]], path, model, **SETTINGS)
     _assert_same_store(path, reference_store)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs that the store must not touch, and inputs that cannot be read right
+
+
+@pytest.mark.parametrize("where", ["the input", "inside the input"])
+def test_an_output_that_is_or_lies_in_an_input_is_refused_before_writing(where, inputs, model, work, capsys):
+    from scgpt_hf.cli import main
+
+    source = work / f"kept_{where.replace(' ', '_')}.zarr"
+    shutil.copytree(inputs["zarr"], source)
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    output = source if where == "the input" else source / "out.zarr"
+    with pytest.raises(SystemExit):
+        main(_embed_argv([inputs["h5ad"], source], output, model) + ["--overwrite"])
+    assert "is an input or lies inside one" in capsys.readouterr().err
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before
+    assert not output.with_name(output.name + ".progress").exists()

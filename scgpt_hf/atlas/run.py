@@ -25,6 +25,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -307,6 +308,7 @@ def embed_to_store(
     work, of resumption and of the store's chunks).
     """
     check_embedding_key(key_added)
+    _check_apart(inputs, output)
     if int(chunk_size) < 1 or int(batch_size) < 1 or int(max_length) < 2:
         raise ValueError(f"chunk_size and batch_size must be positive and max_length at least 2, got {chunk_size}, "
                          f"{batch_size}, {max_length}.")
@@ -318,6 +320,21 @@ def embed_to_store(
                           options=options, batch_size=batch_size, max_length=max_length, seed=seed,
                           chunk_size=chunk_size, precision=precision, max_tokens=max_tokens, progress=progress,
                           overwrite=overwrite)
+
+
+def _check_apart(inputs: Any, output: str | os.PathLike) -> None:
+    """Refuse an output that is an input, lies inside one or holds one: the store (and --overwrite) would
+    replace or write into the input before it is read."""
+    specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
+    out = Path(output).expanduser().resolve()
+    for spec in specs:
+        if "://" in os.fspath(spec):
+            continue
+        source = Path(spec).expanduser().resolve()
+        if out == source or source in out.parents or out in source.parents:
+            raise ValueError(f"output {output} is an input or lies inside one, or holds one ({spec}): the store "
+                             "would replace or change the input before it is read. Choose an output apart from "
+                             "the inputs.")
 
 
 def _embed_all(inputs: Any, store: EmbeddingStore, model: Any, tokenizer: Any, target: torch.device, rank: int,
