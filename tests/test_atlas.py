@@ -503,3 +503,28 @@ def test_an_output_that_is_or_lies_in_an_input_is_refused_before_writing(where, 
     assert "is an input or lies inside one" in capsys.readouterr().err
     assert sorted(p.relative_to(source) for p in source.rglob("*")) == before
     assert not output.with_name(output.name + ".progress").exists()
+
+
+def test_an_input_given_twice_is_refused_and_leaves_nothing(inputs, model, work):
+    path = work / "dup.zarr"
+    with pytest.raises(ValueError, match="given twice"):
+        embed_to_store([inputs["h5ad"], inputs["zarr"], inputs["h5ad"]], path, model, **SETTINGS)
+    assert not path.exists() and not path.with_name(path.name + ".progress").exists()
+
+
+def test_a_run_that_failed_to_create_its_store_started_nothing(inputs, model, work, monkeypatch):
+    path = work / "not_created.zarr"
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(EmbeddingStore, "_create", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        embed_to_store([inputs["h5ad"]], path, model, **SETTINGS)
+    assert not path.with_name(path.name + ".progress").exists()
+    monkeypatch.undo()
+    # A progress record without its store (a run killed before creating it) is no store to mix into.
+    progress = path.with_name(path.name + ".progress")
+    progress.mkdir()
+    (progress / "settings.json").write_text(json.dumps({"seed": 0}))
+    assert embed_to_store([inputs["h5ad"]], path, model, seed=1, **SETTINGS)["seed"] == 1

@@ -379,6 +379,14 @@ def open_sources(specs: Sequence[str | os.PathLike], options: SourceOptions | No
     if not specs:
         raise ValueError("No input given: pass .h5ad files, AnnData .zarr stores or TileDB-SOMA experiments.")
     options = options or SourceOptions()
+    seen: dict[str, str] = {}
+    for spec in specs:
+        text = os.fspath(spec)
+        where = text if "://" in text else str(Path(text).expanduser().resolve())
+        if where in seen:
+            raise ValueError(f"input {text} is given twice (also as {seen[where]}): its cells would be embedded "
+                             "twice under the same ids. Give each input once.")
+        seen[where] = text
     sources: list[CellSource] = []
     try:
         for spec in specs:

@@ -124,14 +124,19 @@ class EmbeddingStore:
 
     def release(self) -> None:
         """Let go of the lock (also what the kernel does when the process dies); a progress record that records
-        nothing (made by `claim` for a store that was finished, or refused) goes too."""
+        nothing (made by `claim` for a store that was finished, or refused, or whose creation failed) goes too."""
         if self._lock_fd is not None:
-            if self.progress.is_dir() and not (self.progress / "settings.json").is_file():
+            if self.progress.is_dir() and not self._started():
                 self.tidy()
             os.close(self._lock_fd)
             self._lock_fd = None
 
     # ------------------------------------------------------------------ starting
+
+    def _started(self) -> bool:
+        """Whether a run started this store: its settings are recorded and the store was created (a run killed
+        or failed between the two started nothing)."""
+        return (self.progress / "settings.json").is_file() and self.path.exists()
 
     def start(self, settings: Mapping[str, Any], *, n_cells: int, width: int, chunk_size: int,
               sources: Sequence[str], overwrite: bool = False) -> bool:
@@ -149,9 +154,9 @@ class EmbeddingStore:
         elif self.path.exists() and not recorded.is_file():
             self._check(self.params(), settings)
             return False
-        elif recorded.is_file():
+        elif self._started():
             self._check(json.loads(recorded.read_text()), settings)
-        if not recorded.is_file():
+        if not self._started():
             _write_json(recorded, settings)
         if overwrite or not self.path.exists():
             self._clear_markers()
