@@ -528,3 +528,12 @@ def test_a_run_that_failed_to_create_its_store_started_nothing(inputs, model, wo
     progress.mkdir()
     (progress / "settings.json").write_text(json.dumps({"seed": 0}))
     assert embed_to_store([inputs["h5ad"]], path, model, seed=1, **SETTINGS)["seed"] == 1
+
+
+@pytest.mark.parametrize("chunk", ["X/indices/0", "X/data/0", "X/indptr/0", "obs/_index/0"])
+def test_a_zarr_input_with_a_missing_chunk_is_refused_not_read_as_fill_values(chunk, inputs, work):
+    path = work / f"holed_{chunk.replace('/', '_')}.zarr"
+    shutil.copytree(inputs["zarr"], path)
+    (path / chunk).unlink()
+    with pytest.raises(SourceError, match=f"{chunk.rsplit('/', 1)[0]} lacks 1 of its 1 chunks"):
+        open_source(path)

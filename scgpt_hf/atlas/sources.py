@@ -178,6 +178,19 @@ class _StoredAnnData:
         self.raw = None if stored("raw") is None else _StoredAnnData(group["raw"])
 
 
+def _check_chunks(path: Path, matrix: Any, index: Any) -> None:
+    """Refuse a zarr store whose sparse matrix or obs index lacks chunk files: zarr reads a missing chunk as
+    fill values, which would be embedded as if they were the cells' data."""
+    group = getattr(matrix, "group", None)  # a backed sparse matrix; a dense one may leave zero chunks unwritten
+    arrays = [group[k] for k in ("data", "indices", "indptr")] if group is not None else []
+    for array in [*arrays, index]:
+        missing = array.nchunks - array.nchunks_initialized
+        if missing:
+            raise SourceError(f"{path}: {array.path} lacks {missing} of its {array.nchunks} chunks (files deleted "
+                              "or a copy cut short); they would read as fill values. Restore the store or write it "
+                              "again with anndata.")
+
+
 def _open_old_h5ad(path: Path) -> Any:
     import anndata
 
@@ -216,6 +229,8 @@ class AnnDataSource(CellSource):
                 self._index = stored.obs_names
             chosen = select_matrix(stored, options.layer, options.use_raw, options.gene_column)
             check_numeric(chosen.matrix)
+            if kind == "zarr":
+                _check_chunks(path, chosen.matrix, self._index)
             if self._index.shape[0] != chosen.n_cells:
                 raise ValueError(f"obs has {self._index.shape[0]} cells but {chosen.where} has {chosen.n_cells} rows.")
         except ValueError as err:
