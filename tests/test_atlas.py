@@ -537,3 +537,14 @@ def test_a_zarr_input_with_a_missing_chunk_is_refused_not_read_as_fill_values(ch
     (path / chunk).unlink()
     with pytest.raises(SourceError, match=f"{chunk.rsplit('/', 1)[0]} lacks 1 of its 1 chunks"):
         open_source(path)
+
+
+def test_low_vocabulary_coverage_is_warned_once_like_embed(inputs, cells, wu2020_adata, work):
+    few = _model(work / "few_genes_model", list(wu2020_adata.var_names[-300:]), seed=0)
+    with pytest.warns(UserWarning) as expected:
+        embed(cells[:40].copy(), few, max_length=64, progress=False)
+    message = next(str(w.message) for w in expected if str(w.message).startswith("Only"))
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        embed_to_store([inputs["h5ad"]], work / "few.zarr", few, **SETTINGS)
+    assert [str(w.message) for w in got if "Only" in str(w.message)] == [f"{inputs['h5ad']}: {message}"]

@@ -119,12 +119,26 @@ class _Run:
         self.n_chunks = -(-self.n_cells // self.chunk_size)
         with quiet_tokenizer_warnings():
             self.matches = [self._match(s) for s in self.sources]
+        self.coverage = np.zeros((len(self.sources), 2), dtype=np.int64)  # per input: vocabulary, expressed genes
+        self.coverage_warned = False
 
     def _match(self, source: CellSource) -> Any:
         try:
             return self.tokenizer.match_genes(source.gene_names)
         except ValueError as err:
             raise ValueError(f"{source.name}: {err}") from None
+
+    def _note_coverage(self, i: int, n_genes: np.ndarray, n_expressed: np.ndarray) -> None:
+        """Warn once per run, as `scgpt_hf.embed` does, as soon as input `i`'s expressed genes so far are too
+        rarely in the vocabulary (names are the usual cause, so the first chunk tells)."""
+        self.coverage[i] += (int(n_genes.sum()), int(n_expressed.sum()))
+        match, genes, expressed = self.matches[i], self.coverage[i, :1], self.coverage[i, 1:]
+        if self.coverage_warned or match.coverage_warning(genes, expressed) is None:
+            return
+        var = self.sources[i].var
+        hint = None if var is None else self.tokenizer._suggest_gene_column(var)
+        warnings.warn(f"{self.sources[i].name}: {match.coverage_warning(genes, expressed, hint)}", stacklevel=2)
+        self.coverage_warned = True
 
     def pieces(self, chunk: int) -> Iterator[tuple[int, int, int]]:
         """(input, first row, stop row) of the inputs that chunk `chunk` spans."""
@@ -152,6 +166,7 @@ class _Run:
                 values.extend(enc["values"])
                 n_genes.append(enc["n_genes"])
                 n_expressed.append(enc["n_expressed"])
+                self._note_coverage(i, enc["n_genes"], enc["n_expressed"])
         genes, expressed = np.concatenate(n_genes), np.concatenate(n_expressed)
         embedding = np.full((len(genes), self.model.config.hidden_size), np.nan, dtype=np.float32)
         rows = np.flatnonzero(genes > 0)
