@@ -548,3 +548,12 @@ def test_low_vocabulary_coverage_is_warned_once_like_embed(inputs, cells, wu2020
         warnings.simplefilter("always")
         embed_to_store([inputs["h5ad"]], work / "few.zarr", few, **SETTINGS)
     assert [str(w.message) for w in got if "Only" in str(w.message)] == [f"{inputs['h5ad']}: {message}"]
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "zarr"])
+def test_backed_sparse_sources_read_indptr_by_slice_not_whole(kind, inputs, cells):
+    # anndata caches the whole indptr (8 bytes a cell) by default: at atlas scale memory grows with the cells.
+    with open_source(inputs[kind]) as source:
+        first = next(source.blocks(2, 5))[1]
+        assert (first != cells.X[(0 if kind == "h5ad" else 40) + 2:][:3]).nnz == 0
+        assert not isinstance(source.matrix._indptr, np.ndarray)
