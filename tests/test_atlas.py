@@ -557,3 +557,12 @@ def test_backed_sparse_sources_read_indptr_by_slice_not_whole(kind, inputs, cell
         first = next(source.blocks(2, 5))[1]
         assert (first != cells.X[(0 if kind == "h5ad" else 40) + 2:][:3]).nnz == 0
         assert not isinstance(source.matrix._indptr, np.ndarray)
+
+
+def test_a_zarr_chunk_removed_after_opening_stops_the_read(inputs, work):
+    path = work / "holed_later.zarr"
+    shutil.copytree(inputs["zarr"], path)
+    with open_source(path) as source:
+        (path / "X" / "data" / "0").unlink()
+        with pytest.raises(SourceError, match=r"cannot read the expression of cells 0-4 \(FileNotFoundError: X/data"):
+            list(source.blocks(0, 5))

@@ -256,7 +256,24 @@ class AnnDataSource(CellSource):
             # zeros: a block counts only if the source is still the one opened.
             if _file_state(self._path) != self._state:
                 raise FileNotFoundError(f"{self._path} was removed or changed since the run opened it")
+            self._check_chunks_read(first, block)
             yield first, block
+
+    def _check_chunks_read(self, first: int, block: sp.csr_matrix) -> None:
+        """The chunk files of a local zarr store's sparse matrix that `block` (rows from `first`) was read from
+        still exist: zarr reads a chunk file removed after opening as fill values."""
+        group = getattr(self.matrix, "group", None)
+        if self.kind != "zarr" or group is None or not hasattr(group.store, "root"):
+            return
+        begin = int(group["indptr"][first])
+        spans = {"indptr": (first, first + block.shape[0] + 1), "data": (begin, begin + block.nnz),
+                 "indices": (begin, begin + block.nnz)}
+        for name, (lo, hi) in spans.items():
+            array = group[name]
+            size = array.chunks[0]
+            for k in range(lo // size, -(-hi // size)):
+                if not (Path(array.store.root) / array.path / array.metadata.encode_chunk_key((k,))).is_file():
+                    raise FileNotFoundError(f"{array.path} chunk {k} is gone")
 
     def close(self) -> None:
         handle = getattr(self._file, "file", self._file)  # a backed AnnData's file, an h5py file, a zarr group
