@@ -64,7 +64,7 @@ from .tokenization_scgpt import GeneMatch, ScGPTTokenizer, quiet_tokenizer_warni
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["annotate", "embed", "DEFAULT_KEY"]
+__all__ = ["annotate", "embed", "encode_block", "DEFAULT_KEY"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,6 +136,18 @@ def _cpu_threads(num_threads: int | None) -> Iterator[int]:
 # The run: tokenise chunk by chunk, run the model on length-grouped batches
 
 
+def encode_block(
+    tokenizer: ScGPTTokenizer, block: Any, gene_ids: np.ndarray, *, max_length: int, seed: int, cls_value: float
+) -> dict[str, Any]:
+    """A block of cells tokenised as `embed` and `annotate` read them (random truncation to `max_length`, no
+    padding, each cell's ``n_genes`` and ``n_expressed``); the atlas store uses it too, so both give the same
+    tokens for the same cell."""
+    return tokenizer.encode_with_ids(
+        block, gene_ids, max_length=max_length, truncation="random", padding=False, return_tensors=None, seed=seed,
+        cls_value=cls_value, return_n_genes=True,
+    )
+
+
 def _tokenized_chunks(
     tokenizer: ScGPTTokenizer, source: ExpressionInput, match: GeneMatch, options: _RunOptions, cls_value: float
 ) -> Iterator[tuple[int, list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]]:
@@ -148,10 +160,8 @@ def _tokenized_chunks(
         values: list[np.ndarray] = []
         n_genes, n_expressed = [], []
         for _, block in row_blocks(matrix, start, min(source.n_cells, start + options.chunk_size)):
-            enc = tokenizer.encode_with_ids(
-                block, match.ids, max_length=options.max_length, truncation="random", padding=False,
-                return_tensors=None, seed=options.seed, cls_value=cls_value, return_n_genes=True,
-            )
+            enc = encode_block(tokenizer, block, match.ids, max_length=options.max_length, seed=options.seed,
+                               cls_value=cls_value)
             ids.extend(enc["input_ids"])
             values.extend(enc["values"])
             n_genes.append(enc["n_genes"])

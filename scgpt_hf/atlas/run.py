@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..anndata_output import DEFAULT_KEY, check_embedding_key
+from ..embedding import encode_block
 from ..inference import DEFAULT_MAX_TOKENS, autocast_dtype, load_model, pick_device, precision_name, run_cells
 from ..tokenization_scgpt import quiet_tokenizer_warnings
 from .sources import CellSource, SourceOptions, open_sources
@@ -157,11 +158,8 @@ class _Run:
             codes.append(np.full(stop - first, i, dtype=np.int64))
             for _, block in source.blocks(first, stop):
                 with quiet_tokenizer_warnings():
-                    enc = self.tokenizer.encode_with_ids(
-                        block, self.matches[i].ids, max_length=self.max_length, truncation="random", padding=False,
-                        return_tensors=None, seed=self.seed, cls_value=float(self.model.config.pad_value),
-                        return_n_genes=True,
-                    )
+                    enc = encode_block(self.tokenizer, block, self.matches[i].ids, max_length=self.max_length,
+                                       seed=self.seed, cls_value=float(self.model.config.pad_value))
                 tokens.extend(enc["input_ids"])
                 values.extend(enc["values"])
                 n_genes.append(enc["n_genes"])
