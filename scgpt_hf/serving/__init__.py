@@ -8,29 +8,13 @@ Names load on first use, so that `scgpt-hf`'s start (which registers ``serve``) 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy_imports import lazy_exports
 
-_WHERE = {
-    "TritonClient": "client",
-    "TritonServerError": "client",
-    "TritonUnavailableError": "client",
-    "TritonServer": "server",
-    "add_parser": "server",
-    "find_server_env": "server",
-    "free_port": "server",
-    "is_repository": "server",
-    "python_paths": "server",
-    "run_serve": "server",
+_EXPORTS = {
+    "client": ["TritonClient", "TritonServerError", "TritonUnavailableError"],
+    "server": [
+        "TritonServer", "add_parser", "find_server_env", "free_port", "is_repository", "python_paths", "run_serve",
+    ],
 }
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
