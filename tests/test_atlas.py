@@ -566,3 +566,14 @@ def test_a_zarr_chunk_removed_after_opening_stops_the_read(inputs, work):
         (path / "X" / "data" / "0").unlink()
         with pytest.raises(SourceError, match=r"cannot read the expression of cells 0-4 \(FileNotFoundError: X/data"):
             list(source.blocks(0, 5))
+
+
+def test_source_options_combine_a_calls_keywords_and_refuses_a_contradiction():
+    soma_options = SourceOptions(obs_filter="patient == 'Lung2'", layer="counts")
+    combined = SourceOptions.combine(soma_options, use_raw=True, gene_column="symbol")
+    assert combined == SourceOptions(obs_filter="patient == 'Lung2'", layer="counts", use_raw=True,
+                                     gene_column="symbol")
+    assert SourceOptions.combine(None) == SourceOptions()
+    assert SourceOptions.combine(soma_options, layer="counts") == soma_options  # the same value twice is fine
+    with pytest.raises(ValueError, match=r"layer='raw_counts' contradicts source_options.layer='counts'"):
+        SourceOptions.combine(soma_options, layer="raw_counts")

@@ -21,11 +21,11 @@ naming the source and the rows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ _ANNDATA_OPTIONS, _SOMA_OPTIONS = ("layer", "use_raw", "gene_column"), ("measure
                                                                           "obs_filter")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SourceOptions:
     """Which matrix and gene names to read: `layer`/`use_raw`/`gene_column` for AnnData sources,
     `measurement`/`x_layer`/`var_column` (None: `SOMA_DEFAULTS`) and `obs_filter` for TileDB-SOMA experiments.
@@ -60,6 +60,21 @@ class SourceOptions:
     x_layer: str | None = None
     var_column: str | None = None
     obs_filter: str | None = None
+
+    @classmethod
+    def combine(cls, options: SourceOptions | None, *, layer: str | None = None, use_raw: bool = False,
+                gene_column: str | None = None) -> SourceOptions:
+        """`options` (None: the defaults) with a call's own AnnData keywords, so that a function taking both
+        never lets one silently override the other: a keyword given and set differently in `options` is an
+        error naming both values."""
+        options = options or cls()
+        given = {name: value for name, value in (("layer", layer), ("use_raw", use_raw), ("gene_column", gene_column))
+                 if value not in (None, False)}
+        for name, value in given.items():
+            if getattr(options, name) not in (None, False, value):
+                raise ValueError(f"{name}={value!r} contradicts source_options.{name}={getattr(options, name)!r}: "
+                                 "give it in one place only.")
+        return dataclasses.replace(options, **given)
 
     def soma(self, name: str) -> str:
         """The SOMA setting `name`, or its Census default."""
