@@ -57,7 +57,8 @@ from .anndata_output import (
     write_embedding,
 )
 from .inference import (
-    DEFAULT_MAX_TOKENS, autocast_dtype, eval_mode, load_model, pick_device, precision_name, run_cells,
+    DEFAULT_MAX_TOKENS, autocast_dtype, eval_mode, load_model, pick_device, precision_name,
+    run_expressed_cells,
 )
 from .modeling_scgpt import ScGPTForCellClassification, ScGPTPreTrainedModel
 from .tokenization_scgpt import GeneMatch, ScGPTTokenizer, quiet_tokenizer_warnings
@@ -210,16 +211,12 @@ def _run_cells(
                 if warning and not coverage_warned:
                     warnings.warn(warning, stacklevel=3)
                     coverage_warned = True
-                rows = np.flatnonzero(genes > 0)
-                bar.update(len(genes) - rows.size)
-                if rows.size:
-                    out[start + rows] = run_cells(
-                        model, [ids[r] for r in rows], [values[r] for r in rows], predict=predict,
-                        batch_size=options.batch_size, max_tokens=max_tokens, pad_id=model.config.pad_token_id,
-                        pad_value=float(model.config.pad_value), device=target, dtype=dtype,
-                        batch_ids=None if batch_ids is None else batch_ids[start + rows],
-                    )
-                    bar.update(rows.size)
+                out[start:stop] = run_expressed_cells(
+                    model, ids, values, genes, width=width, predict=predict, batch_size=options.batch_size,
+                    max_tokens=max_tokens, pad_id=model.config.pad_token_id, pad_value=float(model.config.pad_value),
+                    device=target, dtype=dtype, batch_ids=None if batch_ids is None else batch_ids[start:stop],
+                )
+                bar.update(len(genes))
     finally:
         bar.close()
     elapsed = time.perf_counter() - started

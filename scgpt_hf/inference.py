@@ -249,3 +249,23 @@ def run_cells(
     out = np.empty_like(stacked)
     out[np.concatenate(groups)] = stacked
     return out
+
+
+def run_expressed_cells(
+    model: torch.nn.Module,
+    ids: Sequence[np.ndarray],
+    values: Sequence[np.ndarray],
+    n_genes: np.ndarray,
+    *,
+    width: int,
+    batch_ids: np.ndarray | None = None,
+    **run: Any,
+) -> np.ndarray:
+    """`run_cells` over the cells with at least one vocabulary gene (``n_genes > 0``); the others, which hold
+    nothing but ``<cls>`` and so carry no information, get NaN rows of `width` instead of an answer."""
+    out = np.full((len(n_genes), width), np.nan, dtype=np.float32)
+    rows = np.flatnonzero(np.asarray(n_genes) > 0)
+    if rows.size:
+        out[rows] = run_cells(model, [ids[r] for r in rows], [values[r] for r in rows],
+                              batch_ids=None if batch_ids is None else batch_ids[rows], **run)
+    return out

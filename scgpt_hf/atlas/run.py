@@ -33,7 +33,9 @@ import torch
 
 from ..anndata_output import DEFAULT_KEY, check_embedding_key
 from ..embedding import encode_block
-from ..inference import DEFAULT_MAX_TOKENS, autocast_dtype, load_model, pick_device, precision_name, run_cells
+from ..inference import (
+    DEFAULT_MAX_TOKENS, autocast_dtype, load_model, pick_device, precision_name, run_expressed_cells,
+)
 from ..tokenization_scgpt import quiet_tokenizer_warnings
 from .sources import CellSource, SourceOptions, open_sources
 from .store import EmbeddingStore, SettingsMismatchError, StoreBusyError
@@ -166,16 +168,13 @@ class _Run:
                 n_expressed.append(enc["n_expressed"])
                 self._note_coverage(i, enc["n_genes"], enc["n_expressed"])
         genes, expressed = np.concatenate(n_genes), np.concatenate(n_expressed)
-        embedding = np.full((len(genes), self.model.config.hidden_size), np.nan, dtype=np.float32)
-        rows = np.flatnonzero(genes > 0)
-        if rows.size:
-            out = run_cells(
-                self.model, [tokens[r] for r in rows], [values[r] for r in rows],
-                predict=lambda result: result.cell_embedding, batch_size=self.batch_size, max_tokens=self.max_tokens,
-                pad_id=self.model.config.pad_token_id, pad_value=float(self.model.config.pad_value),
-                device=self.device, dtype=self.dtype,
-            )
-            embedding[rows] = out / np.linalg.norm(out, axis=1, keepdims=True)
+        embedding = run_expressed_cells(
+            self.model, tokens, values, genes, width=self.model.config.hidden_size,
+            predict=lambda result: result.cell_embedding, batch_size=self.batch_size, max_tokens=self.max_tokens,
+            pad_id=self.model.config.pad_token_id, pad_value=float(self.model.config.pad_value), device=self.device,
+            dtype=self.dtype,
+        )
+        embedding /= np.linalg.norm(embedding, axis=1, keepdims=True)  # NaN rows stay NaN
         counts = {"cells": len(genes), "n_genes": int(genes.sum()), "n_expressed": int(expressed.sum()),
                   "empty": int((genes == 0).sum())}
         return {"start": chunk * self.chunk_size, "ids": np.concatenate(ids), "sources": np.concatenate(codes),
