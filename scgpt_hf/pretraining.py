@@ -45,7 +45,6 @@ Run on several GPUs (or CPU processes) with no change::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -95,12 +94,6 @@ def _check_files(files: Sequence[str | os.PathLike]) -> list[Path | str]:
     return paths
 
 
-def _source_options(source_options: SourceOptions | None, layer: str | None, use_raw: bool,
-                    gene_column: str | None) -> SourceOptions:
-    """What to read from each input: `source_options` (SOMA inputs' settings) with the AnnData arguments."""
-    return dataclasses.replace(source_options or SourceOptions(), layer=layer, use_raw=use_raw, gene_column=gene_column)
-
-
 def _input_genes(paths: Sequence[Path | str], options: SourceOptions) -> list[tuple[list[str], int]]:
     """(gene names, number of cells) of each input; options that no input can use are an error."""
     sources = open_sources(paths, options)
@@ -122,7 +115,7 @@ def build_vocab(
     """A vocabulary over the genes of `files`: every gene name in first-seen order, then ``<pad>``, ``<cls>``,
     ``<eoc>`` (the layout of the released ``vocab.json``). Only gene names are read (backed)."""
     vocab: dict[str, int] = {}
-    options = _source_options(source_options, layer, use_raw, gene_column)
+    options = SourceOptions.combine(source_options, layer=layer, use_raw=use_raw, gene_column=gene_column)
     for names, _ in _input_genes(_check_files(files), options):
         for name in names:
             if name and name not in SPECIAL_TOKENS and name not in vocab:
@@ -202,7 +195,8 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         process_index, num_processes: override the detected rank and world size.
         return_index: also yield ``file`` and ``row`` of each cell (for inspection; not a model input).
         source_options: for TileDB-SOMA inputs, the measurement, X layer, var column and obs filter
-            (`scgpt_hf.atlas.SourceOptions`; its layer/use_raw/gene_column are the arguments above).
+            (`scgpt_hf.atlas.SourceOptions`; a layer/use_raw/gene_column set there that the arguments above
+            contradict is an error).
 
     What the iterating process has read is kept in ``first_pass_units`` (the units of the first pass, in
     reading order; later passes are the same units reshuffled), ``passes`` (passes started) and
@@ -238,7 +232,6 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         self.files = _check_files(files)
         self.tokenizer = tokenizer
         self.max_length = tokenizer.max_length if max_length is None else int(max_length)
-        self.layer, self.use_raw, self.gene_column = layer, use_raw, gene_column
         self.chunk_size, self.shuffle, self.shuffle_buffer = int(chunk_size), bool(shuffle), int(shuffle_buffer)
         self.seed, self.epochs = int(seed), epochs
         self.shard_by_process = shard_by_process
@@ -250,7 +243,7 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         self.cells_read = 0
         self.gene_ids: list[np.ndarray] = []
         self.n_cells: list[int] = []
-        self.options = _source_options(source_options, layer, use_raw, gene_column)
+        self.options = SourceOptions.combine(source_options, layer=layer, use_raw=use_raw, gene_column=gene_column)
         for path, (names, n_obs) in zip(self.files, _input_genes(self.files, self.options)):
             try:
                 with quiet_tokenizer_warnings():  # the per-file coverage is logged below instead

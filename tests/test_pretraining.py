@@ -240,6 +240,16 @@ def test_errors_name_the_file(corpus, tmp_path, capsys):
     assert "nope.h5ad does not exist" in capsys.readouterr().err
 
 
+def test_source_options_and_keywords_never_silently_override_each_other(corpus):
+    files, parts, tokenizer, _ = corpus
+    counts = sources.SourceOptions(layer="counts")
+    for call in (lambda **kw: StreamingCellDataset(files, tokenizer, **kw), lambda **kw: build_vocab(files, **kw)):
+        with pytest.raises(ValueError, match="layer='X2' contradicts source_options.layer='counts'"):
+            call(layer="X2", source_options=counts)
+        with pytest.raises(ValueError, match="Layer 'counts' not found"):  # the options' layer is read, not dropped
+            call(source_options=counts)
+
+
 def test_output_folder_is_publishable_replaced_only_with_overwrite_and_resumable(corpus, tmp_path, capsys):
     """The folder holds nothing `push` refuses; an existing one is refused before training unless --overwrite;
     checkpoints (--save-steps) live beside it, and --resume continues from the latest."""
