@@ -205,26 +205,33 @@ class _Run:
 
 
 class _Progress:
-    """A bar for this process's cells; on the first process, a line per chunk with all processes' progress."""
+    """A bar for this process's cells; on the first process, after its first chunk and then at most every
+    `interval` seconds, a line with all processes' progress. Counting their chunks lists the progress folder,
+    one marker per chunk: doing it per chunk would cost time quadratic in an atlas's chunks."""
+
+    interval = 10.0
 
     def __init__(self, run: _Run, store: EmbeddingStore, mine: Sequence[int], rank: int, world: int, show: bool):
         from tqdm.auto import tqdm
 
-        self.run, self.store, self.rank, self.world, self.show = run, store, rank, world, show
+        self.run, self.store, self.world, self.reports = run, store, world, show and rank == 0
         cells = sum(min(run.n_cells, (k + 1) * run.chunk_size) - k * run.chunk_size for k in mine)
         self.bar = tqdm(total=cells, desc=f"Embedding (process {rank})", unit="cell", position=rank,
                         disable=not show)
-        self.started, self.done_before = time.perf_counter(), self._cells_done()
+        self.started = self.next_line = time.perf_counter()
+        self.done_before = self._cells_done() if self.reports else 0
 
     def _cells_done(self) -> int:
         return min(self.run.n_cells, self.store.n_finished() * self.run.chunk_size)
 
     def chunk_done(self, cells: int) -> None:
         self.bar.update(cells)
-        if self.rank != 0 or not self.show:
+        now = time.perf_counter()
+        if not self.reports or now < self.next_line:
             return
+        self.next_line = now + self.interval
         done = self._cells_done()
-        rate = (done - self.done_before) / max(time.perf_counter() - self.started, 1e-9)
+        rate = (done - self.done_before) / max(now - self.started, 1e-9)
         eta = datetime.timedelta(seconds=round((self.run.n_cells - done) / rate)) if rate > 0 else "unknown"
         self.bar.write(f"{done:,} of {self.run.n_cells:,} cells ({done / self.run.n_cells:.1%}) written, "
                        f"{rate:.1f} cells/s over {self.world} process(es), ETA {eta}")

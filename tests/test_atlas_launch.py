@@ -1,0 +1,48 @@
+"""Atlas embedding under `accelerate launch` (two processes on CPU over gloo), and what the first process's
+progress line costs; the cells, the small random model and the single-process store are test_atlas's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scgpt_hf.atlas import EmbeddingStore, embed_to_store
+from scgpt_hf.atlas import run as run_module
+from test_atlas import (  # noqa: F401  (cells, inputs, model, reference_store and work are fixtures)
+    N_CELLS,
+    ROOT,
+    _assert_same_store,
+    _embed_argv,
+    cells,
+    inputs,
+    model,
+    reference_store,
+    work,
+)
+
+# ----------------------------------------------------------------------------------------------
+# The first process's progress line
+
+
+@pytest.mark.parametrize("interval, lines", [(0.0, 16), (3600.0, 1)])
+def test_progress_line_lists_the_markers_once_per_interval_not_per_chunk(interval, lines, inputs, model, work,
+                                                                       monkeypatch, capsys):
+    # Counting the markers lists the progress folder: once per chunk, that is quadratic over an atlas.
+    listings = []
+    real = EmbeddingStore.n_finished
+    monkeypatch.setattr(EmbeddingStore, "n_finished", lambda self: listings.append(1) or real(self))
+    monkeypatch.setattr(run_module._Progress, "interval", interval)
+    embed_to_store([inputs["h5ad"], inputs["zarr"]], work / f"progress_{interval:g}.zarr", model, max_length=64,
+                   chunk_size=4, progress=True)  # 16 chunks
+    got = [line for line in capsys.readouterr().out.splitlines() if "cells/s" in line]
+    assert len(got) == lines and len(listings) == lines + 1, got  # + 1: the cells done before the run
+    line = r"(\d+) of 64 cells \(\d+\.\d%\) written, \d+\.\d cells/s over 1 process\(es\), ETA \d+:\d\d:\d\d"
+    assert all(re.fullmatch(line, text) for text in got), got
+    assert int(re.match(line, got[0])[1]) == 4 and int(re.match(line, got[-1])[1]) == (64 if lines > 1 else 4)
