@@ -46,3 +46,29 @@ def test_progress_line_lists_the_markers_once_per_interval_not_per_chunk(interva
     line = r"(\d+) of 64 cells \(\d+\.\d%\) written, \d+\.\d cells/s over 1 process\(es\), ETA \d+:\d\d:\d\d"
     assert all(re.fullmatch(line, text) for text in got), got
     assert int(re.match(line, got[0])[1]) == 4 and int(re.match(line, got[-1])[1]) == (64 if lines > 1 else 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# accelerate launch: the same command as torchrun's, the same store
+
+
+def test_accelerate_launch_two_processes_write_the_store_one_process_writes(inputs, model, reference_store, work):
+    pytest.importorskip("accelerate", reason="accelerate is not installed (extra 'train')")
+    path = work / "accelerate.zarr"
+    # On a CPU-only machine accelerate starts several processes only with --multi_gpu (--cpu starts one); it sets
+    # torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Port 0: a free one, not a busy 29500.
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes",
+               "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "0", "-m", "scgpt_hf.cli",
+               *[arg for arg in _embed_argv([inputs["h5ad"], inputs["zarr"]], path, model) if arg != "--no-progress"]]
+    run = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)  # the launcher and its workers
+    assert run.returncode == 0, out
+    assert "Embedding (process 1)" in out and "over 2 process(es)" in out, out  # two processes shared the chunks
+    assert out.count(f"Embedded {N_CELLS} cells of 2 input(s)") == 1, out  # the first process reports
+    _assert_same_store(path, reference_store)
