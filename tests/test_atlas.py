@@ -577,3 +577,30 @@ def test_source_options_combine_a_calls_keywords_and_refuses_a_contradiction():
     assert SourceOptions.combine(soma_options, layer="counts") == soma_options  # the same value twice is fine
     with pytest.raises(ValueError, match=r"layer='raw_counts' contradicts source_options.layer='counts'"):
         SourceOptions.combine(soma_options, layer="raw_counts")
+
+
+def test_soma_source_reads_ranges_through_a_sparse_index_of_joinids(soma, cells, monkeypatch):
+    # Every selected soma_joinid held in memory is 8 bytes a cell (264 MB for the Census): only every
+    # SOMA_INDEX_STEP-th is kept and a range's are re-read, here across many index entries of a
+    # non-contiguous selection.
+    monkeypatch.setattr("scgpt_hf.atlas.sources.SOMA_INDEX_STEP", 3)
+    lung = (cells.obs["patient"] == "Lung2").to_numpy()
+    assert not np.all(np.diff(np.flatnonzero(lung)) == 1)
+    with open_source(soma, SourceOptions(obs_filter="patient == 'Lung2'")) as source:
+        n = int(lung.sum())
+        assert source.n_cells == n
+        for start, stop in [(0, n), (0, 1), (2, 4), (3, 6), (4, 11), (5, n), (n - 1, n)]:
+            assert source.ids(start, stop).tolist() == cells.obs_names[lung][start:stop].tolist()
+            (first, block), = source.blocks(start, stop)
+            assert first == start and (block != cells.X[lung][start:stop]).nnz == 0
+
+        def held(source) -> int:
+            return sum(v.nbytes if isinstance(v, np.ndarray) else sys.getsizeof(v) for v in vars(source).values())
+
+        monkeypatch.setattr("scgpt_hf.atlas.sources.SOMA_INDEX_STEP", 2048)
+        with open_source(soma, SourceOptions(obs_filter="patient == 'Lung2'")) as few, open_source(soma) as every:
+            assert (few.n_cells, every.n_cells) == (n, N_CELLS) and held(few) == held(every)
+
+        source.options = SourceOptions(obs_filter="patient == 'Lung6'")  # obs selecting other cells mid-run
+        with pytest.raises(SourceError, match=rf"{soma}: obs changed since the run opened it"):
+            source.ids(0, 5)

@@ -43,6 +43,8 @@ class SourceError(OSError):
 
 #: What a SOMA source reads unless told otherwise: the CELLxGENE Census layout.
 SOMA_DEFAULTS = {"measurement": "RNA", "x_layer": "raw", "var_column": "feature_name"}
+#: Selected cells between two entries of a SOMA source's index of soma_joinids (see `SomaSource`).
+SOMA_INDEX_STEP = 2048
 _ANNDATA_OPTIONS, _SOMA_OPTIONS = ("layer", "use_raw", "gene_column"), ("measurement", "x_layer", "var_column",
                                                                           "obs_filter")
 
@@ -305,7 +307,9 @@ def _first_line(err: BaseException) -> str:
 
 
 class SomaSource(CellSource):
-    """One measurement of a TileDB-SOMA experiment, the cells an obs filter selects."""
+    """One measurement of a TileDB-SOMA experiment, the cells an obs filter selects. Only every
+    `SOMA_INDEX_STEP`-th selected soma_joinid is kept, and a row range's are re-read from obs, so memory does not
+    grow with the cells."""
 
     kind = "soma"
 
@@ -349,30 +353,67 @@ class SomaSource(CellSource):
         self.where = f"ms/{measurement}/X/{x_layer}"
         obs_columns = self._exp.obs.schema.names
         self._id_column = "obs_id" if "obs_id" in obs_columns else "soma_joinid"
+        if self._exp.obs.index_column_names[0] != "soma_joinid":
+            raise ValueError(f"{self.name}: obs is indexed by {list(self._exp.obs.index_column_names)}, not "
+                             "soma_joinid (as tiledbsoma.io and the Census write it), so its cells cannot be read "
+                             "in soma_joinid ranges: write the experiment again with tiledbsoma.io.")
         try:
-            query = self._exp.axis_query(measurement, obs_query=tiledbsoma.AxisQuery(value_filter=o.obs_filter))
-            self._joinids = np.sort(query.obs_joinids().to_numpy())
+            self._index, self.n_cells = self._index_selection()
         except tiledbsoma.SOMAError as err:
             raise ValueError(f"{self.name}: obs filter {o.obs_filter!r} failed ({_first_line(err)}); obs columns: "
                              f"{obs_columns}.") from None
-        if not len(self._joinids):
+        if not self.n_cells:
             raise ValueError(f"{self.name}: obs filter {o.obs_filter!r} selects no cell; check the values "
                              f"(obs columns: {obs_columns}).")
-        self.n_cells = len(self._joinids)
+
+    def _selected(self, columns: Sequence[str], span: slice = slice(None)) -> Any:
+        """An iterator of Arrow tables: `columns` of the cells the obs filter selects with soma_joinids in `span`
+        (both ends included), in ascending soma_joinid order."""
+        return self._exp.obs.read(coords=(span,), column_names=list(dict.fromkeys(columns)),
+                                  value_filter=self.options.obs_filter, result_order="row-major")
+
+    def _index_selection(self) -> tuple[np.ndarray, int]:
+        """The soma_joinids of every `SOMA_INDEX_STEP`-th selected cell and of the last, and the number of
+        selected cells, in one pass over obs: holding all of them (8 bytes a cell, 264 MB for the Census)
+        would make memory grow with the cells."""
+        index, n, last = [], 0, None
+        for table in self._selected(["soma_joinid"]):
+            joinids = table.column("soma_joinid").to_numpy()
+            index.append(joinids[-n % SOMA_INDEX_STEP :: SOMA_INDEX_STEP])
+            n, last = n + len(joinids), joinids[-1:] if len(joinids) else last
+        if n and (n - 1) % SOMA_INDEX_STEP:
+            index.append(last)
+        return np.concatenate([*index, np.empty(0, np.int64)]), n
+
+    def _rows(self, start: int, stop: int, columns: Sequence[str]) -> Any:
+        """`columns` and soma_joinid (an Arrow table) of selected cells start:stop, re-read from obs between the
+        index entries around them; another count than at opening means obs changed under the run."""
+        first, last = start // SOMA_INDEX_STEP, min(-(-(stop - 1) // SOMA_INDEX_STEP), len(self._index) - 1)
+        low, high = first * SOMA_INDEX_STEP, min(last * SOMA_INDEX_STEP, self.n_cells - 1)
+        span = slice(int(self._index[first]), int(self._index[last]))
+        try:
+            table = self._selected(["soma_joinid", *columns], span).concat()
+            joinids = table.column("soma_joinid")
+            same = len(table) == high - low + 1 and (joinids[0].as_py(), joinids[-1].as_py()) == (span.start, span.stop)
+            found = f"selects {len(table)} cells"
+        except ValueError as err:  # tiledbsoma: the span is outside obs's domain, which shrank
+            same, found = False, f"fails ({_first_line(err)})"
+        if not same:
+            raise SourceError(f"{self.name}: obs changed since the run opened it: between soma_joinids {span.start} "
+                              f"and {span.stop} the obs filter {found}, not {high - low + 1}. Finished chunks are "
+                              "kept: restore the experiment, or embed the changed one into a new store.")
+        return table.slice(start - low, stop - start)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "gene_column": self.options.soma("var_column"),
                 "obs_filter": self.options.obs_filter or ""}
 
     def _ids(self, start: int, stop: int) -> Sequence[Any]:
-        joinids = self._joinids[start:stop]
-        table = self._exp.obs.read(coords=(joinids,), column_names=["soma_joinid", self._id_column]).concat()
-        frame = table.to_pandas().set_index("soma_joinid")
-        return frame.loc[joinids, self._id_column].to_numpy() if self._id_column != "soma_joinid" else joinids
+        return self._rows(start, stop, [self._id_column]).column(self._id_column).to_pandas().to_numpy()
 
     def _blocks(self, start: int, stop: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         for first in range(start, stop, SPARSE_BLOCK_ROWS):
-            joinids = self._joinids[first : min(stop, first + SPARSE_BLOCK_ROWS)]
+            joinids = self._rows(first, min(stop, first + SPARSE_BLOCK_ROWS), []).column("soma_joinid").to_numpy()
             table = self._x.read(coords=(joinids,)).tables().concat()
             rows = np.searchsorted(joinids, table.column("soma_dim_0").to_numpy())
             cols = self._column[table.column("soma_dim_1").to_numpy()]
