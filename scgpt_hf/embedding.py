@@ -37,9 +37,10 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -63,9 +64,15 @@ from .inference import (
 from .modeling_scgpt import ScGPTForCellClassification, ScGPTPreTrainedModel
 from .tokenization_scgpt import GeneMatch, ScGPTTokenizer, quiet_tokenizer_warnings
 
+if TYPE_CHECKING:  # the atlas package imports this module
+    from .atlas import SourceOptions
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["annotate", "embed", "encode_block", "DEFAULT_KEY"]
+
+#: Cells read, tokenised and length-sorted at a time by `embed` and `annotate` on an AnnData.
+DEFAULT_CHUNK_SIZE = 8192
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +254,42 @@ def _batch_codes(adata: AnnData, config: Any, batch_key: str | None, as_ids: boo
     )
 
 
+def _path_options(source_options: SourceOptions | None, layer: str | None, use_raw: bool, gene_column: str | None
+                  ) -> SourceOptions:
+    from .atlas import SourceOptions
+
+    return SourceOptions.combine(source_options, layer=layer, use_raw=use_raw, gene_column=gene_column)
+
+
+def _input_paths(inputs: Any) -> list[str | os.PathLike]:
+    """`embed`'s inputs given as paths: one path or URI, or a list of them."""
+    specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
+    if not isinstance(specs, (list, tuple)) or not all(isinstance(p, (str, os.PathLike)) for p in specs):
+        raise TypeError(f"adata must be an AnnData, a path or a list of paths, got {type(inputs).__name__}.")
+    if not specs:
+        raise ValueError("No input given: pass an AnnData, or .h5ad files, AnnData .zarr stores or TileDB-SOMA "
+                         "experiments.")
+    return list(specs)
+
+
+def _open_h5ad(specs: list[str | os.PathLike], options: SourceOptions) -> AnnData:
+    """The one .h5ad file `specs` names, opened backed (read-only): what `embed` can return with results on it.
+    Anything else needs an embedding store, whose results do not fit on one AnnData."""
+    import anndata
+
+    path = Path(specs[0]).expanduser() if len(specs) == 1 else None
+    soma = options.given(("measurement", "x_layer", "var_column", "obs_filter"))
+    if path is None or soma or not path.is_file():
+        what = f"{len(specs)} inputs" if path is None else (f"source options {soma}" if soma else f"{specs[0]}")
+        raise ValueError(f"{what}: give output='cells.zarr' to embed into an embedding store; without one, embed "
+                         "takes an AnnData or a single .h5ad file.")
+    try:
+        return anndata.read_h5ad(path, backed="r")
+    except OSError as err:
+        raise ValueError(f"cannot read {path} as .h5ad ({err}); for AnnData .zarr stores and TileDB-SOMA "
+                         "experiments give output='cells.zarr'.") from None
+
+
 def _warn_empty(n_empty: int, n_obs: int, where: str, n_genes_key: str) -> None:
     if n_empty:
         warnings.warn(
@@ -261,10 +304,13 @@ def _warn_empty(n_empty: int, n_obs: int, where: str, n_genes_key: str) -> None:
 
 
 def embed(
-    adata: AnnData,
+    adata: AnnData | str | os.PathLike | Sequence[str | os.PathLike],
     model: ScGPTPreTrainedModel | str | os.PathLike,
     tokenizer: ScGPTTokenizer | str | os.PathLike | None = None,
     *,
+    output: str | os.PathLike | None = None,
+    source_options: SourceOptions | None = None,
+    overwrite: bool = False,
     batch_size: int = 64,
     max_length: int = 1200,
     key_added: str = DEFAULT_KEY,
@@ -274,18 +320,29 @@ def embed(
     gene_column: str | None = None,
     device: str | torch.device | None = None,
     precision: str = "auto",
-    chunk_size: int = 8192,
+    chunk_size: int | None = None,
     max_tokens: int | None | str = "auto",
     num_threads: int | None = None,
     progress: bool = True,
     batch_key: str | None = None,
     batch_as_ids: bool = False,
-) -> AnnData:
-    """Embed every cell of `adata` with an scGPT model (zero-shot) and store the result on `adata`.
+) -> AnnData | Path:
+    """Embed every cell of `adata` with an scGPT model (zero-shot) and store the result on `adata`, or, for
+    inputs given as paths, into the embedding store `output`.
 
     Args:
         adata: cells x genes with raw counts or normalised/log1p values (binning is rank-based per cell),
-            in memory (dense or sparse) or backed (`anndata.read_h5ad(path, backed="r")`, streamed).
+            in memory (dense or sparse) or backed (`anndata.read_h5ad(path, backed="r")`, streamed). Or
+            inputs on disk: one path or a list of .h5ad files, AnnData .zarr stores and TileDB-SOMA
+            experiments (folders or URIs), read backed in chunks. With `output` they go into an embedding
+            store (see below); without it, a single .h5ad file is opened backed (read-only) and embedded
+            like an AnnData.
+        output: the embedding store (a ``.zarr`` folder, `scgpt_hf.atlas.store`) for path inputs: written
+            chunk by chunk, shared by the processes of a ``torchrun`` launch, continued by the same call
+            after a kill, a finished one returned at once; a store started with other settings is refused.
+        source_options: for path inputs, TileDB-SOMA's measurement, X layer, var column and obs filter
+            (`scgpt_hf.atlas.SourceOptions`); `layer`/`use_raw`/`gene_column` may be given there or below.
+        overwrite: start `output` over if it holds another run's store.
         model: an `ScGPTModel`, a model with an scGPT backbone (e.g. `ScGPTForPreTraining` or a fine-tuned
             `ScGPTForBatchIntegration`: its `base_model_prefix` backbone is used), or a local folder / Hub
             id (loaded with `from_pretrained`).
@@ -301,7 +358,8 @@ def embed(
         precision: "auto" (bf16 autocast on GPUs that support bf16, fp16 autocast on older GPUs, fp32 on
             CPU), "fp32", "bf16" or "fp16" (autocast).
         chunk_size: cells read, tokenised and length-sorted at a time (bounds host memory; the host waits
-            for the GPU once per chunk).
+            for the GPU once per chunk); default 8192, and for a store its default of 4096 (its unit of work
+            and of resumption).
         max_tokens: cap on padded tokens per forward pass (`batch_size` still caps cells). "auto": 4096 on
             CPU, where small batches stay in cache and avoid page-faulting large fresh buffers (measured
             ~2x faster than 64 x 1200 tokens), 65,536 on GPU (bounds activation memory). None: no cap.
@@ -316,8 +374,11 @@ def embed(
             names its batches.
 
     Returns:
-        `adata` itself, with `obsm[key_added]` (n_obs x hidden_size float32, L2-normalised, NaN rows for
-        cells with no expressed vocabulary gene), `obs[key_added + "_n_genes"]` and
+        For an `output` store, its path (``anndata.read_zarr(path)`` gives obs and obsm; with millions of
+        cells open ``zarr.open(path)["obsm"][key_added]`` and read the rows you need). Otherwise
+        `adata` (or the AnnData opened from the path) itself, with `obsm[key_added]` (n_obs x hidden_size
+        float32, L2-normalised, NaN rows for cells with no expressed vocabulary gene), `obs[key_added +
+        "_n_genes"]` and
         `uns[key_added + "_params"]`: `model` (name or path), `max_length`, `seed`, `cls_value`, `n_bins`,
         `cell_emb_style`, `matrix` ("X", "layers/<name>" or "raw.X"), `gene_column`, `n_genes_matched`,
         `n_genes_total`, `vocabulary_coverage` (share of the cells' non-zero entries on vocabulary genes;
@@ -325,6 +386,28 @@ def embed(
         `precision`, `batch_key`, `batch_as_ids`, `scgpt_hf_version`.
     """
     check_embedding_key(key_added)
+    if not isinstance(adata, AnnData):
+        inputs, options = _input_paths(adata), _path_options(source_options, layer, use_raw, gene_column)
+        if output is None:
+            adata = _open_h5ad(inputs, options)
+            layer, use_raw, gene_column = options.layer, options.use_raw, options.gene_column
+        elif Path(output).suffix != ".zarr":
+            raise ValueError(f"output must be a .zarr folder (an embedding store), got {output}.")
+        elif batch_key is not None or batch_as_ids:
+            raise ValueError("batch_key and batch_as_ids are not for an embedding store, which takes models without "
+                             "batch labels: embed each file's AnnData with batch_key instead.")
+        else:
+            from .atlas import embed_to_store
+
+            with _cpu_threads(num_threads):
+                embed_to_store(inputs, output, model, tokenizer, options=options, key_added=key_added,
+                               batch_size=batch_size, max_length=max_length, seed=seed, device=device,
+                               precision=precision, max_tokens=max_tokens, progress=progress, overwrite=overwrite,
+                               **({} if chunk_size is None else {"chunk_size": chunk_size}))
+            return Path(output)
+    elif output is not None or source_options is not None or overwrite:
+        raise ValueError("output, source_options and overwrite are for inputs given as paths (an embedding store); "
+                         "an AnnData gets its results on itself: save it with adata.write_h5ad(path).")
     backbone, tokenizer, name = load_model(model, tokenizer)
     config = backbone.config
     out, n_genes, facts = _run_cells(
@@ -332,7 +415,8 @@ def embed(
         cls_value=float(config.pad_value),  # the original's embedding path puts pad_value at <cls>
         batch_ids=_batch_codes(adata, config, batch_key, batch_as_ids),
         options=_RunOptions(batch_size, max_length, seed, layer, use_raw, gene_column, device, precision,
-                            chunk_size, max_tokens, num_threads, progress),
+                            DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size, max_tokens, num_threads,
+                            progress),
         desc="Embedding cells",
     )
     _warn_empty(facts["n_cells_empty"], adata.n_obs, f"rows of obsm[{key_added!r}]", f"{key_added}_n_genes")
@@ -355,7 +439,7 @@ def annotate(
     gene_column: str | None = None,
     device: str | torch.device | None = None,
     precision: str = "auto",
-    chunk_size: int = 8192,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_tokens: int | None | str = "auto",
     num_threads: int | None = None,
     progress: bool = True,
