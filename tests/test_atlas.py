@@ -192,7 +192,7 @@ def test_anndata_sources_choose_the_matrix_like_embed(inputs, cells, work):
 
 def test_finished_store_rerun_is_a_no_op(reference_store, inputs, model, monkeypatch):
     before = {p: p.read_bytes() for p in reference_store.rglob("*") if p.is_file()}
-    monkeypatch.setattr("scgpt_hf.atlas.run.run_cells", _no_compute)
+    monkeypatch.setattr("scgpt_hf.atlas.run.run_expressed_cells", _no_compute)
     started = time.perf_counter()
     params = embed_to_store([inputs["h5ad"], inputs["zarr"]], reference_store, model, **SETTINGS)
     assert time.perf_counter() - started < 30
@@ -207,7 +207,7 @@ def _no_compute(*args, **kwargs):
 
 def test_rerun_with_other_settings_refuses_and_says_why(reference_store, inputs, model, wu2020_adata, work,
                                                          monkeypatch):
-    monkeypatch.setattr("scgpt_hf.atlas.run.run_cells", _no_compute)
+    monkeypatch.setattr("scgpt_hf.atlas.run.run_expressed_cells", _no_compute)
     files = [inputs["h5ad"], inputs["zarr"]]
     with pytest.raises(SettingsMismatchError, match="seed: 0 in the store, 1 now"):
         embed_to_store(files, reference_store, model, seed=1, **SETTINGS)
@@ -224,7 +224,7 @@ def test_a_second_writer_refuses(inputs, model, work, monkeypatch):
     first = EmbeddingStore(path, "X_scGPT")
     first.claim()  # another run holds the store
     try:
-        monkeypatch.setattr("scgpt_hf.atlas.run.run_cells", _no_compute)
+        monkeypatch.setattr("scgpt_hf.atlas.run.run_expressed_cells", _no_compute)
         with pytest.raises(StoreBusyError, match="being written by another run"):
             embed_to_store([inputs["h5ad"]], path, model, **SETTINGS)
     finally:
@@ -236,7 +236,7 @@ def _damage_after_first_read(monkeypatch, damage) -> None:
     from scgpt_hf.atlas import run as run_module
 
     calls = []
-    real = run_module.run_cells
+    real = run_module.run_expressed_cells
 
     def run_then_damage(*args, **kwargs):
         calls.append(1)
@@ -244,7 +244,7 @@ def _damage_after_first_read(monkeypatch, damage) -> None:
             damage()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "run_cells", run_then_damage)
+    monkeypatch.setattr(run_module, "run_expressed_cells", run_then_damage)
 
 
 @pytest.mark.parametrize("fault", ["zarr source removed", "h5ad source truncated"])
@@ -593,14 +593,13 @@ def test_soma_source_reads_ranges_through_a_sparse_index_of_joinids(soma, cells,
             assert source.ids(start, stop).tolist() == cells.obs_names[lung][start:stop].tolist()
             (first, block), = source.blocks(start, stop)
             assert first == start and (block != cells.X[lung][start:stop]).nnz == 0
-
-        def held(source) -> int:
-            return sum(v.nbytes if isinstance(v, np.ndarray) else sys.getsizeof(v) for v in vars(source).values())
-
-        monkeypatch.setattr("scgpt_hf.atlas.sources.SOMA_INDEX_STEP", 2048)
-        with open_source(soma, SourceOptions(obs_filter="patient == 'Lung2'")) as few, open_source(soma) as every:
-            assert (few.n_cells, every.n_cells) == (n, N_CELLS) and held(few) == held(every)
-
         source.options = SourceOptions(obs_filter="patient == 'Lung6'")  # obs selecting other cells mid-run
         with pytest.raises(SourceError, match=rf"{soma}: obs changed since the run opened it"):
             source.ids(0, 5)
+
+    def held(source) -> int:
+        return sum(v.nbytes if isinstance(v, np.ndarray) else sys.getsizeof(v) for v in vars(source).values())
+
+    monkeypatch.undo()
+    with open_source(soma, SourceOptions(obs_filter="patient == 'Lung2'")) as few, open_source(soma) as every:
+        assert (few.n_cells, every.n_cells) == (n, N_CELLS) and held(few) == held(every)

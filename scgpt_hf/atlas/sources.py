@@ -357,6 +357,7 @@ class SomaSource(CellSource):
             raise ValueError(f"{self.name}: obs is indexed by {list(self._exp.obs.index_column_names)}, not "
                              "soma_joinid (as tiledbsoma.io and the Census write it), so its cells cannot be read "
                              "in soma_joinid ranges: write the experiment again with tiledbsoma.io.")
+        self._step = SOMA_INDEX_STEP
         try:
             self._index, self.n_cells = self._index_selection()
         except tiledbsoma.SOMAError as err:
@@ -373,23 +374,23 @@ class SomaSource(CellSource):
                                   value_filter=self.options.obs_filter, result_order="row-major")
 
     def _index_selection(self) -> tuple[np.ndarray, int]:
-        """The soma_joinids of every `SOMA_INDEX_STEP`-th selected cell and of the last, and the number of
+        """The soma_joinids of every `_step`-th (`SOMA_INDEX_STEP`) selected cell and of the last, and the number of
         selected cells, in one pass over obs: holding all of them (8 bytes a cell, 264 MB for the Census)
         would make memory grow with the cells."""
         index, n, last = [], 0, None
         for table in self._selected(["soma_joinid"]):
             joinids = table.column("soma_joinid").to_numpy()
-            index.append(joinids[-n % SOMA_INDEX_STEP :: SOMA_INDEX_STEP])
+            index.append(joinids[-n % self._step :: self._step])
             n, last = n + len(joinids), joinids[-1:] if len(joinids) else last
-        if n and (n - 1) % SOMA_INDEX_STEP:
+        if n and (n - 1) % self._step:
             index.append(last)
         return np.concatenate([*index, np.empty(0, np.int64)]), n
 
     def _rows(self, start: int, stop: int, columns: Sequence[str]) -> Any:
         """`columns` and soma_joinid (an Arrow table) of selected cells start:stop, re-read from obs between the
         index entries around them; another count than at opening means obs changed under the run."""
-        first, last = start // SOMA_INDEX_STEP, min(-(-(stop - 1) // SOMA_INDEX_STEP), len(self._index) - 1)
-        low, high = first * SOMA_INDEX_STEP, min(last * SOMA_INDEX_STEP, self.n_cells - 1)
+        first, last = start // self._step, min(-(-(stop - 1) // self._step), len(self._index) - 1)
+        low, high = first * self._step, min(last * self._step, self.n_cells - 1)
         span = slice(int(self._index[first]), int(self._index[last]))
         try:
             table = self._selected(["soma_joinid", *columns], span).concat()
