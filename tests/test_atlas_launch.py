@@ -71,3 +71,27 @@ def test_accelerate_launch_two_processes_write_the_store_one_process_writes(inpu
     assert "Embedding (process 1)" in out and "over 2 process(es)" in out, out  # two processes shared the chunks
     assert out.count(f"Embedded {N_CELLS} cells of 2 input(s)") == 1, out  # the first process reports
     _assert_same_store(path, reference_store)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which GPU each launched process takes
+
+
+@pytest.mark.parametrize(
+    "local_rank, visible, expected",
+    [(1, 4, "cuda:1"), (3, 1, "cuda:0"), (0, 2, "cuda:0"), (2, 2, "sees only 2 GPUs")],
+    ids=["its-local-rank", "the-only-one-it-sees", "first", "more-processes-than-gpus"],
+)
+def test_each_launched_process_takes_its_gpu_or_says_there_are_too_few(local_rank, visible, expected, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    if expected.startswith("cuda"):
+        assert run_module._process_device(torch.device("cuda")) == torch.device(expected)
+    else:
+        with pytest.raises(ValueError, match=expected):
+            run_module._process_device(torch.device("cuda"))
+    assert run_module._process_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # as asked
+    assert run_module._process_device(torch.device("cpu")) == torch.device("cpu")

@@ -331,14 +331,26 @@ def embed_to_store(
     if int(chunk_size) < 1 or int(batch_size) < 1 or int(max_length) < 2:
         raise ValueError(f"chunk_size and batch_size must be positive and max_length at least 2, got {chunk_size}, "
                          f"{batch_size}, {max_length}.")
-    target = pick_device(device)
-    if target.type == "cuda" and target.index is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    target = _process_device(pick_device(device))
     with _process_group(target) as (rank, world):
         return _embed_all(inputs, EmbeddingStore(output, key_added), model, tokenizer, target, rank, world,
                           options=options, batch_size=batch_size, max_length=max_length, seed=seed,
                           chunk_size=chunk_size, precision=precision, max_tokens=max_tokens, progress=progress,
                           overwrite=overwrite)
+
+
+def _process_device(target: torch.device) -> torch.device:
+    """This process's GPU under a launcher (`torchrun`, `accelerate launch`): the one of its local rank, or the
+    only one it sees (launchers that bind one GPU to each process); more processes than GPUs is an error."""
+    if target.type != "cuda" or target.index is not None or int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        return target
+    local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local_rank < visible:
+        return torch.device("cuda", local_rank)
+    if visible == 1:
+        return torch.device("cuda", 0)
+    raise ValueError(f"process of local rank {local_rank} sees only {visible} GPUs: start at most one process per GPU "
+                     f"(--nproc_per_node {visible}), or give each process its own GPU (CUDA_VISIBLE_DEVICES).")
 
 
 def _check_apart(inputs: Any, output: str | os.PathLike) -> None:
