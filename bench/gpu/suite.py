@@ -60,8 +60,9 @@ MAX_LENGTH = 1200
 BATCH_SIZES = [4, 8] if QUICK else [16, 32, 64, 128, 256]
 CONCURRENCY = [1, 8, 32, 64]
 CELLS_PER_REQUEST = 1 if QUICK else 8
-N_CELLS = 16 if QUICK else 4096  # cells per embed measurement
-N_CORRECTNESS = 16 if QUICK else 64  # real cells compared against fp32 on the CPU
+N_CELLS = 8 if QUICK else 4096  # cells per embed measurement
+N_CORRECTNESS = 8 if QUICK else 64  # real cells compared against fp32 on the CPU
+N_SERVED = 32 if QUICK else 200  # real cells embedded through Triton and compared with scgpt_hf.embed (200: all)
 SECONDS_PER_CASE = 3.0  # Triton: requests per thread are sized to last about this long (quick mode: one each)
 BUDGET_S = 420  # the sweeps stop adding points beyond this (the lent machine's run is capped at 8 minutes)
 START = time.monotonic()
@@ -453,7 +454,7 @@ def section_packed(ctx: dict) -> dict:
         nested = _nested_attention(q, k, v, cut.to(device), 37, 0.25)
         res["nested_vs_per_cell_max_abs"] = float((nested.cpu() - _per_cell_attention(
             q.cpu(), k.cpu(), v.cpu(), cut, 37, 0.25)).abs().max())
-    some = np.arange(min(8 if QUICK else N_CORRECTNESS, len(ids)))
+    some = np.arange(min(N_CORRECTNESS, len(ids)))
     for name, dtype in (("fp32", None), ("autocast", ctx["dtype"])):
         cos = cosine_rows(run(some, 16, True, dtype), run(some, 16, False, dtype))
         res[f"cosine_packed_vs_padded_{name}_min"] = float(cos.min())
@@ -609,8 +610,8 @@ def section_triton(ctx: dict) -> dict:
 
         url = f"127.0.0.1:{ports[1]}"
         client = TritonClient(url, "grpc", timeout=600)
-        served = client.embed(ctx["real"].copy(), batch_size=16, concurrency=4).obsm["X_scGPT"]
-        local = embed(ctx["real"].copy(), str(model_dir), device=device, progress=False).obsm["X_scGPT"]
+        served = client.embed(ctx["real"][:N_SERVED].copy(), batch_size=16, concurrency=4).obsm["X_scGPT"]
+        local = embed(ctx["real"][:N_SERVED].copy(), str(model_dir), device=device, progress=False).obsm["X_scGPT"]
         cos = cosine_rows(served, local)
         res["cosine_triton_vs_embed_mean"], res["cosine_triton_vs_embed_min"] = float(cos.mean()), float(cos.min())
 
@@ -647,13 +648,12 @@ def section_triton(ctx: dict) -> dict:
                         res["cases"].append({"lengths": label, "mode": mode, "concurrency": concurrency,
                                              "skipped": "time budget"})
                         continue
-                    if per_thread is None:  # size the cases from one timed probe
-                        probe = triton_throughput.run_case(url, "grpc", model, make, CELLS_PER_REQUEST, 1, 3)
-                        per_thread = 1 if QUICK else max(3, int(SECONDS_PER_CASE * probe["cells_per_s"]
-                                                                / CELLS_PER_REQUEST))
+                    if per_thread is None:  # size the cases from one timed probe (quick mode: one request each)
+                        per_thread = 1 if QUICK else max(3, int(SECONDS_PER_CASE * triton_throughput.run_case(
+                            url, "grpc", model, make, CELLS_PER_REQUEST, 1, 3)["cells_per_s"] / CELLS_PER_REQUEST))
                     requests = max(1 if QUICK else 2, per_thread * min(concurrency, 8) // concurrency)
                     case = triton_throughput.run_case(url, "grpc", model, make, CELLS_PER_REQUEST, concurrency,
-                                                      requests, warmup=1 if QUICK else 2)
+                                                      requests, warmup=0 if QUICK else 2)
                     case.update(lengths=label, mode=mode)
                     res["cases"].append(case)
                     log(f"triton {label} {mode} concurrency {concurrency}: {case['cells_per_s']:.0f} cells/s, "
