@@ -533,4 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m scgpt_hf.cli` runs this file as __main__, a second copy of the module: run the package's own, so
+    # that CommandError raised by modules importing `scgpt_hf.cli` is the class `main` catches.
+    from scgpt_hf.cli import main as package_main
+
+    sys.exit(package_main())

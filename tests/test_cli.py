@@ -173,6 +173,28 @@ def test_unexpected_error_is_one_line_with_the_debug_hint(monkeypatch, capsys):
         main(["--debug", "broken"])
 
 
+def test_python_dash_m_reports_a_plugin_commands_user_error_as_one(tmp_path):
+    """`python -m scgpt_hf.cli` runs cli.py as __main__, a second copy of the module: a CommandError that a plugin
+    command (here `serve`, failing as on a busy port) imports from `scgpt_hf.cli` must still be a user error."""
+    import subprocess
+    import sys
+
+    script = (
+        "import runpy, sys\n"
+        "from scgpt_hf.serving import server\n"
+        "def busy(args):\n"
+        "    from scgpt_hf.cli import CommandError\n"
+        "    raise CommandError('127.0.0.1:8000 (the HTTP port) is already in use')\n"
+        "server.run_serve = busy\n"
+        "sys.argv = ['scgpt-hf', 'serve', 'MODEL']\n"
+        "runpy.run_module('scgpt_hf.cli', run_name='__main__', alter_sys=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().endswith("error: 127.0.0.1:8000 (the HTTP port) is already in use"), done.stderr
+    assert "unexpected" not in done.stderr and "--debug" not in done.stderr
+
+
 def test_embed_refuses_an_existing_output_before_any_compute(model, wu2020_adata, tmp_path, monkeypatch, capsys):
     from scgpt_hf import embedding
 
