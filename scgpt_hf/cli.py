@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from .constants import SOMA_OPTIONS
+
 if TYPE_CHECKING:
     from .atlas import SourceOptions
 
@@ -182,6 +184,7 @@ def _convert_run(args: argparse.Namespace) -> int:
 
 def _embed_arguments(p: argparse.ArgumentParser) -> None:
     from .anndata_output import DEFAULT_KEY
+    from .constants import INFERENCE_PRECISIONS
 
     p.description = (
         "Zero-shot cell embeddings. INPUT.h5ad OUTPUT.h5ad writes the input plus obsm[KEY], obs[KEY_n_genes] and "
@@ -206,6 +209,8 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-as-ids", action="store_true",
                    help="obs[--batch-key] holds the integer batch ids used in training, although the model has names")
     p.add_argument("--device", type=device_argument, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="auto",
+                   help="autocast precision (auto: bf16 on GPUs that support it, fp16 on older ones, fp32 on CPU)")
     p.add_argument("--backed", action="store_true",
                    help="stream the input matrix from disk instead of loading it (large files; a float16 sparse X, "
                         "which scipy cannot hold, is always streamed and written out as float32)")
@@ -214,9 +219,6 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
     store = _soma_arguments(p, "embedding stores (OUTPUT.zarr)")
     store.add_argument("--chunk-size", type=int, default=4096,
                        help="cells per chunk: the unit of work per process, of resumption and of the store's chunks")
-
-
-_SOMA_OPTIONS = ("measurement", "x_layer", "var_column", "obs_filter")
 
 
 def _soma_arguments(p: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
@@ -233,14 +235,14 @@ def _soma_arguments(p: argparse.ArgumentParser, title: str) -> argparse._Argumen
 def _source_options(args: argparse.Namespace) -> SourceOptions:
     from .atlas import SourceOptions
 
-    chosen = {name: getattr(args, name) for name in _SOMA_OPTIONS if getattr(args, name) is not None}
+    chosen = {name: getattr(args, name) for name in SOMA_OPTIONS if getattr(args, name) is not None}
     return SourceOptions(layer=args.layer, use_raw=args.use_raw, gene_column=args.gene_column, **chosen)
 
 
 def _embed_run(args: argparse.Namespace) -> int:
     if Path(args.output).suffix == ".zarr":
         return _embed_store_run(args)
-    given = [f"--{name.replace('_', '-')}" for name in _SOMA_OPTIONS if getattr(args, name) is not None]
+    given = [f"--{name.replace('_', '-')}" for name in SOMA_OPTIONS if getattr(args, name) is not None]
     if len(args.input) != 1 or given:
         raise ValueError(f"{' and '.join(given) or 'several inputs'}: only for an embedding store; give OUTPUT.zarr "
                          "(or one INPUT.h5ad for an OUTPUT.h5ad).")
@@ -263,7 +265,7 @@ def _embed_store_run(args: argparse.Namespace) -> int:
         params = embed_to_store(
             args.input, args.output, args.model, options=_source_options(args), key_added=args.key_added,
             batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, chunk_size=args.chunk_size,
-            device=args.device, progress=not args.no_progress, overwrite=args.overwrite,
+            device=args.device, precision=args.precision, progress=not args.no_progress, overwrite=args.overwrite,
         )
     if int(os.environ.get("RANK", 0)) == 0:
         n_empty = params["n_cells_empty"]
@@ -311,6 +313,7 @@ def _embed_h5ad_run(args: argparse.Namespace) -> int:
                 batch_key=args.batch_key,
                 batch_as_ids=args.batch_as_ids,
                 device=args.device,
+                precision=args.precision,
                 progress=not args.no_progress,
             )
             with atomic_output(target, overwrite=args.overwrite, what="output file") as staging:

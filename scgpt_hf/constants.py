@@ -20,3 +20,7 @@ EXPORT_TASKS = {
 # ONNX precisions (`export_onnx(precision=...)`) and the default validation cases as (batch, length or None).
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_VALIDATION_SHAPES: tuple[tuple[int, int | None], ...] = ((1, None), (4, None), (8, 48))
+# `inference.PRECISIONS` (`embed(precision=...)`, `scgpt-hf embed/serve --precision`): autocast, "auto" by device.
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# What `scgpt_hf.atlas.SourceOptions` reads from TileDB-SOMA inputs only (`--measurement`, ... on the command line).
+SOMA_OPTIONS = ("measurement", "x_layer", "var_column", "obs_filter")

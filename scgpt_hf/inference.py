@@ -47,11 +47,12 @@ __all__ = [
     "pick_device",
     "precision_name",
     "run_cells",
+    "run_expressed_cells",
 ]
 
 #: Precision choices: "auto" is bf16 autocast on CUDA GPUs that support bf16, fp16 autocast on older ones,
 #: fp32 on CPU.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # also constants.INFERENCE_PRECISIONS, for the CLI
 #: Default token budget per forward pass (padded length x cells).  CPU: small batches stay in cache and avoid
 #: page-faulting large fresh buffers (measured ~2x faster than 64 x 1200 tokens).  CUDA: bounds activation
 #: memory (~65k tokens of whole-human size take a few GB in bf16) while leaving 64 cells of 1,024 tokens in

@@ -78,9 +78,10 @@ def test_public_names() -> None:
 
 def test_cli_constants_match_their_modules() -> None:
     """The command line lists the converter's tasks without importing the converter."""
-    from scgpt_hf import constants, convert
+    from scgpt_hf import constants, convert, inference
 
     assert set(constants.CONVERT_TASKS) == set(convert.TASKS)
+    assert constants.INFERENCE_PRECISIONS == inference.PRECISIONS
 
 
 SAVE = """

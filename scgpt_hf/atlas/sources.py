@@ -33,6 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..anndata_input import SPARSE_BLOCK_ROWS, check_numeric, row_blocks, select_matrix
+from ..constants import SOMA_OPTIONS
 
 __all__ = ["CellSource", "SourceError", "SourceOptions", "open_source", "open_sources"]
 
@@ -45,8 +46,7 @@ class SourceError(OSError):
 SOMA_DEFAULTS = {"measurement": "RNA", "x_layer": "raw", "var_column": "feature_name"}
 #: Selected cells between two entries of a SOMA source's index of soma_joinids (see `SomaSource`).
 SOMA_INDEX_STEP = 2048
-_ANNDATA_OPTIONS, _SOMA_OPTIONS = ("layer", "use_raw", "gene_column"), ("measurement", "x_layer", "var_column",
-                                                                          "obs_filter")
+_ANNDATA_OPTIONS = ("layer", "use_raw", "gene_column")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -485,7 +485,7 @@ def open_sources(specs: Sequence[str | os.PathLike], options: SourceOptions | No
             source.close()
         raise
     kinds = {s.kind == "soma" for s in sources}
-    for is_soma, names, what in ((True, _SOMA_OPTIONS, "TileDB-SOMA"), (False, _ANNDATA_OPTIONS, "AnnData (.h5ad, .zarr)")):
+    for is_soma, names, what in ((True, SOMA_OPTIONS, "TileDB-SOMA"), (False, _ANNDATA_OPTIONS, "AnnData (.h5ad, .zarr)")):
         unused = options.given(names) if is_soma not in kinds else []
         if unused:
             for source in sources:

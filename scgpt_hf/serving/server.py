@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..constants import INFERENCE_PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -492,7 +493,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("model", metavar="MODEL|REPOSITORY_DIR", help="model folder or Hub id, or a model repository")
     p.add_argument("--device", default=None, help="MODEL only: cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default=None,
                    help="MODEL only: autocast precision (auto: bf16 on GPUs that support it, fp16 on older, fp32 on CPU)")
     p.add_argument("--attn-implementation", default=None,
                    help="MODEL only: sdpa (default), eager, flex_attention or flash_attention_2 (needs flash-attn)")
