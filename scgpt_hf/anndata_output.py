@@ -24,6 +24,7 @@ __all__ = [
     "check_annotation_key",
     "check_embedding_key",
     "check_storable",
+    "normalize_rows",
     "write_annotation",
     "write_embedding",
 ]
@@ -88,12 +89,18 @@ def write_embedding(
     L2-normalised in place first.
     """
     if normalize:
-        done = np.asarray(n_genes) > 0
-        embedding[done] /= np.linalg.norm(embedding[done], axis=1, keepdims=True)
+        normalize_rows(embedding, n_genes)
     adata.obsm[key_added] = embedding
     adata.obs[f"{key_added}_n_genes"] = n_genes
     if params is not None:
         adata.uns[f"{key_added}_params"] = dict(params)
+
+
+def normalize_rows(embedding: np.ndarray, n_genes: np.ndarray) -> np.ndarray:
+    """L2-normalise, in place, the rows of cells with a vocabulary gene (``n_genes > 0``); the others stay NaN."""
+    done = np.asarray(n_genes) > 0
+    embedding[done] /= np.linalg.norm(embedding[done], axis=1, keepdims=True)
+    return embedding
 
 
 def write_annotation(

@@ -57,6 +57,7 @@ from .anndata_output import (
     write_annotation,
     write_embedding,
 )
+from .constants import SOMA_OPTIONS
 from .inference import (
     DEFAULT_MAX_TOKENS, autocast_dtype, eval_mode, load_model, pick_device, precision_name,
     run_expressed_cells,
@@ -277,8 +278,11 @@ def _open_h5ad(specs: list[str | os.PathLike], options: SourceOptions) -> AnnDat
     Anything else needs an embedding store, whose results do not fit on one AnnData."""
     import anndata
 
+
     path = Path(specs[0]).expanduser() if len(specs) == 1 else None
-    soma = options.given(("measurement", "x_layer", "var_column", "obs_filter"))
+    soma = options.given(SOMA_OPTIONS)
+    if path is not None and "://" not in str(specs[0]) and not path.exists():
+        raise FileNotFoundError(f"input {specs[0]} does not exist.")
     if path is None or soma or not path.is_file():
         what = f"{len(specs)} inputs" if path is None else (f"source options {soma}" if soma else f"{specs[0]}")
         raise ValueError(f"{what}: give output='cells.zarr' to embed into an embedding store; without one, embed "
@@ -336,17 +340,17 @@ def embed(
             inputs on disk: one path or a list of .h5ad files, AnnData .zarr stores and TileDB-SOMA
             experiments (folders or URIs), read backed in chunks. With `output` they go into an embedding
             store (see below); without it, a single .h5ad file is opened backed (read-only) and embedded
-            like an AnnData.
+            like an AnnData (close it with ``result.file.close()`` when done).
+        model: an `ScGPTModel`, a model with an scGPT backbone (e.g. `ScGPTForPreTraining` or a fine-tuned
+            `ScGPTForBatchIntegration`: its `base_model_prefix` backbone is used), or a local folder / Hub
+            id (loaded with `from_pretrained`).
+        tokenizer: `ScGPTTokenizer` or folder / Hub id; default: the one saved with the model.
         output: the embedding store (a ``.zarr`` folder, `scgpt_hf.atlas.store`) for path inputs: written
             chunk by chunk, shared by the processes of a ``torchrun`` launch, continued by the same call
             after a kill, a finished one returned at once; a store started with other settings is refused.
         source_options: for path inputs, TileDB-SOMA's measurement, X layer, var column and obs filter
             (`scgpt_hf.atlas.SourceOptions`); `layer`/`use_raw`/`gene_column` may be given there or below.
         overwrite: start `output` over if it holds another run's store.
-        model: an `ScGPTModel`, a model with an scGPT backbone (e.g. `ScGPTForPreTraining` or a fine-tuned
-            `ScGPTForBatchIntegration`: its `base_model_prefix` backbone is used), or a local folder / Hub
-            id (loaded with `from_pretrained`).
-        tokenizer: `ScGPTTokenizer` or folder / Hub id; default: the one saved with the model.
         batch_size: cells per forward pass.
         max_length: tokens per cell including `<cls>`; longer cells keep a seeded random subset of genes.
         key_added: where results go: `obsm[key_added]`, `obs[key_added + "_n_genes"]`,
@@ -375,7 +379,7 @@ def embed(
 
     Returns:
         For an `output` store, its path (``anndata.read_zarr(path)`` gives obs and obsm; with millions of
-        cells open ``zarr.open(path)["obsm"][key_added]`` and read the rows you need). Otherwise
+        cells open ``zarr.open_group(path, mode="r")["obsm"][key_added]`` and read the rows you need). Otherwise
         `adata` (or the AnnData opened from the path) itself, with `obsm[key_added]` (n_obs x hidden_size
         float32, L2-normalised, NaN rows for cells with no expressed vocabulary gene), `obs[key_added +
         "_n_genes"]` and
@@ -389,6 +393,9 @@ def embed(
     if not isinstance(adata, AnnData):
         inputs, options = _input_paths(adata), _path_options(source_options, layer, use_raw, gene_column)
         if output is None:
+            if overwrite:
+                raise ValueError("overwrite is for an embedding store (output=...); embedding a file without one "
+                                 "writes nothing.")
             adata = _open_h5ad(inputs, options)
             layer, use_raw, gene_column = options.layer, options.use_raw, options.gene_column
         elif Path(output).suffix != ".zarr":

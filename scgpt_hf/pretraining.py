@@ -445,7 +445,8 @@ def pretrain(
             `checkpoint_dir(output_dir)`.
         overwrite: replace an existing `output_dir`.
         source_options: for TileDB-SOMA inputs, the measurement, X layer, var column and obs filter
-            (`scgpt_hf.atlas.SourceOptions`).
+            (`scgpt_hf.atlas.SourceOptions`; a layer/use_raw/gene_column set there that the arguments above
+            contradict is an error).
     """
     paths = _check_files(files)
     output_dir = Path(output_dir).expanduser().absolute()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anndata
 import numpy as np
 import pytest
 
@@ -69,13 +70,28 @@ def test_one_h5ad_path_is_embedded_backed_like_its_anndata(inputs, cells, model)
         (lambda i, c, w: embed(i["all"], "m", layer="a", source_options=SourceOptions(layer="b")), ValueError,
          "layer='a' contradicts source_options.layer='b'"),
         (lambda i, c, w: embed(c.X, "m"), TypeError, "adata must be an AnnData, a path or a list of paths"),
+        (lambda i, c, w: embed(w / "typo.h5ad", "m"), FileNotFoundError, r"input .*typo\.h5ad does not exist"),
+        (lambda i, c, w: embed(i["all"], "m", overwrite=True), ValueError, "overwrite is for an embedding store"),
         (lambda i, c, w: embed([], "m"), ValueError, "No input given"),
     ],
     ids=["anndata-with-output", "zarr-without-output", "many-without-output", "soma-options-without-output",
-         "output-not-zarr", "batch-key-into-store", "contradicting-options", "matrix", "nothing"],
+         "output-not-zarr", "batch-key-into-store", "contradicting-options", "matrix", "missing-file",
+         "overwrite-without-output", "nothing"],
 )
 def test_what_fits_neither_an_anndata_nor_a_store_is_refused_before_loading_a_model(call, error, message, inputs,
                                                                                    cells, work):
     with pytest.raises(error, match=message):
         call(inputs, cells, work)  # "m" is no model: the check comes first
     assert not (work / "x.zarr").exists()
+
+
+@pytest.mark.parametrize("output", ["cli_bf16.zarr", "cli_bf16.h5ad"])
+def test_cli_precision_reaches_both_outputs(output, inputs, model, work, capsys):
+    from scgpt_hf.cli import main
+
+    path = work / output
+    main(["embed", str(inputs["all"]), str(path), "--model", str(model), "--max-length", "64", "--no-progress",
+          "--precision", "bf16"])
+    got = _read(path) if path.suffix == ".zarr" else anndata.read_h5ad(path)
+    assert got.uns["X_scGPT_params"]["precision"] == "bf16-autocast"  # the default on a CPU is fp32
+    assert np.isfinite(got.obsm["X_scGPT"]).all()

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..anndata_output import DEFAULT_KEY, check_embedding_key
+from ..anndata_output import DEFAULT_KEY, check_embedding_key, normalize_rows
 from ..embedding import encode_block
 from ..inference import (
     DEFAULT_MAX_TOKENS, autocast_dtype, load_model, pick_device, precision_name, run_expressed_cells,
@@ -174,7 +174,7 @@ class _Run:
             pad_id=self.model.config.pad_token_id, pad_value=float(self.model.config.pad_value), device=self.device,
             dtype=self.dtype,
         )
-        embedding /= np.linalg.norm(embedding, axis=1, keepdims=True)  # NaN rows stay NaN
+        normalize_rows(embedding, genes)
         counts = {"cells": len(genes), "n_genes": int(genes.sum()), "n_expressed": int(expressed.sum()),
                   "empty": int((genes == 0).sum())}
         return {"start": chunk * self.chunk_size, "ids": np.concatenate(ids), "sources": np.concatenate(codes),
@@ -341,7 +341,8 @@ def embed_to_store(
 
 def _process_device(target: torch.device) -> torch.device:
     """This process's GPU under a launcher (`torchrun`, `accelerate launch`): the one of its local rank, or the
-    only one it sees (launchers that bind one GPU to each process); more processes than GPUs is an error."""
+    only one it sees (launchers that bind one GPU to each process, which cannot be told from several processes
+    sharing one GPU: both are accepted); more processes than several visible GPUs is an error."""
     if target.type != "cuda" or target.index is not None or int(os.environ.get("WORLD_SIZE", 1)) < 2:
         return target
     local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
