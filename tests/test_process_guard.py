@@ -20,7 +20,9 @@ from scgpt_hf import process_guard
 
 # A parent that starts `sleep` through the guard, prints the guard's pid and waits to be signalled.
 PARENT = textwrap.dedent("""
-    import os, subprocess, sys, time
+    import os, signal, subprocess, sys, time
+    for sig in (signal.SIGHUP, signal.SIGTERM):  # dies of them, even under `nohup` (which ignores SIGHUP)
+        signal.signal(sig, signal.SIG_DFL)
     guard, folder = sys.argv[1], sys.argv[2]
     proc = subprocess.Popen([sys.executable, "-I", guard, str(os.getpid()), folder, "--", "sleep", "600"],
                             start_new_session=True)
