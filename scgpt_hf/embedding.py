@@ -278,7 +278,6 @@ def _open_h5ad(specs: list[str | os.PathLike], options: SourceOptions) -> AnnDat
     Anything else needs an embedding store, whose results do not fit on one AnnData."""
     import anndata
 
-
     path = Path(specs[0]).expanduser() if len(specs) == 1 else None
     soma = options.given(SOMA_OPTIONS)
     if path is not None and "://" not in str(specs[0]) and not path.exists():
